@@ -1,0 +1,122 @@
+"""Start-up hook that makes ``lm_eval --model vllm-norms`` (and the other telltale model types)
+work from lm-eval's own console script.
+
+lm-eval 0.4.x has no plugin discovery. ``lm_eval_telltale.pth`` (and, for Python >= 3.15,
+``lm_eval_telltale.start``) calls :func:`install` at interpreter start. That only puts a
+meta-path finder in front of the import system (well under a millisecond). When — and only
+when — ``lm_eval.api.registry`` is imported, the finder lets the module execute and then:
+
+1. imports ``lm_eval.models`` first, so the stock model names (``vllm``, ``hf``, ...) are
+   registered. ``get_model`` only imports ``lm_eval.models`` when the registry is empty, so
+   registering anything before that would hide every stock model (the "ordering trap");
+2. registers our names as lazy ``"module:Class"`` placeholders (nothing of vLLM is imported
+   until a telltale model type is actually asked for).
+
+When ``lm_eval.tasks.manager`` is imported it also adds the packaged task directory to every
+``TaskManager``'s include paths, so ``--tasks telltale_gsm8k`` works without ``--include_path``
+(set ``TELLTALE_NO_TASKS=1`` to opt out).
+
+Everything fails soft: a problem is printed to stderr and never breaks lm-eval.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_TARGETS = ("lm_eval.api.registry", "lm_eval.tasks.manager")
+
+
+def _warn(msg: str) -> None:
+    print(f"[lm_eval_telltale] {msg}", file=sys.stderr)
+
+
+def register_models() -> None:
+    """Register the telltale model types into lm-eval's registry (idempotent)."""
+    try:
+        import lm_eval.models  # noqa: F401  (stock placeholders first: see module docstring)
+        from lm_eval.api.registry import model_registry
+
+        from lm_eval_telltale import MODEL_TYPES
+
+        for name, target in MODEL_TYPES.items():
+            if name not in model_registry:
+                model_registry.register(name, target)
+    except Exception as exc:  # pragma: no cover - defensive
+        _warn(f"could not register model types with lm-eval: {exc!r}")
+
+
+def _patch_task_manager(module) -> None:
+    if os.environ.get("TELLTALE_NO_TASKS"):
+        return
+    cls = getattr(module, "TaskManager", None)
+    if cls is None or getattr(cls.__init__, "_telltale", False):
+        return
+    orig = cls.__init__
+
+    def __init__(self, *args, include_path=None, **kwargs):
+        try:
+            from lm_eval_telltale import tasks_dir
+
+            ours = str(tasks_dir())
+            if include_path is None:
+                include_path = [ours]
+            elif isinstance(include_path, (list, tuple)):
+                include_path = [ours, *include_path] if ours not in map(str, include_path) else list(include_path)
+            elif str(include_path) != ours:
+                include_path = [ours, include_path]
+        except Exception as exc:  # pragma: no cover - defensive
+            _warn(f"could not add the telltale task directory: {exc!r}")
+        orig(self, *args, include_path=include_path, **kwargs)
+
+    __init__._telltale = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner, name):
+        self._inner = inner
+        self._name = name
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        try:
+            if self._name == "lm_eval.api.registry":
+                register_models()
+            else:
+                _patch_task_manager(module)
+        except Exception as exc:  # pragma: no cover - defensive
+            _warn(f"post-import hook failed for {self._name}: {exc!r}")
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    _telltale = True
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _TARGETS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _Loader(spec.loader, fullname)
+        return spec
+
+
+def install() -> None:
+    """Idempotent. Also handles the case where lm-eval was imported before us."""
+    try:
+        if os.environ.get("TELLTALE_NO_HOOK"):
+            return
+        if not any(getattr(f, "_telltale", False) for f in sys.meta_path):
+            sys.meta_path.insert(0, _Finder())
+        if "lm_eval.api.registry" in sys.modules:
+            register_models()
+        if "lm_eval.tasks.manager" in sys.modules:
+            _patch_task_manager(sys.modules["lm_eval.tasks.manager"])
+    except Exception as exc:  # pragma: no cover - defensive
+        _warn(f"start-up hook failed: {exc!r}")

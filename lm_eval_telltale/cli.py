@@ -1,0 +1,63 @@
+"""``telltale`` console command.
+
+Subcommands:
+  tiny-model   build a deterministic tiny model directory (tests, demo)
+  run          alias of lm-eval's CLI with the telltale model types registered
+               (``python -m lm_eval_telltale ...`` is the same, flags identical to ``lm_eval``)
+  tasks-path   print the packaged task directory (for ``--include_path``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny(argv):
+    ap = argparse.ArgumentParser(prog="telltale tiny-model", description="Build a deterministic tiny model directory.")
+    ap.add_argument("--arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    from .tiny import build_tiny_model
+
+    p = build_tiny_model(a.out, a.arch, num_layers=a.layers, seed=a.seed)
+    print(p)
+    return 0
+
+
+def run_lm_eval(argv) -> int:
+    """lm-eval's own CLI, after registering our model types (fallback when the .pth hook is off)."""
+    from ._lmeval_hook import install, register_models
+
+    install()
+    register_models()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+COMMANDS = {
+    "tiny-model": _tiny,
+    "run": run_lm_eval,
+    "tasks-path": lambda argv: print(__import__("lm_eval_telltale").tasks_dir()) or 0,
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"telltale: unknown command {cmd!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

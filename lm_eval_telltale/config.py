@@ -1,0 +1,365 @@
+"""Method configuration: parsing, presets, validation.
+
+The path of a setting: ``--model_args`` (or a preset via ``config=``) → :func:`resolve` in the
+lm-eval driver, before any engine starts → a plain dict inside ``hf_overrides["telltale"]`` →
+:meth:`TelltaleConfig.from_dict` in every vLLM worker. Every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import model_configs_dir
+
+METHODS = ("norms", "suppress", "alrr", "erss", "lrs")
+TAU_MODES = ("request", "global", "fixed", "calibrated")
+
+
+class ConfigError(ValueError):
+    """A bad telltale setting; the message names the key."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"telltale: bad value for {key!r}: {msg}")
+        self.key = key
+
+
+# key -> (default, methods it applies to or None for all, help)
+COMMON_KEYS: dict[str, tuple[Any, str]] = {
+    "layers": ("auto", "patched layers: 'auto' (last quarter without the final layer), '21-26', '21;23;25' or a list"),
+    "tau_mode": ("request", "request | global | fixed | calibrated (METHODS.md §1)"),
+    "tau": (None, "fixed τ: a number (all layers), a JSON list/dict {layer: τ}, or a .json/.yaml file"),
+    "tau_file": (None, "calibration file from `telltale calibrate` (tau_mode=calibrated)"),
+    "tau_q": (0.9, "quantile of the calibration file used as τ (tau_mode=calibrated)"),
+    "iqr_k": (1.5, "τ = Q3 + iqr_k · max(IQR, min_iqr)"),
+    "min_iqr": (1e-3, "lower bound of the IQR in the τ rule"),
+    "tau_floor": (None, "optional lower bound of τ"),
+    "warmup": (None, "tokens (request mode) or decode steps (global mode) before any decision; "
+                     "default: 64 tokens in request mode; 500 steps (alrr, suppress) / 200 (erss) in global mode"),
+    "record_tokens": (False, "write per-token norm traces into the sidecar (≈ 12 bytes × layers per token)"),
+    "stats_path": (None, "sidecar JSONL path (default: next to lm-eval's --output_path)"),
+}
+
+METHOD_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
+    "norms": {},
+    "suppress": {},
+    "alrr": {},
+    "erss": {},
+    "lrs": {},
+}
+
+#: keys a preset file may hold besides telltale keys (lm-eval VLLM arguments and documentation)
+PRESET_PASSTHROUGH = ("think_end_token", "enable_thinking", "max_model_len")
+PRESET_INFO = ("model", "architecture", "num_layers", "sampling", "telltale")
+
+
+@dataclass
+class TelltaleConfig:
+    method: str = "norms"
+    layers: list[int] = field(default_factory=list)
+    num_layers: int = 0
+    tau_mode: str = "request"
+    tau_values: list[float] | None = None  # fixed / calibrated: one per patched layer
+    tau_q: float | None = None
+    tau_file: str | None = None
+    iqr_k: float = 1.5
+    min_iqr: float = 1e-3
+    tau_floor: float | None = None
+    warmup: int = 64
+    record_tokens: bool = False
+    stats_path: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # method knobs
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TelltaleConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "not a resolved telltale setting")
+        cfg = cls(**d)
+        if cfg.method not in METHODS:
+            raise ConfigError("method", f"must be one of {METHODS}")
+        return cfg
+
+    def knob(self, name: str) -> Any:
+        return self.params[name]
+
+
+# --- parsing helpers --------------------------------------------------------------------------
+
+def default_layers(num_layers: int) -> list[int]:
+    """METHODS.md §0: range(L - max(1, L//4), L - 1)."""
+    return list(range(num_layers - max(1, num_layers // 4), num_layers - 1))
+
+
+def parse_layers(value: Any, num_layers: int) -> list[int]:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        layers = default_layers(num_layers)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        layers = [value]
+    elif isinstance(value, (list, tuple)):
+        try:
+            layers = [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError("layers", f"not a list of integers: {value!r}") from None
+    elif isinstance(value, str):
+        layers = []
+        for part in value.replace(";", " ").replace("+", " ").replace(":", " ").split():
+            try:
+                if "-" in part[1:]:
+                    a, b = part.split("-", 1)
+                    lo, hi = int(a), int(b)
+                    if hi < lo:
+                        raise ConfigError("layers", f"empty range {part!r}")
+                    layers.extend(range(lo, hi + 1))
+                else:
+                    layers.append(int(part))
+            except ValueError:
+                raise ConfigError("layers", f"cannot parse {value!r} (use 'auto', '21-26' or '21;23;25')") from None
+    else:
+        raise ConfigError("layers", f"unsupported value {value!r}")
+    if not layers:
+        raise ConfigError("layers", "no layers selected")
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise ConfigError("layers", f"layer {bad[0]} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ConfigError("layers", f"duplicate layers in {value!r}")
+    return sorted(layers)
+
+
+def _load_structured(key: str, value: Any) -> Any:
+    """A JSON string, a .json/.yaml file path, or an already-parsed object."""
+    if not isinstance(value, str):
+        return value
+    s = value.strip()
+    if s[:1] in "[{":
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(key, f"malformed JSON {s!r}: {e.msg}") from None
+    p = Path(s).expanduser()
+    if p.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(key, f"file not found: {p}")
+        text = p.read_text()
+        try:
+            return json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(key, f"cannot parse {p}: {e}") from None
+    try:
+        return float(s)
+    except ValueError:
+        raise ConfigError(key, f"expected a number, JSON or a .json/.yaml file, got {s!r}") from None
+
+
+def _finite(key: str, v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"not a number: {v!r}") from None
+    if not math.isfinite(f):
+        raise ConfigError(key, f"not finite: {v!r}")
+    return f
+
+
+def parse_fixed_tau(value: Any, layers: list[int]) -> list[float]:
+    obj = _load_structured("tau", value)
+    if isinstance(obj, dict) and "tau" in obj and len(obj) == 1:
+        obj = obj["tau"]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [_finite("tau", obj)] * len(layers)
+    if isinstance(obj, list):
+        if len(obj) != len(layers):
+            raise ConfigError("tau", f"{len(obj)} values for {len(layers)} patched layers {layers}")
+        return [_finite("tau", v) for v in obj]
+    if isinstance(obj, dict):
+        try:
+            m = {int(k): v for k, v in obj.items()}
+        except ValueError:
+            raise ConfigError("tau", f"keys must be layer numbers: {list(obj)}") from None
+        missing = [l for l in layers if l not in m]
+        if missing:
+            raise ConfigError("tau", f"no τ for patched layer {missing[0]}")
+        return [_finite("tau", m[l]) for l in layers]
+    raise ConfigError("tau", f"unsupported value {value!r}")
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError("tau_file", f"file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("tau_file", f"cannot parse {p}: {e}") from None
+    if isinstance(data, dict) and "calibration" in data:
+        data = data["calibration"]
+    if not isinstance(data, dict) or not isinstance(data.get("quantiles"), dict):
+        raise ConfigError("tau_file", f"{p} has no 'quantiles' mapping (write it with `telltale calibrate`)")
+    return data
+
+
+def calibrated_tau(path: str | Path, q: float, layers: list[int]) -> list[float]:
+    data = load_calibration(path)
+    table = {int(k): v for k, v in data["quantiles"].items()}
+    out = []
+    for l in layers:
+        if l not in table:
+            raise ConfigError("tau_file", f"{path} has no quantiles for patched layer {l} (it has {sorted(table)})")
+        qs = {float(k.lstrip("p")) / (100.0 if str(k).startswith("p") else 1.0): v for k, v in table[l].items()}
+        match = [v for k, v in qs.items() if abs(k - q) < 1e-9]
+        if not match:
+            raise ConfigError("tau_q", f"{q} is not among the quantiles of {path} for layer {l}: {sorted(qs)}")
+        out.append(_finite("tau_file", match[0]))
+    return out
+
+
+def find_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix.lower() in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError("config", f"preset file not found: {p}")
+        return p
+    cand = model_configs_dir() / f"{name_or_path.lower()}.yaml"
+    if not cand.is_file():
+        names = sorted(x.stem for x in model_configs_dir().glob("*.yaml"))
+        raise ConfigError("config", f"unknown preset {name_or_path!r}; shipped presets: {', '.join(names)}")
+    return cand
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    p = find_preset(name_or_path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"cannot parse {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{p} is not a mapping")
+    data["_path"] = str(p)
+    return data
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(v, int):
+        return bool(v)
+    raise ConfigError(key, f"expected true/false, got {v!r}")
+
+
+def _coerce(key: str, default: Any, v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(default, bool):
+        return _as_bool(key, v)
+    if isinstance(default, int) and not isinstance(default, bool):
+        f = _finite(key, v)
+        if f != int(f):
+            raise ConfigError(key, f"expected an integer, got {v!r}")
+        return int(f)
+    if isinstance(default, float):
+        return _finite(key, v)
+    return v
+
+
+def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0,
+            preset: dict[str, Any] | None = None) -> TelltaleConfig:
+    """Validate telltale ``args`` (already separated from other model_args) into a config.
+
+    ``preset`` values apply where ``args`` has no value. Raises :class:`ConfigError`."""
+    if method not in METHODS:
+        raise ConfigError("method", f"must be one of {METHODS}")
+    allowed = {**COMMON_KEYS, **METHOD_KEYS[method]}
+    merged: dict[str, Any] = {}
+    if preset:
+        for k, v in (preset.get("telltale") or {}).items():
+            if k not in allowed:
+                raise ConfigError(k, f"unknown key in preset {preset.get('_path')} (allowed for {method}: {sorted(allowed)})")
+            merged[k] = v
+        if "layers" in preset and "layers" not in merged:
+            merged["layers"] = preset["layers"]
+    for k, v in args.items():
+        if k not in allowed:
+            raise ConfigError(k, f"unknown key for vllm-{method} (allowed: {sorted(allowed)})")
+        merged[k] = v
+
+    def get(k):
+        return _coerce(k, allowed[k][0], merged.get(k, allowed[k][0]))
+
+    layers = parse_layers(merged.get("layers", "auto"), num_layers)
+    mode = str(get("tau_mode") or "request").lower()
+    if mode not in TAU_MODES:
+        raise ConfigError("tau_mode", f"must be one of {TAU_MODES}, got {mode!r}")
+    tau_values = None
+    tau_q = None
+    tau_file = merged.get("tau_file")
+    if mode == "fixed":
+        if merged.get("tau") is None:
+            raise ConfigError("tau", "tau_mode=fixed needs tau=<number | JSON | file>")
+        tau_values = parse_fixed_tau(merged["tau"], layers)
+    elif mode == "calibrated":
+        if not tau_file:
+            raise ConfigError("tau_file", "tau_mode=calibrated needs tau_file=<file from `telltale calibrate`>")
+        tau_q = get("tau_q")
+        if not 0 < tau_q < 1:
+            raise ConfigError("tau_q", f"must be in (0, 1), got {tau_q}")
+        tau_values = calibrated_tau(tau_file, tau_q, layers)
+        tau_file = str(Path(tau_file).expanduser().resolve())
+    else:
+        if merged.get("tau") is not None:
+            raise ConfigError("tau", f"given but tau_mode={mode}; use tau_mode=fixed")
+    iqr_k = get("iqr_k")
+    if iqr_k < 0:
+        raise ConfigError("iqr_k", "must be >= 0")
+    min_iqr = get("min_iqr")
+    if min_iqr < 0:
+        raise ConfigError("min_iqr", "must be >= 0")
+    warmup = merged.get("warmup")
+    if warmup is None:
+        warmup = 64 if mode == "request" else (200 if method == "erss" else 500)
+    warmup = _coerce("warmup", 0, warmup)
+    if warmup < 0:
+        raise ConfigError("warmup", "must be >= 0")
+    params = {}
+    for k, (default, _help) in METHOD_KEYS[method].items():
+        params[k] = _coerce(k, default, merged.get(k, default))
+    cfg = TelltaleConfig(
+        method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
+        tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
+        tau_floor=get("tau_floor"), warmup=warmup, record_tokens=bool(get("record_tokens")),
+        stats_path=merged.get("stats_path"), params=params, seed=int(seed),
+    )
+    validate_params(cfg)
+    return cfg
+
+
+def validate_params(cfg: TelltaleConfig) -> None:
+    """Range checks for method knobs (extended by the method modules' KEYS)."""
+    for k, v in cfg.params.items():
+        check = PARAM_CHECKS.get(k)
+        if check is not None and v is not None:
+            ok, what = check(v)
+            if not ok:
+                raise ConfigError(k, what)
+
+
+PARAM_CHECKS: dict[str, Any] = {}
+
+
+def all_keys(method: str) -> set[str]:
+    return set(COMMON_KEYS) | set(METHOD_KEYS[method]) | {"config"}

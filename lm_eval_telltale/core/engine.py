@@ -1,0 +1,117 @@
+"""The engine-agnostic per-step pipeline.
+
+Per forward step an adapter calls::
+
+    core.begin(step_map)                 # once
+    h, r = core.layer(j, h, r, rerun)    # after each patched layer j (0..len(layers)-1)
+    record = core.end()                  # once: feeds thresholds, returns the step's trace rows
+
+``layer`` computes the residual-stream norm ‖h + r‖ (float32) per token, looks up τ for each
+token's request and layer, and lets the method transform (h, r). Everything is tensor work over
+the whole step: no Python loop over tokens or requests, no host sync per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .state import SlotTable
+from .stats import EV_ABOVE
+from .step import StepMap, finish_step
+from .thresholds import Thresholds
+
+Rerun = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def residual_norm(h: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, ‖x‖) with x = h + r in float32 — the residual stream after the layer."""
+    x = h.float() if r is None else h.float() + r.float()
+    return x, torch.linalg.vector_norm(x, dim=-1)
+
+
+class Method:
+    """Observe only (``vllm-norms``). Subclasses override :meth:`apply`."""
+
+    name = "norms"
+    #: True when the method may change (h, r); the trace then also records the output norm
+    modifies = False
+
+    def __init__(self, cfg, table: SlotTable, num_layers: int, device=None):
+        self.cfg = cfg
+        self.table = table
+        self.L = num_layers
+        self.device = device
+
+    def apply(self, core: "CoreEngine", j: int, h: torch.Tensor, r: torch.Tensor, x: torch.Tensor,
+              n: torch.Tensor, tau: torch.Tensor, rerun: Rerun | None):
+        """Return (h', r', events) for patched layer ``j``; ``events``: int16 [N] bits or None."""
+        return h, r, None
+
+    def summary(self) -> dict:
+        return {}
+
+
+class CoreEngine:
+    def __init__(self, layers: list[int], method: Method, thresholds: Thresholds, table: SlotTable):
+        self.layers = list(layers)
+        self.L = len(self.layers)
+        self.method = method
+        self.thr = thresholds
+        self.table = table
+        self.step: StepMap | None = None
+        self.layer_calls = 0
+        table.on_resize(thresholds.resize)
+        table.on_reset(thresholds.reset_slot)
+
+    def begin(self, step: StepMap) -> None:
+        self.step = step
+        self.layer_calls = 0
+        n = step.num_tokens
+        dev = step.slot.device
+        tau_s = self.thr.tau_slots()
+        if tau_s.shape[0] == 1:
+            tau = tau_s.expand(n, self.L)
+        else:
+            tau = tau_s[step.slot.clamp(min=0)]
+        # decisions only on generated tokens: NaN compares False everywhere
+        self.tau = torch.where(step.decode[:, None], tau, torch.full_like(tau, float("nan")))
+        self.norm = torch.zeros(n, self.L, dtype=torch.float32, device=dev)
+        self.event = torch.zeros(n, self.L, dtype=torch.int16, device=dev)
+        self.norm_out = torch.zeros(n, self.L, dtype=torch.float32, device=dev) if self.method.modifies else None
+
+    def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun: Rerun | None = None):
+        step = self.step
+        assert step is not None, "CoreEngine.layer called outside a step"
+        self.layer_calls += 1
+        x, n = residual_norm(h, r)
+        tau = self.tau[:, j]
+        self.norm[:, j] = n
+        ev = torch.where(n > tau, EV_ABOVE, 0).to(torch.int16)
+        h2, r2, mev = self.method.apply(self, j, h, r, x, n, tau, rerun)
+        if mev is not None:
+            ev = ev | mev
+        self.event[:, j] = ev
+        if self.norm_out is not None:
+            self.norm_out[:, j] = residual_norm(h2, r2)[1]
+        return h2, r2
+
+    def end(self) -> dict[str, torch.Tensor]:
+        """Feed the thresholds and return this step's rows for new generated tokens (on host)."""
+        step = self.step
+        assert step is not None
+        self.thr.update(step.slot, self.norm, step.new)
+        finish_step(self.table, step)
+        sel = step.new
+        out = {
+            "serial": self.table.t["serial"][step.slot.clamp(min=0)][sel],
+            "position": step.position[sel],
+            "norm": self.norm[sel],
+            "tau": self.tau[sel],
+            "event": self.event[sel],
+        }
+        if self.norm_out is not None:
+            out["norm_out"] = self.norm_out[sel]
+        self.step = None
+        return {k: v.to("cpu") for k, v in out.items()}

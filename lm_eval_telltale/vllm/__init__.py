@@ -1,0 +1,91 @@
+"""vLLM adapter. Import-light: vLLM is imported only by the submodules that need it.
+
+``engine_kwargs(cfg, architecture)`` returns everything an ``LLM(...)`` needs to run a Telltale
+method on stock vLLM; the lm-eval model types call it, and so can plain vLLM scripts::
+
+    from vllm import LLM
+    from lm_eval_telltale.config import resolve
+    from lm_eval_telltale.vllm import engine_kwargs, inspect_model
+
+    arch, n_layers = inspect_model("Qwen/Qwen3-1.7B")
+    cfg = resolve("norms", {"layers": "auto"}, n_layers)
+    llm = LLM(model="Qwen/Qwen3-1.7B", **engine_kwargs(cfg, arch))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import TelltaleConfig
+from .plugin import ARCHITECTURES
+
+ROW_MIRROR = "lm_eval_telltale.vllm.rows:TelltaleRowMirror"
+WORKERS = {
+    "cpu": "lm_eval_telltale.vllm.worker.TelltaleCPUWorker",
+    "gpu": "lm_eval_telltale.vllm.worker.TelltaleGPUWorker",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def inspect_model(pretrained: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, int]:
+    """(architecture, num_hidden_layers) from the model's config, without building an engine."""
+    p = Path(pretrained).expanduser()
+    if (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+    else:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code).to_dict()
+        except Exception as e:  # noqa: BLE001
+            raise UnsupportedModelError(f"telltale: cannot read the config of {pretrained!r}: {e}") from e
+    text = cfg.get("text_config") or {}
+    archs = cfg.get("architectures") or text.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"telltale: architecture {archs or '(none)'} of {pretrained!r} is not supported; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    n = cfg.get("num_hidden_layers") or text.get("num_hidden_layers")
+    if not isinstance(n, int):
+        raise UnsupportedModelError(f"telltale: {pretrained!r} has no num_hidden_layers in its config")
+    return arch, n
+
+
+def worker_cls() -> str:
+    from vllm.platforms import current_platform
+
+    return WORKERS["cpu" if current_platform.is_cpu() else "gpu"]
+
+
+def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``LLM(**kwargs)`` additions for a Telltale method.
+
+    - ``hf_overrides``: the Telltale architecture and the resolved config (reaches every worker,
+      lm-eval's data-parallel replicas included);
+    - ``worker_cls`` and ``logits_processors``: lifecycle and row-order wiring;
+    - ``enforce_eager=True``: plain Python hooks are traced away by torch.compile/CUDA graphs;
+    - ``enable_prefix_caching=False``: cached blocks would skip the forward of prompt tokens and
+      could carry K/V computed under another request's intervention.
+    """
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedModelError(f"telltale: unsupported architecture {architecture!r}; supported: "
+                                    f"{', '.join(sorted(ARCHITECTURES))}")
+    ov = dict(hf_overrides or {})
+    ov["architectures"] = [ARCHITECTURES[architecture]]
+    ov["telltale"] = cfg.to_dict()
+    # vLLM >= 0.32 defaults to Model Runner V2 on GPU; the hooks follow the V1 runner's batch.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    return {
+        "hf_overrides": ov,
+        "worker_cls": worker_cls(),
+        "logits_processors": [ROW_MIRROR],
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+    }

@@ -1,0 +1,101 @@
+"""Telltale architectures: stock vLLM model classes plus one forward hook per patched layer.
+
+Each class subclasses the stock ``*ForCausalLM`` (weights, names and loading unchanged) and, at
+construction in the worker, reads its settings from ``hf_config.telltale`` (carried there by
+``hf_overrides``) and registers a ``torch`` forward hook on ``model.layers[l]`` for every patched
+layer l — stable hook sites named ``model.layers.<l>`` in the spirit of TransformerLens' hook
+points. The top-level ``forward`` builds the step's token → request map once; each layer hook
+hands (hidden_states, residual) to the core.
+
+The hooks are plain Python, so the engine must run eagerly (``enforce_eager=True``); the worker
+checks after every step that all of them fired and fails loudly otherwise.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from ..config import TelltaleConfig
+from .kvguard import no_kv_write
+
+
+class TelltaleModelMixin:
+    telltale_cfg: TelltaleConfig
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        raw = getattr(vllm_config.model_config.hf_config, "telltale", None)
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{type(self).__name__} needs its settings in hf_config.telltale; build the engine with "
+                "lm_eval_telltale.vllm.engine_kwargs(...) or an lm-eval telltale model type")
+        self.telltale_cfg = TelltaleConfig.from_dict(raw)
+        self._tt_runtime = None
+        inner = self.model
+        lo, hi = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(inner.layers))
+        self._tt_handles = []
+        self.telltale_hook_names = []
+        for j, l in enumerate(self.telltale_cfg.layers):
+            if not lo <= l < hi:
+                raise ValueError(f"telltale: patched layer {l} is not on this pipeline stage [{lo}, {hi})")
+            layer = inner.layers[l]
+            self._tt_handles.append(layer.register_forward_hook(partial(self._tt_layer_hook, j), with_kwargs=True))
+            self.telltale_hook_names.append(f"model.layers.{l}")
+
+    def telltale_attach(self, runtime) -> None:
+        self._tt_runtime = runtime
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        rt = self._tt_runtime
+        if rt is None or not rt.step_active:
+            return super().forward(input_ids, positions, *args, **kwargs)
+        rt.begin_step(positions)
+        try:
+            return super().forward(input_ids, positions, *args, **kwargs)
+        finally:
+            rt.end_step()
+
+    def _tt_layer_hook(self, j, module, args, kwargs, output):
+        rt = self._tt_runtime
+        if rt is None or not rt.step_active:
+            return None
+        positions = args[0] if args else kwargs["positions"]
+        extra = {k: v for k, v in kwargs.items() if k not in ("positions", "hidden_states", "residual")}
+        h, r = output
+
+        def rerun(h_in, r_in):
+            # the same layer again on (h_in, r_in), with the KV-cache write of this layer suppressed
+            with no_kv_write(module):
+                return module.forward(positions, h_in, r_in, **extra)
+
+        return rt.layer(j, h, r, rerun)
+
+
+def _make(base):
+    name = f"Telltale{base.__name__}"
+    return type(name, (TelltaleModelMixin, base), {"__module__": __name__, "__qualname__": name})
+
+
+TelltaleQwen2ForCausalLM = _make(Qwen2ForCausalLM)
+TelltaleQwen3ForCausalLM = _make(Qwen3ForCausalLM)
+TelltaleLlamaForCausalLM = _make(LlamaForCausalLM)
+
+
+def __getattr__(name):  # Mistral / Phi3 imported only when asked for
+    if name == "TelltaleMistralForCausalLM":
+        from vllm.model_executor.models.mistral import MistralForCausalLM
+
+        cls = _make(MistralForCausalLM)
+    elif name == "TelltalePhi3ForCausalLM":
+        from vllm.model_executor.models.phi3 import Phi3ForCausalLM
+
+        cls = _make(Phi3ForCausalLM)
+    else:
+        raise AttributeError(name)
+    globals()[name] = cls
+    return cls

@@ -1,0 +1,230 @@
+"""Worker-side runtime: one per engine (per worker process), owned by the Telltale worker.
+
+It glues vLLM's V1 runner to the engine-agnostic core:
+
+- request identity: the worker tags every new request's ``SamplingParams.extra_args`` with its
+  engine request id (``telltale_rid``) before the runner sees it;
+- row order: :class:`~lm_eval_telltale.vllm.rows.TelltaleRowMirror`, a V1 logits processor, gets
+  the runner's ``BatchUpdate`` (removed / added / moved) before every forward and keeps
+  ``row_slot`` — the request slot of each batch row — up to date incrementally (O(changes));
+- token → row: ``query_start_loc`` from the forward context's attention metadata;
+- lifecycle: slots are released when the scheduler reports a request finished or aborted
+  (``finished_req_ids``), never on preemption (preempted rows come back as ``added`` with the same
+  tag and find their slot);
+- results: per-token rows of generated tokens are kept on the host until the driver collects
+  them (``collective_rpc("telltale_collect")``), then summarised per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TelltaleConfig
+from ..core.engine import CoreEngine
+from ..core.methods import make_method
+from ..core.rng import seed_from
+from ..core.state import SlotInfo, SlotTable
+from ..core.stats import summarize
+from ..core.step import build_step
+from ..core.thresholds import Thresholds
+
+logger = logging.getLogger("lm_eval_telltale")
+
+RID_KEY = "telltale_rid"   # engine request id, set by the worker
+TAG_KEY = "telltale_tag"   # caller's tag (lm-eval instance / LRS candidate), set by the driver
+
+
+class HookWiringError(RuntimeError):
+    pass
+
+
+class VllmRuntime:
+    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        sched = vllm_config.scheduler_config
+        cap = max(8, 2 * int(getattr(sched, "max_num_seqs", 64) or 64))
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            raise ValueError("telltale: speculative decoding is not supported (several new tokens per request per step)")
+        self.engine_seed = int(getattr(vllm_config.model_config, "seed", 0) or 0)
+        self.table = SlotTable(cap, device=device)
+        self.thr = Thresholds(cfg.tau_mode, len(cfg.layers), cap, k=cfg.iqr_k, min_iqr=cfg.min_iqr,
+                              floor=cfg.tau_floor, warmup=cfg.warmup, fixed=cfg.tau_values, device=device)
+        self.method = make_method(cfg, self.table, len(cfg.layers), device)
+        self.core = CoreEngine(cfg.layers, self.method, self.thr, self.table)
+        self.row_slot = np.full(cap, -1, dtype=np.int64)
+        self.num_rows = 0
+        self.step_active = False
+        self.steps = 0
+        self.begin_calls = 0
+        self._log: list[dict[str, torch.Tensor]] = []
+        self._infos: dict[int, SlotInfo] = {}       # serial -> info, until collected
+        self._finished: set[int] = set()
+
+    # -- lifecycle (worker.execute_model, before the runner) ------------------------------------
+    def on_schedule(self, scheduler_output) -> None:
+        for nr in scheduler_output.scheduled_new_reqs:
+            sp = getattr(nr, "sampling_params", None)
+            if sp is None:
+                continue
+            extra = dict(sp.extra_args or {})
+            extra[RID_KEY] = nr.req_id
+            sp.extra_args = extra
+        for rid in scheduler_output.finished_req_ids:
+            info = self.table.release(rid)
+            if info is not None:
+                self._finished.add(info.serial)
+
+    # -- row mirror (logits processor update_state, inside the runner, before the forward) ------
+    def apply_batch_update(self, bu) -> None:
+        if bu is None:
+            return
+        rs = self.row_slot
+        if bu.batch_size > rs.shape[0] or any(i >= rs.shape[0] for i, *_ in bu.added):
+            n = max(bu.batch_size, *(i + 1 for i, *_ in bu.added), 2 * rs.shape[0])
+            self.row_slot = rs = np.concatenate([rs, np.full(n - rs.shape[0], -1, dtype=np.int64)])
+        for i in bu.removed:
+            rs[i] = -1
+        for i, params, prompt_ids, _out in bu.added:
+            extra = (params.extra_args or {}) if params is not None else {}
+            rid = extra.get(RID_KEY)
+            if rid is None:
+                raise HookWiringError("telltale: a request reached the batch without the worker's tag; "
+                                      "the Telltale worker class (worker_cls) is not in use")
+            if prompt_ids is None:
+                raise HookWiringError("telltale: prompt token ids unavailable (prompt embeddings are not supported)")
+            tag = extra.get(TAG_KEY)
+            seed_part = extra.get("telltale_seed", tag if tag is not None else hash(tuple(prompt_ids)))
+            info = self.table.acquire(
+                rid, prompt_len=len(prompt_ids),
+                seed=seed_from(self.engine_seed, seed_part, getattr(params, "seed", None)),
+                tag=tag, meta={"prompt_len": len(prompt_ids)},
+            )
+            self._infos.setdefault(info.serial, info)
+            rs[i] = info.slot
+        for a, b, direction in bu.moved:
+            if direction.name == "SWAP":
+                rs[a], rs[b] = rs[b], rs[a]
+            else:
+                rs[b] = rs[a]
+                rs[a] = -1
+        self.num_rows = bu.batch_size
+
+    # -- model forward ---------------------------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor) -> None:
+        from vllm.forward_context import get_forward_context
+
+        attn = get_forward_context().attn_metadata
+        if isinstance(attn, list):  # ubatching
+            raise HookWiringError("telltale: micro-batching (list attention metadata) is not supported")
+        if not attn:
+            raise HookWiringError("telltale: a real step ran without attention metadata")
+        md = next(iter(attn.values()))
+        qsl = md.query_start_loc
+        rows = int(qsl.shape[0]) - 1
+        if rows != self.num_rows:
+            raise HookWiringError(f"telltale: row mirror out of sync ({self.num_rows} mirrored rows, {rows} in the step)")
+        rs = self.row_slot[:rows]
+        if rows and rs.min() < 0:
+            raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
+        row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
+        self.core.begin(build_step(self.table, qsl, row_slot, positions))
+        self.begin_calls += 1
+
+    def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.core.layer(j, h, r, rerun)
+
+    def end_step(self) -> None:
+        rec = self.core.end()
+        if rec["serial"].numel():
+            self._log.append(rec)
+        self.steps += 1
+
+    def check_step(self, num_scheduled_tokens: int) -> None:
+        """Called by the worker after each execute_model: a real step must have run every hook."""
+        if num_scheduled_tokens <= 0:
+            return
+        calls = self.core.layer_calls
+        if self.begin_calls != 1 or calls != len(self.cfg.layers):
+            raise HookWiringError(
+                f"telltale: hooks did not fire as wired in this step (model forward hook ran {self.begin_calls}x, "
+                f"{calls} of {len(self.cfg.layers)} layer hooks). This happens under torch.compile/CUDA graphs "
+                "(use enforce_eager=True) or with a model runner the plugin does not support.")
+
+    def reset_step_counters(self) -> None:
+        self.begin_calls = 0
+        self.core.layer_calls = 0
+
+    # -- driver RPCs -----------------------------------------------------------------------------
+    def _rows(self, serials: set[int]) -> dict[int, dict[str, np.ndarray]]:
+        if not self._log or not serials:
+            return {}
+        cat = {k: torch.cat([r[k] for r in self._log]).numpy() for k in self._log[0]}
+        want = np.isin(cat["serial"], np.fromiter(serials, dtype=np.int64))
+        keep = ~want
+        self._log = [{k: torch.from_numpy(v[keep]) for k, v in cat.items()}] if keep.any() else []
+        sub = {k: v[want] for k, v in cat.items()}
+        order = np.lexsort((sub["position"], sub["serial"]))
+        sub = {k: v[order] for k, v in sub.items()}
+        uniq, start = np.unique(sub["serial"], return_index=True)
+        bounds = list(start[1:]) + [len(sub["serial"])]
+        return {int(s): {k: v[a:b] for k, v in sub.items()} for s, a, b in zip(uniq, start, bounds)}
+
+    def collect(self, tags: list[str] | None = None) -> list[dict[str, Any]]:
+        """Summaries for requests with these caller tags (None: every finished request).
+        Collected requests are forgotten (their slot is released if still held)."""
+        if tags is None:
+            chosen = [i for s, i in self._infos.items() if s in self._finished]
+        else:
+            want = set(tags)
+            chosen = [i for i in self._infos.values() if i.tag in want]
+        rows = self._rows({i.serial for i in chosen})
+        out = []
+        layers = self.cfg.layers
+        L = len(layers)
+        for info in chosen:
+            r = rows.get(info.serial)
+            if r is None:
+                r = {"position": np.zeros(0, np.int64), "norm": np.zeros((0, L), np.float32),
+                     "tau": np.zeros((0, L), np.float32), "event": np.zeros((0, L), np.int16)}
+            rec = {
+                "tag": info.tag, "request_id": info.key, "prompt_len": info.meta.get("prompt_len"),
+                "n_decode_tokens": int(r["norm"].shape[0]),
+                "layers": summarize(r["norm"], r["tau"], r["event"], layers),
+            }
+            if self.cfg.record_tokens:
+                rec["tokens"] = {
+                    "position": r["position"].tolist(),
+                    "norm": np.round(r["norm"], 5).tolist(),
+                    "tau": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in r["tau"]],
+                    "event": r["event"].tolist(),
+                }
+                if "norm_out" in r:
+                    rec["tokens"]["norm_out"] = np.round(r["norm_out"], 5).tolist()
+            out.append(rec)
+            self._infos.pop(info.serial, None)
+            self._finished.discard(info.serial)
+            self.table.release(info.key)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "live_requests": len(self.table),
+            "uncollected": len(self._infos),
+            "log_rows": int(sum(r["serial"].numel() for r in self._log)),
+            "steps": self.steps,
+            "capacity": self.table.capacity,
+            "method": self.method.summary(),
+        }
+
+    def discard(self) -> None:
+        """Forget everything not live (finished/aborted and never collected)."""
+        dead = {s for s in self._infos if s in self._finished}
+        self._rows(dead)
+        for s in dead:
+            self._infos.pop(s, None)
+        self._finished -= dead

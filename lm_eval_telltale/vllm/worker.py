@@ -1,0 +1,80 @@
+"""Telltale worker classes (``worker_cls``): the stock CPU / GPU workers plus
+
+- tagging of new requests and release of finished/aborted ones (from the scheduler output,
+  before the runner runs);
+- wiring of model ↔ row mirror ↔ runtime after the model is loaded, with loud failures when a
+  piece is missing (wrong model runner, logits processor not installed, ...);
+- a per-step check that every hook fired;
+- ``collective_rpc`` targets: ``telltale_collect``, ``telltale_state``, ``telltale_discard``.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker
+
+from .models import TelltaleModelMixin
+from .rows import TelltaleRowMirror
+from .runtime import HookWiringError, VllmRuntime
+
+
+class TelltaleWorkerMixin:
+    _tt = None
+
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        model = self.model_runner.get_model()
+        if isinstance(model, TelltaleModelMixin):
+            self._tt_wire(model)
+        return out
+
+    def _tt_wire(self, model) -> None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        runner = self.model_runner
+        if not isinstance(runner, GPUModelRunner):
+            raise HookWiringError(
+                f"telltale: model runner {type(runner).__name__} is not vLLM's V1 runner; the hooks would not "
+                "see the batch's row order. Set VLLM_USE_V2_MODEL_RUNNER=0 (the lm-eval model types do).")
+        lps = getattr(getattr(runner.input_batch, "logitsprocs", None), "all", [])
+        mirrors = [lp for lp in lps if isinstance(lp, TelltaleRowMirror)]
+        if len(mirrors) != 1:
+            raise HookWiringError("telltale: the row-mirror logits processor is not installed "
+                                  "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
+        device = next(model.parameters()).device
+        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device)
+        model.telltale_attach(self._tt)
+        mirrors[0].attach(self._tt)
+
+    def execute_model(self, scheduler_output):
+        rt = self._tt
+        if rt is None:
+            return super().execute_model(scheduler_output)
+        rt.on_schedule(scheduler_output)
+        rt.reset_step_counters()
+        rt.step_active = True
+        try:
+            out = super().execute_model(scheduler_output)
+        finally:
+            rt.step_active = False
+        rt.check_step(scheduler_output.total_num_scheduled_tokens)
+        return out
+
+    # -- RPC targets -------------------------------------------------------------------------
+    def telltale_collect(self, tags=None):
+        return [] if self._tt is None else self._tt.collect(tags)
+
+    def telltale_state(self):
+        return None if self._tt is None else self._tt.state()
+
+    def telltale_discard(self):
+        if self._tt is not None:
+            self._tt.discard()
+
+
+class TelltaleCPUWorker(TelltaleWorkerMixin, CPUWorker):
+    pass
+
+
+class TelltaleGPUWorker(TelltaleWorkerMixin, Worker):
+    pass
