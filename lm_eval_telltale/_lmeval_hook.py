@@ -43,7 +43,7 @@ def register_models() -> None:
 
         for name, target in MODEL_TYPES.items():
             if name not in model_registry:
-                model_registry.register(name, target)
+                model_registry.register(name, target=target)
     except Exception as exc:  # pragma: no cover - defensive
         _warn(f"could not register model types with lm-eval: {exc!r}")
 

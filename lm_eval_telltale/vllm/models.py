@@ -35,6 +35,7 @@ class TelltaleModelMixin:
                 f"{type(self).__name__} needs its settings in hf_config.telltale; build the engine with "
                 "lm_eval_telltale.vllm.engine_kwargs(...) or an lm-eval telltale model type")
         self.telltale_cfg = TelltaleConfig.from_dict(raw)
+        _check_wiring(vllm_config)
         self._tt_runtime = None
         inner = self.model
         lo, hi = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(inner.layers))
@@ -74,6 +75,22 @@ class TelltaleModelMixin:
                 return module.forward(positions, h_in, r_in, **extra)
 
         return rt.layer(j, h, r, rerun)
+
+
+def _check_wiring(vllm_config) -> None:
+    """Fail at construction (not silently at run time) if the engine was not built with the
+    Telltale worker and row mirror: without them no hook would ever fire."""
+    from . import ROW_MIRROR, WORKERS
+
+    wc = vllm_config.parallel_config.worker_cls
+    if wc not in WORKERS.values():
+        raise ValueError(f"telltale: worker_cls is {wc!r}, not a Telltale worker ({', '.join(WORKERS.values())}); "
+                         "build the engine with lm_eval_telltale.vllm.engine_kwargs(...)")
+    lps = [lp if isinstance(lp, str) else f"{lp.__module__}:{lp.__qualname__}"
+           for lp in (vllm_config.model_config.logits_processors or [])]
+    if ROW_MIRROR not in lps:
+        raise ValueError(f"telltale: logits_processors must include {ROW_MIRROR!r}; "
+                         "build the engine with lm_eval_telltale.vllm.engine_kwargs(...)")
 
 
 def _make(base):

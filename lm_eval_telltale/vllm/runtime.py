@@ -61,6 +61,7 @@ class VllmRuntime:
         self.step_active = False
         self.steps = 0
         self.begin_calls = 0
+        self.resumed = 0
         self._log: list[dict[str, torch.Tensor]] = []
         self._infos: dict[int, SlotInfo] = {}       # serial -> info, until collected
         self._finished: set[int] = set()
@@ -97,6 +98,8 @@ class VllmRuntime:
                                       "the Telltale worker class (worker_cls) is not in use")
             if prompt_ids is None:
                 raise HookWiringError("telltale: prompt token ids unavailable (prompt embeddings are not supported)")
+            if rid in self.table.by_key:
+                self.resumed += 1  # back after preemption: keeps its slot and state
             tag = extra.get(TAG_KEY)
             seed_part = extra.get("telltale_seed", tag if tag is not None else hash(tuple(prompt_ids)))
             info = self.table.acquire(
@@ -218,6 +221,7 @@ class VllmRuntime:
             "log_rows": int(sum(r["serial"].numel() for r in self._log)),
             "steps": self.steps,
             "capacity": self.table.capacity,
+            "resumed_after_preemption": self.resumed,
             "method": self.method.summary(),
         }
 

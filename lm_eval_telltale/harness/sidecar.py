@@ -1,0 +1,89 @@
+"""The per-sample JSONL sidecar and the run summary recorded in lm-eval's results JSON.
+
+One JSON line per generated answer::
+
+    {"task", "doc_id", "repeat", "method", "tag", "n_prompt_tokens", "n_generated_tokens",
+     "finish_reason", "response" (lm-eval's post-processed text), "raw_output" (full text, thinking
+     included), "n_decode_tokens", "layers": {"<layer>": {count, mean, max, A, B, C, D, late_sum,
+     tau_first, tau_last, tau_mean, tau_ready, [suppressed, recursed, accepted, injected, banked]}},
+     ["tokens": {position, norm, tau, event[, norm_out]}, "token_ids"]  (record_tokens=true)}
+
+Lines are appended and flushed after every ``generate_until`` call, so nothing is lost when a run
+dies later. Join to lm-eval's samples on (task, doc_id, repeat).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..core.stats import EVENT_NAMES
+
+
+class SidecarWriter:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.count += len(rows)
+
+
+def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+class RunSummary:
+    """Totals over all answers of a run: tokens, per-layer mean norm, events per 1k tokens."""
+
+    def __init__(self, cfg):
+        self.layers = [str(l) for l in cfg.layers]
+        self.answers = 0
+        self.generated = 0
+        self.decode = 0
+        self.length_finish = 0
+        self.norm_sum = {l: 0.0 for l in self.layers}
+        self.events = {name: {l: 0 for l in self.layers} for name in EVENT_NAMES if name != "above_tau"}
+        self.above = {l: 0 for l in self.layers}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.answers += 1
+        self.generated += int(row.get("n_generated_tokens", 0))
+        self.decode += int(row.get("n_decode_tokens", 0))
+        self.length_finish += row.get("finish_reason") == "length"
+        for l, st in (row.get("layers") or {}).items():
+            if l not in self.norm_sum:
+                continue
+            self.norm_sum[l] += st.get("A", 0.0)
+            self.above[l] += st.get("C", 0)
+            for name in self.events:
+                self.events[name][l] += st.get(name, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = max(1, self.decode)
+        out = {
+            "answers": self.answers,
+            "generated_tokens": self.generated,
+            "decode_tokens": self.decode,
+            "finish_length_rate": self.length_finish / max(1, self.answers),
+            "mean_norm": {l: self.norm_sum[l] / d for l in self.layers},
+            "above_tau_per_1k": {l: 1000.0 * self.above[l] / d for l in self.layers},
+        }
+        for name, per in self.events.items():
+            tot = sum(per.values())
+            if tot:
+                out[name] = {"total": tot, "per_1k_tokens": 1000.0 * tot / d, "per_layer": per}
+        return out

@@ -1,0 +1,159 @@
+"""Core behaviour on crafted tensors (no engine)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lm_eval_telltale.core.engine import CoreEngine, Method, residual_norm
+from lm_eval_telltale.core.rng import seed_from, uniform
+from lm_eval_telltale.core.state import SlotTable
+from lm_eval_telltale.core.stats import EV_ABOVE, summarize
+from lm_eval_telltale.core.step import build_step, finish_step
+from lm_eval_telltale.core.thresholds import P2Quartiles, Thresholds, iqr_tau
+
+
+def test_p2_tracks_exact_quartiles_per_stream():
+    g = torch.Generator().manual_seed(0)
+    S, T = 6, 3000
+    # streams with different scales: estimators must not mix
+    scale = torch.arange(1, S + 1, dtype=torch.float32)
+    data = torch.randn(T, S, generator=g).abs() * scale + 10 * scale
+    p2 = P2Quartiles((S,))
+    for t in range(T):
+        p2.update(data[t], torch.ones(S, dtype=torch.bool))
+    q1, q3 = p2.quartiles()
+    ex1 = torch.quantile(data, 0.25, dim=0)
+    ex3 = torch.quantile(data, 0.75, dim=0)
+    assert torch.allclose(q1, ex1, rtol=0.01), (q1, ex1)
+    assert torch.allclose(q3, ex3, rtol=0.01), (q3, ex3)
+
+
+def test_p2_mask_and_warmup_nan():
+    p2 = P2Quartiles((2,))
+    for t in range(4):
+        p2.update(torch.tensor([float(t), 100.0]), torch.tensor([True, False]))
+    q1, q3 = p2.quartiles()
+    assert math.isnan(q1[0]) and math.isnan(q3[1])  # < 5 samples: no estimate
+    assert p2.count.tolist() == [4, 0]
+    p2.update(torch.tensor([4.0, 0.0]), torch.tensor([True, False]))
+    q1, q3 = p2.quartiles()
+    # P² starts every marker set from the five sorted samples: the middle marker is their median
+    assert q1[0] == 2.0 and q3[0] == 2.0 and math.isnan(q1[1])
+
+
+def test_iqr_rule():
+    tau = iqr_tau(torch.tensor([1.0, 5.0]), torch.tensor([3.0, 5.0]), 1.5, 1e-3, None)
+    assert tau.tolist() == pytest.approx([3.0 + 1.5 * 2.0, 5.0 + 1.5e-3])
+    tau = iqr_tau(torch.tensor([1.0]), torch.tensor([3.0]), 1.5, 1e-3, 10.0)
+    assert tau.tolist() == [10.0]
+
+
+def test_request_thresholds_are_per_request_and_respect_warmup():
+    thr = Thresholds("request", num_layers=2, capacity=4, warmup=10)
+    slot = torch.tensor([0, 1, 2])
+    for t in range(9):
+        thr.update(slot, torch.tensor([[1.0 + t, 2.0], [100.0 + t, 200.0], [5.0, 5.0]]), torch.tensor([True, True, False]))
+    assert torch.isnan(thr.tau_slots()).all()  # 9 < warmup
+    thr.update(slot, torch.tensor([[10.0, 2.0], [109.0, 200.0], [5.0, 5.0]]), torch.tensor([True, True, False]))
+    tau = thr.tau_slots()
+    assert torch.isfinite(tau[:2]).all() and torch.isnan(tau[2:]).all()
+    assert tau[1, 0] > 100 > tau[0, 0]  # request 1's τ comes from request 1's norms only
+    thr.reset_slot(1)
+    assert torch.isnan(thr.tau_slots()[1]).all()
+
+
+def test_global_thresholds_feed_one_batch_mean_per_step():
+    thr = Thresholds("global", num_layers=1, capacity=4, warmup=5)
+    for t in range(5):
+        thr.update(torch.tensor([0, 1, 2]), torch.tensor([[t], [t + 2.0], [99.0]]), torch.tensor([True, True, False]))
+    assert thr.p2.count.tolist() == [5]  # one sample per step
+    assert thr.p2.q[0, 0, 2].item() == pytest.approx(3.0)  # median of step means 1..5
+    assert thr.tau_slots().shape == (1, 1)
+
+
+def test_fixed_thresholds():
+    thr = Thresholds("fixed", num_layers=2, capacity=4, fixed=[3.0, 4.0])
+    assert thr.tau_slots().tolist() == [[3.0, 4.0]]
+    with pytest.raises(ValueError):
+        Thresholds("fixed", num_layers=2, capacity=4, fixed=[3.0])
+
+
+def test_slot_table_lifecycle_and_growth():
+    tab = SlotTable(capacity=2)
+    a = tab.acquire("a", prompt_len=5, seed=1)
+    b = tab.acquire("b", prompt_len=7, seed=2)
+    assert tab.acquire("a", prompt_len=99, seed=9) is a  # resume after preemption keeps the slot
+    c = tab.acquire("c", prompt_len=3, seed=3)  # grows
+    assert tab.capacity == 4 and len({a.slot, b.slot, c.slot}) == 3
+    assert tab.t["prompt_len"][[a.slot, b.slot, c.slot]].tolist() == [5, 7, 3]
+    assert tab.release("b") is b and tab.release("b") is None
+    d = tab.acquire("d", prompt_len=1, seed=4)
+    assert d.slot == b.slot and d.serial != b.serial and tab.t["last_pos"][d.slot] == -1
+    assert len(tab) == 3
+
+
+def test_step_map_decides_decode_per_token():
+    tab = SlotTable(capacity=4)
+    r0 = tab.acquire("r0", prompt_len=33, seed=0)  # prompt of 33: a 1-token prefill chunk at pos 32
+    r1 = tab.acquire("r1", prompt_len=4, seed=0)
+    r2 = tab.acquire("r2", prompt_len=10, seed=0)
+    # rows: r1 decoding (pos 6), r0 last prompt chunk (pos 32, q=1), r2 prefill chunk 8..11 crosses into decode? no:
+    qsl = torch.tensor([0, 1, 2, 6])
+    row_slot = torch.tensor([r1.slot, r0.slot, r2.slot])
+    positions = torch.tensor([6, 32, 8, 9, 10, 11, 0, 0])  # two padding tokens at the end
+    st = build_step(tab, qsl, row_slot, positions)
+    assert st.slot.tolist() == [r1.slot, r0.slot, r2.slot, r2.slot, r2.slot, r2.slot, -1, -1]
+    assert st.decode.tolist() == [True, False, False, False, True, True, False, False]
+    assert st.new.tolist() == st.decode.tolist()
+    finish_step(tab, st)
+    assert tab.t["last_pos"][r2.slot] == 11 and tab.t["last_pos"][r1.slot] == 6
+    # recomputation of old positions (after preemption) is decode but not new
+    st2 = build_step(tab, torch.tensor([0, 3]), torch.tensor([r2.slot]), torch.tensor([10, 11, 12]))
+    assert st2.decode.tolist() == [True, True, True] and st2.new.tolist() == [False, False, True]
+
+
+def test_core_engine_observe_records_norms_and_events():
+    tab = SlotTable(capacity=4)
+    a = tab.acquire("a", prompt_len=2, seed=0)
+    thr = Thresholds("fixed", num_layers=1, capacity=4, fixed=[5.0])
+    core = CoreEngine([3], Method(None, tab, 1), thr, tab)
+    core.begin(build_step(tab, torch.tensor([0, 3]), torch.tensor([a.slot]), torch.tensor([1, 2, 3])))
+    h = torch.tensor([[3.0, 0.0], [6.0, 0.0], [1.0, 0.0]])
+    r = torch.tensor([[0.0, 4.0], [0.0, 0.0], [0.0, 0.0]])
+    h2, r2 = core.layer(0, h, r)
+    assert h2 is h and r2 is r  # observing changes nothing
+    rec = core.end()
+    assert rec["position"].tolist() == [2, 3]  # position 1 is a prompt token
+    assert rec["norm"][:, 0].tolist() == [6.0, 1.0]
+    assert rec["event"][:, 0].tolist() == [EV_ABOVE, 0]
+    assert residual_norm(h, r)[1].tolist() == [5.0, 6.0, 1.0]
+
+
+def test_summarize_statistics():
+    n = np.array([[1.0], [2.0], [3.0], [4.0], [10.0], [6.0], [7.0], [8.0], [9.0], [20.0]])
+    tau = np.array([[np.nan]] * 2 + [[5.0]] * 8)
+    ev = np.zeros((10, 1), dtype=np.int16)
+    s = summarize(n, tau, ev, [7])["7"]
+    assert s["count"] == 10 and s["A"] == pytest.approx(70.0) and s["max"] == 20.0
+    assert s["B"] == pytest.approx(5 + 1 + 2 + 3 + 4 + 15)
+    assert s["C"] == 6
+    assert s["D"] == pytest.approx(3 + 4 + 15)        # last 30 %: t >= 7
+    assert s["late_sum"] == pytest.approx(7 + 8 + 9 + 20)  # last third: t >= 6 (= 2*10//3)
+    assert s["tau_ready"] == 8 and s["tau_first"] == 5.0
+
+
+def test_counter_based_draws_are_reproducible_and_independent():
+    seed = torch.tensor([seed_from(1234, "a")] * 4 + [seed_from(1234, "b")] * 4)
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    u = uniform(seed, pos, layer=5)
+    assert torch.equal(u, uniform(seed, pos, layer=5))
+    assert not torch.equal(u[:4], u[4:])  # different request
+    assert not torch.equal(u, uniform(seed, pos, layer=6))
+    # a request's draw does not depend on who else is in the batch
+    assert torch.equal(uniform(seed[4:], pos[4:], 5), u[4:])
+    big = uniform(torch.full((20000,), 7), torch.arange(20000), 1)
+    assert 0.0 <= big.min() and big.max() < 1.0 and abs(big.mean().item() - 0.5) < 0.01
