@@ -46,13 +46,11 @@ COMMON_KEYS: dict[str, tuple[Any, str]] = {
     "stats_path": (None, "sidecar JSONL path (default: next to lm-eval's --output_path)"),
 }
 
-METHOD_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
-    "norms": {},
-    "suppress": {},
-    "alrr": {},
-    "erss": {},
-    "lrs": {},
-}
+def method_keys(method: str) -> dict[str, tuple[Any, str]]:
+    """The method's own knobs, declared in its core module (``KEYS``)."""
+    from .core.methods import method_keys as _keys
+
+    return _keys(method)
 
 #: keys a preset file may hold besides telltale keys (lm-eval VLLM arguments and documentation)
 PRESET_PASSTHROUGH = ("think_end_token", "enable_thinking", "max_model_len")
@@ -284,7 +282,8 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     ``preset`` values apply where ``args`` has no value. Raises :class:`ConfigError`."""
     if method not in METHODS:
         raise ConfigError("method", f"must be one of {METHODS}")
-    allowed = {**COMMON_KEYS, **METHOD_KEYS[method]}
+    mkeys = method_keys(method)
+    allowed = {**COMMON_KEYS, **mkeys}
     merged: dict[str, Any] = {}
     if preset:
         for k, v in (preset.get("telltale") or {}).items():
@@ -336,8 +335,13 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     if warmup < 0:
         raise ConfigError("warmup", "must be >= 0")
     params = {}
-    for k, (default, _help) in METHOD_KEYS[method].items():
+    for k, (default, _help) in mkeys.items():
         params[k] = _coerce(k, default, merged.get(k, default))
+    from .core.methods import method_module
+
+    finalize = getattr(method_module(method), "finalize", None)
+    if finalize is not None:
+        finalize(params, layers)
     cfg = TelltaleConfig(
         method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
         tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
@@ -349,17 +353,16 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
 
 
 def validate_params(cfg: TelltaleConfig) -> None:
-    """Range checks for method knobs (extended by the method modules' KEYS)."""
-    for k, v in cfg.params.items():
-        check = PARAM_CHECKS.get(k)
-        if check is not None and v is not None:
+    """Range checks for method knobs (the method module's ``CHECKS``)."""
+    from .core.methods import method_checks
+
+    for k, check in method_checks(cfg.method).items():
+        v = cfg.params.get(k)
+        if v is not None:
             ok, what = check(v)
             if not ok:
                 raise ConfigError(k, what)
 
 
-PARAM_CHECKS: dict[str, Any] = {}
-
-
 def all_keys(method: str) -> set[str]:
-    return set(COMMON_KEYS) | set(METHOD_KEYS[method]) | {"config"}
+    return set(COMMON_KEYS) | set(method_keys(method)) | {"config"}

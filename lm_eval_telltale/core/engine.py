@@ -75,7 +75,7 @@ class CoreEngine:
             tau = tau_s.expand(n, self.L)
         else:
             tau = tau_s[step.slot.clamp(min=0)]
-        # decisions only on generated tokens: NaN compares False everywhere
+        # τ only for generated tokens (NaN compares False everywhere: no decision elsewhere)
         self.tau = torch.where(step.decode[:, None], tau, torch.full_like(tau, float("nan")))
         self.norm = torch.zeros(n, self.L, dtype=torch.float32, device=dev)
         self.event = torch.zeros(n, self.L, dtype=torch.int16, device=dev)

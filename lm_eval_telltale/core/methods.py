@@ -1,29 +1,46 @@
-"""Method registry: ``cfg.method`` → the class that transforms (h, r) at a patched layer.
+"""Method registry: ``cfg.method`` → the module that implements it.
 
-One file per method (``suppress.py``, ``alrr.py``, ``erss.py``); ``norms`` and ``lrs`` only
-observe during decoding (LRS selects among finished candidates in the driver).
+A reader finds each method in one file. A method module defines:
+
+- ``KEYS``: its model_args knobs, ``{name: (default, help)}`` (defaults from METHODS.md);
+- ``CHECKS`` (optional): ``{name: fn(value) -> (ok, message)}`` range checks;
+- ``METHOD``: a :class:`~lm_eval_telltale.core.engine.Method` subclass (the tensor operation at a
+  patched layer).
+
+``norms`` and ``lrs`` only observe while decoding (LRS selects among finished candidates in the
+driver), so they use the base :class:`Method`.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from .engine import Method
 
-_REGISTRY: dict[str, str] = {
-    "norms": "lm_eval_telltale.core.engine:Method",
-    "lrs": "lm_eval_telltale.core.engine:Method",
+MODULES: dict[str, str] = {
+    "norms": "lm_eval_telltale.core.norms",
+    "lrs": "lm_eval_telltale.core.lrs",
+    "suppress": "lm_eval_telltale.core.suppress",
+    "alrr": "lm_eval_telltale.core.alrr",
+    "erss": "lm_eval_telltale.core.erss",
 }
 
 
-def method_class(name: str) -> type[Method]:
-    import importlib
-
+def method_module(name: str) -> ModuleType:
     try:
-        target = _REGISTRY[name]
+        return importlib.import_module(MODULES[name])
     except KeyError:
-        raise ValueError(f"telltale: unknown method {name!r} (known: {sorted(_REGISTRY)})") from None
-    mod, cls = target.split(":")
-    return getattr(importlib.import_module(mod), cls)
+        raise ValueError(f"telltale: unknown method {name!r} (known: {sorted(MODULES)})") from None
+
+
+def method_keys(name: str) -> dict:
+    return dict(getattr(method_module(name), "KEYS", {}))
+
+
+def method_checks(name: str) -> dict:
+    return dict(getattr(method_module(name), "CHECKS", {}))
 
 
 def make_method(cfg, table, num_layers: int, device) -> Method:
-    return method_class(cfg.method)(cfg, table, num_layers, device)
+    return method_module(cfg.method).METHOD(cfg, table, num_layers, device)

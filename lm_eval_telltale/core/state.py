@@ -38,6 +38,7 @@ class SlotTable:
         self.register("last_pos", (), torch.int64, -1)
         self.register("seed", (), torch.int64, 0)
         self.register("serial", (), torch.int64, -1)
+        self.register("enabled", (), torch.bool, True)
 
     # -- tensors -----------------------------------------------------------------------------
     def register(self, name: str, tail: tuple[int, ...], dtype: torch.dtype, fill: float) -> torch.Tensor:
@@ -63,7 +64,7 @@ class SlotTable:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def acquire(self, key: str, *, prompt_len: int, seed: int, tag: str | None = None,
-                meta: dict | None = None) -> SlotInfo:
+                meta: dict | None = None, enabled: bool = True) -> SlotInfo:
         """The slot of ``key``; a new one (state reset) if the request is not known yet."""
         info = self.by_key.get(key)
         if info is not None:  # resumed after preemption: keep its state
@@ -79,6 +80,7 @@ class SlotTable:
         self.t["prompt_len"][slot] = int(prompt_len)
         self.t["seed"][slot] = int(seed)
         self.t["serial"][slot] = info.serial
+        self.t["enabled"][slot] = bool(enabled)
         for fn in self._on_reset:
             fn(slot)
         return info

@@ -19,6 +19,9 @@ class StepMap:
               never per step or by query length
     new:      decode token not seen before by this request (recomputation after preemption
               re-feeds old positions; those are not counted twice)
+    act:      decode token of a request the method may act on (``decode`` and the request did
+              not opt out with ``extra_args={"telltale_enable": False}``): methods decide on
+              ``act``; statistics use ``decode``/``new``
     seed:     the request's 32-bit seed (for counter-based draws)
     """
 
@@ -26,6 +29,7 @@ class StepMap:
     position: torch.Tensor
     decode: torch.Tensor
     new: torch.Tensor
+    act: torch.Tensor
     seed: torch.Tensor
 
     @property
@@ -50,7 +54,8 @@ def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.
     pos = positions.to(torch.int64)
     decode = valid & (pos >= table.t["prompt_len"][s])
     new = decode & (pos > table.t["last_pos"][s])
-    return StepMap(slot=slot, position=pos, decode=decode, new=new, seed=table.t["seed"][s])
+    act = decode & table.t["enabled"][s]
+    return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=table.t["seed"][s])
 
 
 def finish_step(table: SlotTable, step: StepMap) -> None:

@@ -101,11 +101,12 @@ class VllmRuntime:
             if rid in self.table.by_key:
                 self.resumed += 1  # back after preemption: keeps its slot and state
             tag = extra.get(TAG_KEY)
-            seed_part = extra.get("telltale_seed", tag if tag is not None else hash(tuple(prompt_ids)))
+            # the request's identity for random draws: caller's seed, else its prompt — never its row
+            seed_part = extra.get("telltale_seed", hash(tuple(prompt_ids)))
             info = self.table.acquire(
                 rid, prompt_len=len(prompt_ids),
                 seed=seed_from(self.engine_seed, seed_part, getattr(params, "seed", None)),
-                tag=tag, meta={"prompt_len": len(prompt_ids)},
+                tag=tag, meta={"prompt_len": len(prompt_ids)}, enabled=bool(extra.get("telltale_enable", True)),
             )
             self._infos.setdefault(info.serial, info)
             rs[i] = info.slot

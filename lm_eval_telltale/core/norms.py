@@ -1,0 +1,6 @@
+"""``vllm-norms``: observe the residual-stream norm; change nothing."""
+
+from .engine import Method
+
+KEYS: dict = {}
+METHOD = Method

@@ -1,0 +1,143 @@
+"""``vllm-suppress``: the causal ablation of METHODS.md §5.
+
+At a patched layer, selected generated tokens get their residual stream scaled down. Both parts
+of vLLM's fused residual are scaled by the same factor f, so h' + r' = f·(h + r) = x' and the
+next layer sees exactly the suppressed stream:
+
+- ``suppress_mode=high`` (default): tokens with n > τ_l. ``action=scale`` → f = ``scale`` (0.1);
+  ``action=clamp`` → f = min(1, (τ/``clamp_div``)/n), i.e. ‖x'‖ ≤ τ/4.
+- ``suppress_mode=random``: every generated token/layer with probability ``p`` (0.05), from
+  counter-based draws seeded by the request (reproducible, independent of the batch).
+- ``suppress_mode=matched``: random suppression at the rate the high-norm rule suppressed —
+  per layer, from a reference run's sidecar (``match_stats=<sidecar.jsonl>``), from explicit
+  rates (``match_rate=0.03`` or a JSON list per layer), or, with neither, online: the running
+  fraction of generated tokens above τ in this run (engine-wide). This is the control the paper
+  describes ("random suppression of the same proportion") and the reference code lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .engine import Method
+from .rng import uniform
+from .stats import EV_SUPPRESSED
+
+STREAM = 0x5AFE
+
+KEYS = {
+    "suppress_mode": ("high", "high | random | matched"),
+    "action": ("scale", "scale (x' = scale·x) | clamp (‖x'‖ ≤ τ/clamp_div); high mode"),
+    "scale": (0.1, "suppression factor for action=scale"),
+    "clamp_div": (4.0, "action=clamp bound: ‖x'‖ ≤ τ/clamp_div"),
+    "p": (0.05, "suppression probability per generated token and layer (random mode)"),
+    "match_rate": (None, "matched mode: rate (a number, or a JSON list per patched layer)"),
+    "match_stats": (None, "matched mode: sidecar JSONL of a suppress_mode=high run to take per-layer rates from"),
+}
+
+CHECKS = {
+    "suppress_mode": lambda v: (v in ("high", "random", "matched"), f"must be high, random or matched, got {v!r}"),
+    "action": lambda v: (v in ("scale", "clamp"), f"must be scale or clamp, got {v!r}"),
+    "scale": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
+    "clamp_div": lambda v: (v > 0, f"must be > 0, got {v}"),
+    "p": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
+}
+
+
+def rates_from_sidecar(path: str | Path, layers: list[int]) -> list[float]:
+    """Per-layer suppression rate (suppressed / generated tokens) of a high-mode run's sidecar."""
+    sup = {str(l): 0 for l in layers}
+    tok = {str(l): 0 for l in layers}
+    with Path(path).open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for l, st in (row.get("layers") or {}).items():
+                if l in sup:
+                    sup[l] += int(st.get("suppressed", 0))
+                    tok[l] += int(st.get("count", 0))
+    missing = [l for l in sup if tok[l] == 0]
+    if missing:
+        raise ValueError(f"no generated tokens recorded for layer {missing[0]} in {path}")
+    return [sup[l] / tok[l] for l in sup]
+
+
+def finalize(params: dict, layers: list[int]) -> None:
+    """Driver-side: turn match_stats/match_rate into one rate per patched layer (or None = online)."""
+    from ..config import ConfigError
+
+    if params.get("suppress_mode") != "matched":
+        if params.get("match_rate") is not None or params.get("match_stats") is not None:
+            raise ConfigError("match_rate" if params.get("match_rate") is not None else "match_stats",
+                              "only used with suppress_mode=matched")
+        return
+    if params.get("match_stats") is not None:
+        p = Path(str(params["match_stats"])).expanduser()
+        if not p.is_file():
+            raise ConfigError("match_stats", f"file not found: {p}")
+        try:
+            params["match_rate"] = rates_from_sidecar(p, layers)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise ConfigError("match_stats", str(e)) from None
+        params["match_stats"] = str(p.resolve())
+        return
+    r = params.get("match_rate")
+    if r is None:
+        return
+    if isinstance(r, str):
+        try:
+            r = json.loads(r)
+        except json.JSONDecodeError:
+            raise ConfigError("match_rate", f"not a number or JSON list: {r!r}") from None
+    if isinstance(r, (int, float)):
+        r = [float(r)] * len(layers)
+    if not isinstance(r, list) or len(r) != len(layers) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in r):
+        raise ConfigError("match_rate", f"need one rate in [0, 1] per patched layer {layers}, got {params['match_rate']!r}")
+    params["match_rate"] = [float(v) for v in r]
+
+
+class Suppress(Method):
+    name = "suppress"
+    modifies = True
+
+    def __init__(self, cfg, table, num_layers, device=None):
+        super().__init__(cfg, table, num_layers, device)
+        p = cfg.params
+        self.mode, self.action = p["suppress_mode"], p["action"]
+        self.scale, self.clamp_div, self.p = float(p["scale"]), float(p["clamp_div"]), float(p["p"])
+        rates = p.get("match_rate")
+        self.rates = torch.tensor(rates, dtype=torch.float32, device=device) if rates is not None else None
+        # online matching: generated tokens seen / above τ, per layer (engine-wide)
+        self.seen = torch.zeros(num_layers, dtype=torch.float32, device=device)
+        self.above = torch.zeros(num_layers, dtype=torch.float32, device=device)
+
+    def apply(self, core, j, h, r, x, n, tau, rerun):
+        step = core.step
+        if self.mode == "high":
+            mask = step.act & (n > tau)
+        else:
+            if self.mode == "random":
+                prob = self.p
+            elif self.rates is not None:
+                prob = self.rates[j]
+            else:
+                prob = self.above[j] / self.seen[j].clamp(min=1.0)
+                newf = step.new.to(torch.float32)
+                self.seen[j] += newf.sum()
+                self.above[j] += (newf * (n > tau).to(torch.float32)).sum()
+            mask = step.act & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)
+        if self.action == "clamp" and self.mode == "high":
+            f = torch.clamp((tau / self.clamp_div) / n.clamp(min=1e-12), max=1.0)
+        else:
+            f = torch.full_like(n, self.scale)
+        f = torch.where(mask, f, torch.ones_like(f))[:, None]
+        h2 = torch.where(mask[:, None], (h.float() * f).to(h.dtype), h)
+        r2 = torch.where(mask[:, None], (r.float() * f).to(r.dtype), r)
+        return h2, r2, torch.where(mask, EV_SUPPRESSED, 0).to(torch.int16)
+
+
+METHOD = Suppress

@@ -1,0 +1,162 @@
+"""Suppression and ALRR as tensor operations on crafted steps (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_eval_telltale.config import ConfigError, resolve
+from lm_eval_telltale.core.engine import CoreEngine, residual_norm
+from lm_eval_telltale.core.methods import make_method
+from lm_eval_telltale.core.state import SlotTable
+from lm_eval_telltale.core.stats import EV_ACCEPTED, EV_CANDIDATE, EV_SUPPRESSED
+from lm_eval_telltale.core.step import build_step
+from lm_eval_telltale.core.thresholds import Thresholds
+
+
+def make_core(method, args, tau=5.0, prompt_len=2, n_req=1, enabled=None):
+    cfg = resolve(method, {"layers": "3", "tau_mode": "fixed", "tau": tau, **args}, 8)
+    tab = SlotTable(capacity=4)
+    infos = [tab.acquire(f"r{i}", prompt_len=prompt_len, seed=100 + i,
+                         enabled=True if enabled is None else enabled[i]) for i in range(n_req)]
+    thr = Thresholds("fixed", 1, 4, fixed=cfg.tau_values)
+    core = CoreEngine(cfg.layers, make_method(cfg, tab, 1, None), thr, tab)
+    return core, tab, infos
+
+
+def begin(core, tab, infos, positions_per_req):
+    qsl, slots, pos = [0], [], []
+    for info, ps in zip(infos, positions_per_req):
+        qsl.append(qsl[-1] + len(ps))
+        slots.append(info.slot)
+        pos += ps
+    core.begin(build_step(tab, torch.tensor(qsl), torch.tensor(slots), torch.tensor(pos)))
+
+
+H = torch.tensor([[3.0, 0.0], [6.0, 0.0], [1.0, 0.0], [0.0, 7.0]])
+R = torch.tensor([[0.0, 4.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # norms 5, √37≈6.08, 1, √50≈7.07
+
+
+def test_suppress_high_scales_only_tokens_above_tau():
+    core, tab, infos = make_core("suppress", {})
+    begin(core, tab, infos, [[1, 2, 3, 4]])  # position 1 is a prompt token (prompt_len 2)
+    h2, r2 = core.layer(0, H.clone(), R.clone())
+    rec = core.end()
+    x, x2 = H + R, h2 + r2
+    # token 0 is a prompt token, token 2 is below τ: bit-identical; tokens 1 and 3 are above τ
+    assert torch.equal(h2[[0, 2]], H[[0, 2]]) and torch.equal(r2[[0, 2]], R[[0, 2]])
+    assert torch.allclose(x2[[1, 3]], 0.1 * x[[1, 3]])     # h' + r' = 0.1·x
+    sup = [bool(e & EV_SUPPRESSED) for e in rec["event"][:, 0].tolist()]
+    assert sup == [True, False, True]  # rows of generated tokens (positions 2, 3, 4)
+    ratio = rec["norm_out"][:, 0] / rec["norm"][:, 0]
+    assert ratio.tolist() == pytest.approx([0.1, 1.0, 0.1], rel=1e-6)
+
+
+def test_prompt_tokens_are_never_suppressed():
+    core, tab, infos = make_core("suppress", {}, prompt_len=10)
+    begin(core, tab, infos, [[1, 2, 3, 4]])
+    h2, r2 = core.layer(0, H.clone(), R.clone())
+    assert torch.equal(h2, H) and torch.equal(r2, R)
+
+
+def test_suppress_clamp_bounds_the_norm():
+    core, tab, infos = make_core("suppress", {"action": "clamp", "clamp_div": 4.0}, tau=4.0)
+    begin(core, tab, infos, [[2, 3, 4, 5]])
+    h2, r2 = core.layer(0, H.clone(), R.clone())
+    n2 = residual_norm(h2, r2)[1]
+    assert n2[2] == 1.0                               # below τ: untouched
+    assert torch.allclose(n2[[0, 1, 3]], torch.full((3,), 1.0))  # clamped to τ/4
+
+
+def test_random_suppression_is_seeded_per_request_and_batch_independent():
+    core, tab, infos = make_core("suppress", {"suppress_mode": "random", "p": 0.3}, n_req=2)
+    pos = list(range(2, 2002))
+    begin(core, tab, infos, [pos, pos])
+    x = torch.randn(4000, 8) + 1
+    core.layer(0, x.clone(), torch.zeros_like(x))
+    ev = core.end()["event"][:, 0]
+    m0, m1 = (ev[:2000] & EV_SUPPRESSED) != 0, (ev[2000:] & EV_SUPPRESSED) != 0
+    assert abs(m0.float().mean().item() - 0.3) < 0.04
+    assert not torch.equal(m0, m1)  # different requests draw differently
+    solo, stab, sinfos = make_core("suppress", {"suppress_mode": "random", "p": 0.3}, n_req=2)
+    begin(solo, stab, sinfos[1:], [pos])  # request 1 alone
+    solo.layer(0, x[2000:].clone(), torch.zeros(2000, 8))
+    assert torch.equal((solo.end()["event"][:, 0] & EV_SUPPRESSED) != 0, m1)
+
+
+def test_opted_out_request_is_untouched():
+    core, tab, infos = make_core("suppress", {}, n_req=2, enabled=[True, False])
+    begin(core, tab, infos, [[3, 4], [3, 4]])
+    h = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [9.0, 0.0]])
+    h2, _ = core.layer(0, h.clone(), torch.zeros_like(h))
+    assert torch.equal(h2[2:], h[2:]) and torch.allclose(h2[:2], 0.1 * h[:2])
+
+
+def test_matched_rates_from_sidecar(tmp_path):
+    f = tmp_path / "side.jsonl"
+    f.write_text('{"layers": {"3": {"count": 100, "suppressed": 5}}}\n{"layers": {"3": {"count": 300, "suppressed": 15}}}\n')
+    cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_stats": str(f)}, 8)
+    assert cfg.params["match_rate"] == [0.05]
+    with pytest.raises(ConfigError) as e:
+        resolve("suppress", {"layers": "3", "match_rate": 0.1}, 8)
+    assert e.value.key == "match_rate"
+    with pytest.raises(ConfigError) as e:
+        resolve("suppress", {"layers": "3-4", "suppress_mode": "matched", "match_rate": "[0.1]"}, 8)
+    assert e.value.key == "match_rate"
+
+
+def grow_rerun(factor, calls):
+    def rerun(h, r):
+        calls.append((h.data_ptr(), r.data_ptr()))
+        h.mul_(100.0)  # an in-place kernel scribbling over its inputs
+        r.mul_(100.0)
+        return h / 100.0 * factor, r / 100.0 * factor
+    return rerun
+
+
+def test_alrr_accepts_growth_and_keeps_everything_else_bit_identical():
+    core, tab, infos = make_core("alrr", {"growth_eps": 0.2, "blowup": 1.6}, tau=4.0)
+    begin(core, tab, infos, [[2, 3, 4, 5]])
+    calls = []
+    h, r = H.clone(), R.clone()
+    h2, r2 = core.layer(0, h, r, grow_rerun(1.25, calls))
+    ev = core.end()["event"][:, 0].tolist()
+    # norms 5 and 6.08 are candidates (4 < n < 6.4); 1 is below τ; 7.07 is above blowup·τ.
+    # Re-run norms 6.25 (accepted) and 7.6 (> blowup·τ: rejected)
+    assert [bool(e & EV_CANDIDATE) for e in ev] == [True, True, False, False]
+    assert [bool(e & EV_ACCEPTED) for e in ev] == [True, False, False, False]
+    assert torch.allclose(h2[0], 1.25 * H[0]) and torch.allclose(r2[0], 1.25 * R[0])
+    assert torch.equal(h2[1:], H[1:]) and torch.equal(r2[1:], R[1:])
+    assert torch.equal(h, H) and torch.equal(r, R)  # the re-run got copies
+    assert calls and calls[0] != (h.data_ptr(), r.data_ptr())
+
+
+def test_alrr_rejects_insufficient_growth_and_blowup():
+    for factor in (1.1, 1.6):  # growth < 0.2; n2 = 8 > blowup·τ
+        core, tab, infos = make_core("alrr", {}, tau=4.0)
+        begin(core, tab, infos, [[2, 3, 4, 5]])
+        h2, r2 = core.layer(0, H.clone(), R.clone(), grow_rerun(factor, []))
+        ev = core.end()["event"][:, 0].tolist()
+        assert torch.equal(h2, H) and torch.equal(r2, R)
+        assert ev[0] & EV_CANDIDATE and not ev[0] & EV_ACCEPTED
+
+
+def test_alrr_skips_the_rerun_without_candidates():
+    core, tab, infos = make_core("alrr", {}, tau=100.0)
+    begin(core, tab, infos, [[2, 3, 4, 5]])
+    calls = []
+    core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
+    assert calls == []
+
+
+def test_alrr_alpha_and_iterations():
+    core, tab, infos = make_core("alrr", {"alpha": 0.5, "growth_eps": 0.05, "blowup": 3.0}, tau=4.0)
+    begin(core, tab, infos, [[2, 3, 4, 5]])
+    h2, _ = core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, []))
+    assert torch.allclose(h2[0], 1.125 * H[0])
+    core, tab, infos = make_core("alrr", {"max_extra_iters": 3, "growth_eps": 0.2, "blowup": 3.0}, tau=4.0)
+    begin(core, tab, infos, [[2, 3, 4, 5]])
+    calls = []
+    h2, _ = core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
+    # 5 → 6.25 → 7.8 → 9.8: three accepted iterations below blowup·τ = 12 for token 0
+    assert len(calls) == 3 and torch.allclose(h2[0], 1.25 ** 3 * H[0])
