@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 #: lm-eval model type name -> "module:Class" (lazy; nothing is imported until lm-eval resolves it)
 MODEL_TYPES: dict[str, str] = {
     "vllm-norms": "lm_eval_telltale.harness.models:VLLMNorms",
+    "vllm-suppress": "lm_eval_telltale.harness.models:VLLMSuppress",
+    "vllm-alrr": "lm_eval_telltale.harness.models:VLLMAlrr",
 }
 
 

@@ -235,4 +235,18 @@ class VLLMNorms(TelltaleVLLM):
     METHOD = "norms"
 
 
+@register_model("vllm-suppress")
+class VLLMSuppress(TelltaleVLLM):
+    """High-norm suppression (and the random / rate-matched controls), METHODS.md §5."""
+
+    METHOD = "suppress"
+
+
+@register_model("vllm-alrr")
+class VLLMAlrr(TelltaleVLLM):
+    """Adaptive Layer-wise Reasoning Recursion, METHODS.md §2."""
+
+    METHOD = "alrr"
+
+
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
