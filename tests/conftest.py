@@ -58,7 +58,7 @@ class Engines:
     def make(self, model_dir, method: str | None = "norms", tt_args: dict | None = None, **llm_kw):
         from vllm import LLM
 
-        kw = dict(model=str(model_dir), kv_cache_memory_bytes=KV_BYTES, max_model_len=1024, seed=0,
+        kw = dict(model=str(model_dir), kv_cache_memory_bytes=KV_BYTES, max_model_len=1024, seed=0, dtype="float32",
                   enforce_eager=True)
         if method is not None:
             from lm_eval_telltale.config import resolve

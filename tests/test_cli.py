@@ -77,3 +77,20 @@ def test_lm_eval_vllm_norms_end_to_end(tiny_model_dir, local_task_dir, tmp_path)
     sv = {s["doc_id"]: s["resps"] for s in _samples(out_v, "telltale_local")}
     assert sn == sv
     assert {r["doc_id"]: r["response"] for r in rows} == {d: v[0][0] for d, v in sn.items()}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mtype,args,counter", [
+    ("vllm-suppress", "layers=4-6,warmup=4", "suppressed"),
+    ("vllm-alrr", "layers=4-6,warmup=4,growth_eps=0.0", "accepted"),
+])
+def test_lm_eval_method_end_to_end(tiny_model_dir, local_task_dir, tmp_path, mtype, args, counter):
+    margs = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,{args}"
+    p = run([LM_EVAL, "--model", mtype, "--model_args", margs, "--tasks", "telltale_local", "--include_path",
+             str(local_task_dir), "--limit", "4", "--batch_size", "auto", "--output_path", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    tt = res["config"]["telltale"]
+    assert tt["model_type"] == mtype and tt["summary"][counter]["total"] > 0
+    rows = [json.loads(l) for l in Path(tt["stats_path"]).read_text().splitlines()]
+    assert len(rows) == 4 and sum(st.get(counter, 0) for r in rows for st in r["layers"].values()) > 0
