@@ -15,6 +15,8 @@ MODEL_TYPES: dict[str, str] = {
     "vllm-norms": "lm_eval_telltale.harness.models:VLLMNorms",
     "vllm-suppress": "lm_eval_telltale.harness.models:VLLMSuppress",
     "vllm-alrr": "lm_eval_telltale.harness.models:VLLMAlrr",
+    "vllm-lrs": "lm_eval_telltale.harness.lrs:VLLMLrs",
+    "vllm-erss": "lm_eval_telltale.harness.models:VLLMErss",
 }
 
 

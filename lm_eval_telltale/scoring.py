@@ -718,3 +718,37 @@ process_results_bbh_valid = _bbh("valid")
 process_results_bbh_number = _bbh("number")
 process_results_bbh_words = _bbh("words")
 process_results_bbh_dyck = _bbh("dyck")
+
+
+# --------------------------------------------------------------------------------------------
+# answer keys for majority voting over candidates (vllm-lrs's ``maj`` selector)
+# --------------------------------------------------------------------------------------------
+# lm-eval calls ``process_results``; the LRS model type additionally looks for a
+# ``telltale_extract(doc, response) -> str | None`` attribute on it, so that votes use exactly the
+# answer this scorer would grade. Truncated responses abstain (None).
+
+
+def _extractor(score_one):
+    def extract(doc: dict, response: str) -> str | None:
+        v = score_one(doc, response)
+        return None if v["truncated"] or v["pred"] is None else _answer_key(v["pred"])
+
+    return extract
+
+
+process_results_math.telltale_extract = _extractor(lambda d, r: score_math(r, math_gold(d)))
+process_results_math_sampled.telltale_extract = process_results_math.telltale_extract
+
+
+def _mmlu_one(doc: dict, r: str) -> dict:
+    options = list(doc.get("options") or [])
+    gold = doc.get("answer") or (LETTERS[int(doc["answer_index"])] if doc.get("answer_index") is not None else "")
+    return score_choice(r, gold, len(options) or 10, options)
+
+
+process_results_mmlu_pro.telltale_extract = _extractor(_mmlu_one)
+for _kind, _fn in [("mc", process_results_bbh_mc), ("bool", process_results_bbh_bool),
+                   ("yesno", process_results_bbh_yesno), ("valid", process_results_bbh_valid),
+                   ("number", process_results_bbh_number), ("words", process_results_bbh_words),
+                   ("dyck", process_results_bbh_dyck)]:
+    _fn.telltale_extract = _extractor(lambda d, r, _k=_kind: score_bbh(r, d, _k))

@@ -94,3 +94,27 @@ def test_lm_eval_method_end_to_end(tiny_model_dir, local_task_dir, tmp_path, mty
     assert tt["model_type"] == mtype and tt["summary"][counter]["total"] > 0
     rows = [json.loads(l) for l in Path(tt["stats_path"]).read_text().splitlines()]
     assert len(rows) == 4 and sum(st.get(counter, 0) for r in rows for st in r["layers"].values()) > 0
+
+
+@pytest.mark.e2e
+def test_lm_eval_vllm_lrs_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
+    margs = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,layers=4-6,n_candidates=4"
+    p = run([LM_EVAL, "--model", "vllm-lrs", "--model_args", margs, "--gen_kwargs", "temperature=0.8,do_sample=True",
+             "--tasks", "telltale_local", "--include_path", str(local_task_dir), "--limit", "3", "--batch_size", "auto",
+             "--output_path", str(tmp_path), "--log_samples"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    tt = res["config"]["telltale"]
+    rows = {r["doc_id"]: r for r in map(json.loads, Path(tt["stats_path"]).read_text().splitlines())}
+    samples = {s["doc_id"]: s for s in _samples(tmp_path, "telltale_local")}
+    assert sorted(rows) == sorted(samples) == [0, 1, 2]
+    for d, r in rows.items():
+        assert len(r["candidates"]) == 4 and r["chosen"] == "late_sum"
+        assert set(r["picks"]) == {"late_sum", "mean", "A", "B", "C", "D", "maj", "conf", "random", "first"}
+        best = max(range(4), key=lambda k: (r["candidates"][k]["complete"], r["candidates"][k]["scores"]["late_sum"]))
+        assert r["picks"]["late_sum"] == best
+        # lm-eval scored the response the sidecar says late_sum picked
+        assert samples[d]["resps"][0][0] == r["candidates"][best]["response"] == r["response"]
+        assert all(c["correct"] in (0.0, 1.0) for c in r["candidates"])  # the task's own scorer ran
+        assert len({c["text"] for c in r["candidates"]}) > 1
+    assert set(tt["summary"]["lrs_selectors"]) >= {"late_sum", "maj", "conf", "random", "first"}

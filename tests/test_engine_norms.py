@@ -92,8 +92,8 @@ def test_attribution_test_detects_a_wrong_row_order(mixed_engine, monkeypatch):
 def test_state_is_freed_after_200_requests_with_aborts_and_preemption(engines, tiny_model_dir):
     from vllm import SamplingParams
 
-    # 1 MiB of KV = 4 blocks of 128 tokens: running requests crossing a block boundary get preempted
-    llm = engines.make(tiny_model_dir, "norms", {"layers": "5-6"}, kv_cache_memory_bytes=1 << 20,
+    # 2 MiB of float32 KV = 4 blocks of 128 tokens: requests crossing a block boundary get preempted
+    llm = engines.make(tiny_model_dir, "norms", {"layers": "5-6"}, kv_cache_memory_bytes=2 << 20,
                        max_num_seqs=32, max_model_len=256)
     eng = llm.llm_engine
     ids = [f"q{i}" for i in range(200)]

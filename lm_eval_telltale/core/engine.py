@@ -37,6 +37,10 @@ class Method:
     name = "norms"
     #: True when the method may change (h, r); the trace then also records the output norm
     modifies = False
+    #: extra float32 per-(token, layer) columns of the step record: ``core.columns[name]`` is an
+    #: [N, L] buffer (NaN-filled at ``begin``) the method writes into; the columns travel with the
+    #: trace rows and :meth:`summarize_columns` turns a request's rows into per-layer statistics
+    columns: tuple[str, ...] = ()
 
     def __init__(self, cfg, table: SlotTable, num_layers: int, device=None):
         self.cfg = cfg
@@ -48,6 +52,12 @@ class Method:
               n: torch.Tensor, tau: torch.Tensor, rerun: Rerun | None):
         """Return (h', r', events) for patched layer ``j``; ``events``: int16 [N] bits or None."""
         return h, r, None
+
+    def summarize_columns(self, position, cols: dict, events, layers: list[int]) -> dict[str, dict]:
+        """Per-layer statistics ``{str(layer): {...}}`` from one request's rows (numpy, token
+        order): ``position`` [T], ``cols[name]`` [T, L] for each of :attr:`columns`, ``events``
+        [T, L]. Merged into the request's ``layers`` record."""
+        return {}
 
     def summary(self) -> dict:
         return {}
@@ -80,6 +90,8 @@ class CoreEngine:
         self.norm = torch.zeros(n, self.L, dtype=torch.float32, device=dev)
         self.event = torch.zeros(n, self.L, dtype=torch.int16, device=dev)
         self.norm_out = torch.zeros(n, self.L, dtype=torch.float32, device=dev) if self.method.modifies else None
+        self.columns = {c: torch.full((n, self.L), float("nan"), dtype=torch.float32, device=dev)
+                        for c in self.method.columns}
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun: Rerun | None = None):
         step = self.step
@@ -113,5 +125,7 @@ class CoreEngine:
         }
         if self.norm_out is not None:
             out["norm_out"] = self.norm_out[sel]
+        for c, v in self.columns.items():
+            out[c] = v[sel]
         self.step = None
         return {k: v.to("cpu") for k, v in out.items()}

@@ -250,3 +250,11 @@ class VLLMAlrr(TelltaleVLLM):
 
 
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+@register_model("vllm-erss")
+class VLLMErss(TelltaleVLLM):
+    """Endogenous Reasoning State Steering, METHODS.md §3: per request and patched layer, a bank of
+    high-norm states; after a low-norm streak, h ← h + β·(v − r) with the best-cosine bank vector."""
+
+    METHOD = "erss"

@@ -5,8 +5,11 @@ One JSON line per generated answer::
     {"task", "doc_id", "repeat", "method", "tag", "n_prompt_tokens", "n_generated_tokens",
      "finish_reason", "response" (lm-eval's post-processed text), "raw_output" (full text, thinking
      included), "n_decode_tokens", "layers": {"<layer>": {count, mean, max, A, B, C, D, late_sum,
-     tau_first, tau_last, tau_mean, tau_ready, [suppressed, recursed, accepted, injected, banked]}},
-     ["tokens": {position, norm, tau, event[, norm_out]}, "token_ids"]  (record_tokens=true)}
+     tau_first, tau_last, tau_mean, tau_ready, [suppressed, recursed, accepted, injected, banked],
+     [the method's own statistics, e.g. ERSS: inject_positions, inject_cos, inject_vnorm,
+     inject_rejected, bank_max, bank_last]}},
+     ["tokens": {position, norm, tau, event[, norm_out][, the method's columns]}, "token_ids"]
+     (record_tokens=true)}
 
 Lines are appended and flushed after every ``generate_until`` call, so nothing is lost when a run
 dies later. Join to lm-eval's samples on (task, doc_id, repeat).

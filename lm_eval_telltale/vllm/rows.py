@@ -22,9 +22,13 @@ class TelltaleRowMirror(LogitsProcessor):
         self.runtime = runtime
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        # False so that ``apply`` sees the raw logits (before temperature) — used for LRS's
+        # trace confidence; the logits are always returned unchanged.
+        return False
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.runtime is not None:
+            self.runtime.apply_logits(logits)
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

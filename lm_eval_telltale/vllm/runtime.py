@@ -56,6 +56,12 @@ class VllmRuntime:
                               floor=cfg.tau_floor, warmup=cfg.warmup, fixed=cfg.tau_values, device=device)
         self.method = make_method(cfg, self.table, len(cfg.layers), device)
         self.core = CoreEngine(cfg.layers, self.method, self.thr, self.table)
+        self.conf = None
+        if cfg.method == "lrs":
+            from ..core.lrs import ConfidenceTracker
+
+            self.conf = ConfidenceTracker(self.table, cfg.params["conf_topk"], cfg.params["conf_window"], device)
+        self._sampling_rows = None
         self.row_slot = np.full(cap, -1, dtype=np.int64)
         self.num_rows = 0
         self.step_active = False
@@ -76,9 +82,16 @@ class VllmRuntime:
             extra[RID_KEY] = nr.req_id
             sp.extra_args = extra
         for rid in scheduler_output.finished_req_ids:
-            info = self.table.release(rid)
+            info = self.table.by_key.get(rid)
             if info is not None:
+                self._snapshot(info)
+                self.table.release(rid)
                 self._finished.add(info.serial)
+
+    def _snapshot(self, info: SlotInfo) -> None:
+        """Copy slot-held per-request results into the request's info before its slot is reused."""
+        if self.conf is not None and "conf_tokens" not in info.meta:
+            info.meta.update(self.conf.read(info.slot))
 
     # -- row mirror (logits processor update_state, inside the runner, before the forward) ------
     def apply_batch_update(self, bu) -> None:
@@ -136,8 +149,24 @@ class VllmRuntime:
         if rows and rs.min() < 0:
             raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
         row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
-        self.core.begin(build_step(self.table, qsl, row_slot, positions))
+        step = build_step(self.table, qsl, row_slot, positions)
+        self.core.begin(step)
         self.begin_calls += 1
+        if self.conf is not None and rows:
+            # a row's sampled token is kept iff its last fed position reaches the prompt's end
+            last = step.position[qsl[1:].to(positions.device, torch.int64) - 1]
+            keep = last >= self.table.t["prompt_len"][row_slot] - 1
+            self._sampling_rows = (row_slot, keep)
+
+    def apply_logits(self, logits: torch.Tensor) -> None:
+        """Row mirror's ``apply``: per-candidate trace confidence (LRS only)."""
+        if self.conf is None or self._sampling_rows is None:
+            return
+        slots, keep = self._sampling_rows
+        self._sampling_rows = None
+        if logits.shape[0] != slots.shape[0]:
+            raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
+        self.conf.update(slots, logits, keep)
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun) -> tuple[torch.Tensor, torch.Tensor]:
         return self.core.layer(j, h, r, rerun)
@@ -194,12 +223,20 @@ class VllmRuntime:
             r = rows.get(info.serial)
             if r is None:
                 r = {"position": np.zeros(0, np.int64), "norm": np.zeros((0, L), np.float32),
-                     "tau": np.zeros((0, L), np.float32), "event": np.zeros((0, L), np.int16)}
+                     "tau": np.zeros((0, L), np.float32), "event": np.zeros((0, L), np.int16),
+                     **{c: np.zeros((0, L), np.float32) for c in self.method.columns}}
+            if info.key in self.table.by_key:
+                self._snapshot(info)
             rec = {
                 "tag": info.tag, "request_id": info.key, "prompt_len": info.meta.get("prompt_len"),
                 "n_decode_tokens": int(r["norm"].shape[0]),
                 "layers": summarize(r["norm"], r["tau"], r["event"], layers),
             }
+            if self.conf is not None:
+                rec.update({k: info.meta.get(k) for k in ("conf", "conf_mean", "conf_tokens")})
+            cols = {c: r[c] for c in self.method.columns if c in r}
+            for l, extra in self.method.summarize_columns(r["position"], cols, r["event"], layers).items():
+                rec["layers"].setdefault(l, {}).update(extra)
             if self.cfg.record_tokens:
                 rec["tokens"] = {
                     "position": r["position"].tolist(),
@@ -209,6 +246,8 @@ class VllmRuntime:
                 }
                 if "norm_out" in r:
                     rec["tokens"]["norm_out"] = np.round(r["norm_out"], 5).tolist()
+                for c, v in cols.items():  # the method's columns; NaN (nothing recorded) → null
+                    rec["tokens"][c] = [[None if not np.isfinite(x) else round(float(x), 5) for x in row] for row in v]
             out.append(rec)
             self._infos.pop(info.serial, None)
             self._finished.discard(info.serial)
