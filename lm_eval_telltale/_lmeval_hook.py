@@ -107,10 +107,12 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install() -> None:
-    """Idempotent. Also handles the case where lm-eval was imported before us."""
+def install(force: bool = False) -> None:
+    """Idempotent. Also handles the case where lm-eval was imported before us.
+    ``TELLTALE_NO_HOOK=1`` disables the start-up hook (``force`` overrides it: the
+    ``python -m lm_eval_telltale`` fallback)."""
     try:
-        if os.environ.get("TELLTALE_NO_HOOK"):
+        if os.environ.get("TELLTALE_NO_HOOK") and not force:
             return
         if not any(getattr(f, "_telltale", False) for f in sys.meta_path):
             sys.meta_path.insert(0, _Finder())

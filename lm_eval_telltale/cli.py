@@ -31,7 +31,7 @@ def run_lm_eval(argv) -> int:
     """lm-eval's own CLI, after registering our model types (fallback when the .pth hook is off)."""
     from ._lmeval_hook import install, register_models
 
-    install()
+    install(force=True)
     register_models()
     from lm_eval.__main__ import cli_evaluate
 

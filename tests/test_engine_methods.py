@@ -156,3 +156,32 @@ def test_decisions_are_per_request(engines, tiny_model_dir, method, args):
         assert {l: st.get(name, 0) for l, st in r[0]["layers"].items()} == \
                {l: st.get(name, 0) for l, st in recs[i]["layers"].items()}
     engines.close(llm)
+
+
+@pytest.mark.parametrize("mode", ["request", "global", "fixed", "calibrated"])
+def test_methods_work_with_every_threshold_mode(engines, tiny_model_dir, tmp_path, mode):
+    import yaml
+
+    # a τ each mode can reach on the tiny model: from the norms the model actually produces
+    llm = engines.make(tiny_model_dir, "norms", {"layers": LAYERS, "record_tokens": True})
+    _, recs = run(llm, _prompts(4), 40, f"cal{mode}")
+    engines.close(llm)
+    norms = np.concatenate([np.array(r["tokens"]["norm"]) for r in recs])
+    qs = {str(l): {f"p{q}": float(np.quantile(norms[:, j], q / 100)) for q in (50, 75, 90, 95, 99)}
+          for j, l in enumerate((4, 5, 6))}
+    args = {"layers": LAYERS, "tau_mode": mode, "warmup": 4}
+    if mode == "fixed":
+        args["tau"] = json.dumps({l: v["p90"] for l, v in qs.items()})
+    elif mode == "calibrated":
+        f = tmp_path / "cal.yaml"
+        f.write_text(yaml.safe_dump({"calibration": {"quantiles": qs}}))
+        args.update(tau_file=str(f), tau_q=0.9)
+    for method, extra, counter in [("suppress", {}, "suppressed"), ("alrr", {"growth_eps": 0.0, "blowup": 3.0}, "recursed")]:
+        llm = engines.make(tiny_model_dir, method, {**args, **extra})
+        _, r = run(llm, _prompts(4), 40, f"{method}{mode}")
+        engines.close(llm)
+        assert count(r, counter) > 0, (method, mode)
+        taus = [st["tau_last"] for x in r for st in x["layers"].values()]
+        if mode in ("fixed", "calibrated"):
+            # the engine used the file's τ (stored as float32)
+            assert sorted(set(taus)) == pytest.approx(sorted({v["p90"] for v in qs.values()}), rel=1e-6)

@@ -87,3 +87,24 @@ def test_confidence_tracker_lowest_group_mean():
     c = tab.acquire("c", prompt_len=1, seed=0)  # short trace: the mean over all its tokens
     tr.update(torch.tensor([c.slot]), logits_with_conf(1.4)[None], torch.tensor([True]))
     assert tr.read(c.slot)["conf"] == pytest.approx(1.4, abs=1e-5)
+
+
+def test_greedy_with_several_candidates_is_a_clear_error_unless_a_preset_samples():
+    from vllm import SamplingParams
+
+    from lm_eval_telltale.config import ConfigError, resolve
+    from lm_eval_telltale.harness.lrs import VLLMLrs
+
+    m = object.__new__(VLLMLrs)  # no engine: only the sampling rule
+    m.tt_cfg, m._tt_preset = resolve("lrs", {}, 8), None
+    with pytest.raises(ConfigError) as e:
+        m._tt_sampling(SamplingParams(temperature=0.0))
+    assert "greedy" in str(e.value) and "--gen_kwargs" in str(e.value)
+    m._tt_preset = {"sampling": {"temperature": 0.6, "top_p": 0.95, "top_k": 20}}
+    sp = m._tt_sampling(SamplingParams(temperature=0.0))
+    assert (sp.temperature, sp.top_p, sp.top_k) == (0.6, 0.95, 20)
+    sp = SamplingParams(temperature=0.8)
+    assert m._tt_sampling(sp) is sp  # the task's sampling wins
+    m.tt_cfg = resolve("lrs", {"n_candidates": 1}, 8)
+    m._tt_preset = None
+    assert m._tt_sampling(SamplingParams(temperature=0.0)).temperature == 0.0
