@@ -5,6 +5,10 @@ Subcommands:
   run          alias of lm-eval's CLI with the telltale model types registered
                (``python -m lm_eval_telltale ...`` is the same, flags identical to ``lm_eval``)
   tasks-path   print the packaged task directory (for ``--include_path``)
+  table        results table from lm-eval run directories + sidecars (md/csv/latex/json, --plot PNG)
+  profile      per-layer norm distributions of generated tokens (thinking on/off), JSON + PNG plots
+  calibrate    per-layer norm quantiles as a file for ``tau_mode=calibrated`` / ``config=``
+  view         self-contained HTML page: generated tokens shaded by the norm, τ crossings, interventions
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ COMMANDS = {
     "tiny-model": _tiny,
     "run": run_lm_eval,
     "tasks-path": lambda argv: print(__import__("lm_eval_telltale").tasks_dir()) or 0,
+    "table": lambda argv: __import__("lm_eval_telltale.report", fromlist=["main"]).main(argv),
+    "profile": lambda argv: __import__("lm_eval_telltale.profile", fromlist=["main"]).main_profile(argv),
+    "calibrate": lambda argv: __import__("lm_eval_telltale.profile", fromlist=["main"]).main_calibrate(argv),
+    "view": lambda argv: __import__("lm_eval_telltale.view", fromlist=["main"]).main(argv),
 }
 
 

@@ -42,7 +42,9 @@ COMMON_KEYS: dict[str, tuple[Any, str]] = {
     "tau_floor": (None, "optional lower bound of τ"),
     "warmup": (None, "tokens (request mode) or decode steps (global mode) before any decision; "
                      "default: 64 tokens in request mode; 500 steps (alrr, suppress) / 200 (erss) in global mode"),
-    "record_tokens": (False, "write per-token norm traces into the sidecar (≈ 12 bytes × layers per token)"),
+    "record_tokens": (False, "write per-token traces (norm, τ, events) into the sidecar for `telltale view`: "
+                              "≈ 40 bytes of JSON per generated token and patched layer (more with a method's "
+                              "extra columns), e.g. 16k tokens × 6 layers ≈ 4 MB per answer"),
     "stats_path": (None, "sidecar JSONL path (default: next to lm-eval's --output_path)"),
 }
 
@@ -312,6 +314,8 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
             raise ConfigError("tau", "tau_mode=fixed needs tau=<number | JSON | file>")
         tau_values = parse_fixed_tau(merged["tau"], layers)
     elif mode == "calibrated":
+        if not tau_file and preset and isinstance(preset.get("calibration"), dict):
+            tau_file = preset["_path"]  # a file written by `telltale calibrate` is its own preset
         if not tau_file:
             raise ConfigError("tau_file", "tau_mode=calibrated needs tau_file=<file from `telltale calibrate`>")
         tau_q = get("tau_q")

@@ -1,0 +1,125 @@
+"""``telltale profile`` / ``telltale calibrate`` on the tiny model, and the calibration round trip:
+the τ the engine uses under ``tau_mode=calibrated`` (or ``config=FILE``) is the file's quantile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BIN, KV_BYTES, rpc
+
+from lm_eval_telltale.config import ConfigError, load_calibration, load_preset, resolve
+
+ENGINE = dict(kv_cache_memory_bytes=KV_BYTES, max_model_len=512, dtype="float32")
+
+
+def _check_png(path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.is_file() and path.stat().st_size > 5000, path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 100 and float(np.std(img[..., :3])) > 0.02, path
+
+
+@pytest.fixture(scope="module")
+def collection(tiny_model_dir, local_task_dir):
+    from lm_eval_telltale.profile import collect
+
+    return collect(str(tiny_model_dir), ["telltale_local"], limit=2, thinking="auto", warmup=4, max_tokens=24,
+                   include_path=str(local_task_dir), engine_args=ENGINE)
+
+
+@pytest.mark.engine
+def test_profile_runs_thinking_on_and_off(collection):
+    meta, samples = collection["meta"], collection["samples"]
+    assert meta["modes"] == ["thinking", "non-thinking"]  # the tiny chat template has enable_thinking
+    assert meta["layers"] == list(range(8))  # every layer by default
+    assert sorted((s["mode"], s["doc_id"]) for s in samples) == [
+        ("non-thinking", 0), ("non-thinking", 1), ("thinking", 0), ("thinking", 1)]
+    for s in samples:
+        assert s["norm"].shape == (23, 8) and np.all(s["norm"] > 0)  # 24 generated, the last never fed back
+        assert np.isnan(s["tau"][:4]).all() and np.isfinite(s["tau"][5:]).all()  # warm-up 4, then adaptive τ
+    # the non-thinking prompt closes an empty think block, so the two modes see different contexts
+    by = {(s["mode"], s["doc_id"]): s for s in samples}
+    assert by[("non-thinking", 0)]["n_prompt_tokens"] > by[("thinking", 0)]["n_prompt_tokens"]
+
+
+@pytest.mark.engine
+def test_profile_json_and_plots(collection, tmp_path):
+    from lm_eval_telltale.profile import plot_layers, plot_trace, summarize_profile
+
+    prof = summarize_profile(collection)
+    st = prof["modes"]["thinking"]["layers"]["6"]
+    assert st["count"] == 46 and st["min"] <= st["quantiles"]["p10"] <= st["quantiles"]["p90"] <= st["max"]
+    assert prof["trace"]["layer"] == 6  # the deepest default patched layer of an 8-layer model
+    tr = prof["trace"]["modes"]["thinking"]
+    assert len(tr["norm"]) == 23 and tr["tau"][:4] == [None] * 4
+    json.dumps(prof)  # serialisable
+    _check_png(plot_layers(prof, tmp_path / "layers.png"))
+    _check_png(plot_trace(prof, tmp_path / "trace.png"))
+
+
+@pytest.mark.engine
+def test_calibration_round_trip(collection, engines, tiny_model_dir, tmp_path):
+    from vllm import SamplingParams
+
+    from lm_eval_telltale.profile import calibration_data, write_calibration
+
+    data = calibration_data(collection)
+    f = write_calibration(data, tmp_path / "calib.yaml")
+    q = yaml.safe_load(f.read_text())["calibration"]["quantiles"]
+    assert sorted(q) == list(range(8)) and list(q[6]) == ["p50", "p75", "p80", "p85", "p90", "p95", "p99"]
+    pooled = np.concatenate([s["norm"][:, 6] for s in collection["samples"]])
+    assert q[6]["p90"] == pytest.approx(float(np.quantile(pooled, 0.9)))
+
+    # tau_mode=calibrated reads it ...
+    cfg = resolve("norms", {"layers": "4-6", "tau_mode": "calibrated", "tau_file": str(f), "tau_q": 0.95}, 8)
+    assert cfg.tau_values == [q[l]["p95"] for l in (4, 5, 6)]
+    # ... and the file is a preset by itself (config=FILE): calibrated τ at its tau_q (0.9)
+    pre = resolve("norms", {"layers": "4-6"}, 8, preset=load_preset(str(f)))
+    assert pre.tau_mode == "calibrated" and pre.tau_values == [q[l]["p90"] for l in (4, 5, 6)]
+    assert resolve("norms", {"tau_q": 0.5}, 8, preset=load_preset(str(f))).tau_values == [q[6]["p50"]]
+    with pytest.raises(ConfigError, match="tau_q"):
+        resolve("norms", {"tau_q": 0.6}, 8, preset=load_preset(str(f)))
+    # JSON works too
+    fj = write_calibration(data, tmp_path / "calib.json")
+    assert load_calibration(fj)["quantiles"] == json.loads(json.dumps(data["calibration"]["quantiles"]))
+
+    # the engine's τ is the file's quantile, for every generated token and layer
+    llm = engines.make(tiny_model_dir, "norms", {"layers": "4-6", "tau_mode": "calibrated", "tau_file": str(f),
+                                                 "tau_q": 0.95, "record_tokens": True})
+    sp = SamplingParams(max_tokens=10, temperature=0.0, extra_args={"telltale_tag": "c0"})
+    llm.generate([{"prompt_token_ids": list(range(5, 40))}], [sp], use_tqdm=False)
+    rec = rpc(llm, "telltale_collect", ["c0"])[0]
+    tau = np.array(rec["tokens"]["tau"], dtype=float)
+    assert tau.shape == (9, 3)
+    np.testing.assert_allclose(tau, np.tile([q[l]["p95"] for l in (4, 5, 6)], (9, 1)), rtol=1e-6, atol=1e-5)
+    engines.close(llm)
+
+
+@pytest.mark.e2e
+def test_cli_profile_and_calibrate(tiny_model_dir, local_task_dir, tmp_path):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # in-process engine: seconds, not half a minute
+    common = ["--model", str(tiny_model_dir), "--tasks", "telltale_local", "--include_path", str(local_task_dir),
+              "--limit", "1", "--max-tokens", "12", "--warmup", "4", "--kv-cache-memory-bytes", str(KV_BYTES),
+              "--max-model-len", "512"]
+    out = tmp_path / "prof"
+    p = subprocess.run([str(BIN / "telltale"), "profile", *common, "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    prof = json.loads((out / "profile.json").read_text())
+    assert set(prof["modes"]) == {"thinking", "non-thinking"} and prof["modes"]["thinking"]["n_tokens"] == 11
+    _check_png(out / "profile_layers.png")
+    _check_png(out / "profile_trace.png")
+    f = tmp_path / "cal.yaml"
+    p = subprocess.run([sys.executable, "-m", "lm_eval_telltale", "calibrate", *common, "--thinking", "off",
+                        "--out", str(f)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cal = load_calibration(f)
+    assert cal["thinking"] == ["non-thinking"] and sorted(cal["quantiles"]) == list(range(8))
+    assert resolve("norms", {}, 8, preset=load_preset(str(f))).tau_values == [cal["quantiles"][6]["p90"]]

@@ -1,0 +1,203 @@
+"""``telltale table``: golden files on real tiny runs and on hand-made edge cases.
+
+Inputs live in ``tests/data/table/`` (see its README): ``real/`` was produced ONCE by
+``make_fixtures.py`` (real ``lm_eval`` runs of the stock baseline and every telltale model type on
+a tiny random Qwen3); ``edge/`` is hand-made. Golden outputs are in ``tests/data/table/golden/``;
+``TELLTALE_UPDATE_GOLDEN=1`` rewrites them (review the diff).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm_eval_telltale.report import NoResultsError, build_table, plot_deltas, render
+
+DATA = Path(__file__).resolve().parent / "data" / "table"
+GOLDEN = DATA / "golden"
+UPDATE = os.environ.get("TELLTALE_UPDATE_GOLDEN") == "1"
+REAL = ["baseline", "norms", "alrr", "suppress", "erss", "lrs"]
+EDGE = ["baseline", "alrr", "suppress", "corrupt", "lrs"]
+EXT = {"md": "md", "csv": "csv", "latex": "tex", "json": "json"}
+
+
+def _norm(text: str) -> str:
+    return text.replace(str(DATA), "<DATA>")
+
+
+def check_golden(name: str, text: str) -> None:
+    p = GOLDEN / name
+    if UPDATE:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+        return
+    assert p.is_file(), f"missing golden file {p}; create it with TELLTALE_UPDATE_GOLDEN=1"
+    assert text == p.read_text(encoding="utf-8"), f"{name} differs from the golden file (TELLTALE_UPDATE_GOLDEN=1)"
+
+
+def real_table(**kw):
+    return build_table([DATA / "real" / n for n in REAL], progress=False, **kw)
+
+
+def edge_table(**kw):
+    return build_table([DATA / "edge" / n for n in EDGE], progress=False, **kw)
+
+
+def _row(t, label_start: str):
+    rows = [r for r in t.rows if r.label.startswith(label_start)]
+    assert len(rows) == 1, [r.label for r in t.rows]
+    return rows[0]
+
+
+# -- real tiny runs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "latex", "json"])
+def test_real_runs_golden(fmt):
+    check_golden(f"real.{EXT[fmt]}", _norm(render(real_table(), fmt)))
+
+
+def test_real_runs_subtasks_golden():
+    check_golden("real_subtasks.md", _norm(render(real_table(subtasks=True), "md")))
+
+
+def test_real_runs_content():
+    t = real_table()
+    assert [c.name for c in t.columns] == ["telltale_gsm8k", "telltale_gsm_plus_mini"]
+    assert {c.metric for c in t.columns} == {"exact_match,none"}  # not `truncated` (higher_is_better false)
+    base = _row(t, "vllm")
+    assert base.is_baseline and t.rows[0] is base
+    methods = {r.method for r in t.rows}
+    assert methods == {"vllm", "norms", "alrr", "suppress", "erss", "lrs"}
+    # every method row has a Δ (0 here: a random model), the baseline has none
+    for r in t.rows:
+        for c in r.cells.values():
+            assert (c.delta is None) == r.is_baseline
+    # sidecar columns: the event each method causes, and none for the observer
+    ex = {r.method: r.extras for r in t.rows if not r.selector}
+    assert ex["alrr"]["accepted"] > 0 and ex["erss"]["injected"] > 0 and ex["suppress"]["suppressed"] > 0
+    assert ex["norms"]["accepted"] == ex["norms"]["injected"] == ex["norms"]["suppressed"] == 0
+    assert ex["norms"]["gen_tokens"] == 16.0 and ex["norms"]["truncated"] == 1.0
+    assert ex["vllm"]["gen_tokens"] is None  # no sidecar for the stock baseline
+    # LRS: one row per selector from the same traces, the returned one first
+    lrs = [r for r in t.rows if r.method == "lrs"]
+    assert [r.selector for r in lrs] == ["late_sum", "mean", "A", "B", "C", "D", "maj", "conf", "random", "first"]
+    assert lrs[0].returned and not any(r.returned for r in lrs[1:])
+    # knobs that differ from the defaults name the configuration; shared ones go to the notes
+    assert _row(t, "alrr").label == "alrr (growth_eps=0)"
+    assert _row(t, "erss").label == "erss (iqr_k=0, low_k=3, p_inject=1, cos_min=-1, cooldown=0)"
+    assert any("layers=4-6" in n and "warmup=4" in n and "max_gen_toks=16" in n for n in t.notes)
+    assert not t.warnings
+
+
+# -- hand-made edge cases ------------------------------------------------------------------------
+
+def test_edge_golden():
+    t = edge_table()
+    check_golden("edge.md", _norm(render(t, "md")))
+    check_golden("edge.json", _norm(render(t, "json")))
+    check_golden("edge_all.md", _norm(render(edge_table(keep_all=True), "md")))
+
+
+def test_edge_na_stderr_and_string_model_args():
+    t = edge_table()
+    base = _row(t, "vllm")
+    assert base.model == "org/model-x"  # from the "k=v,..." model_args string of an old results.json
+    a = base.cells["task_a"]
+    assert a.value == 50.0 and a.stderr is None  # "N/A"
+    md = render(t, "md")
+    assert "| org/model-x | vllm | 50.0 | 25.0 ± 10.0 | 37.5 |" in md
+    alrr = _row(t, "alrr")
+    assert alrr.label == "alrr (blowup=2)"
+    assert alrr.cells["task_a"].delta == pytest.approx(25.0) and alrr.avg.delta == pytest.approx(15.0)
+    # the metric of task_b is its first higher-is-better one (acc, not acc_norm)
+    assert next(c.metric for c in t.columns if c.name == "task_b") == "acc,none"
+
+
+def test_edge_corrupt_and_partial_files_are_skipped_with_a_warning():
+    t = edge_table()
+    w = "\n".join(t.warnings)
+    assert "corrupt/org__model-x/results_2026-01-03T00-00-00.000000.json" in w and "partial JSON" in w
+    assert "telltale_alrr_2026-01-01T00-00-00.000000.jsonl: skipped 1 unreadable or partial line" in w
+    # the partial sidecar's good lines still count: 4 answers, 500 tokens, 3+5+0+2 + 4×1 accepted
+    ex = _row(t, "alrr").extras
+    assert ex["gen_tokens"] == 125.0 and ex["truncated"] == 0.25 and ex["accepted"] == pytest.approx(28.0)
+
+
+def test_edge_duplicate_config_newest_wins_or_all():
+    t = edge_table()
+    sup = _row(t, "suppress")
+    assert sup.cells["task_a"].value == pytest.approx(20.0)  # the 2026-01-02 run
+    assert any("2 runs of the same configuration" in n and "older: 2026-01-01" in n for n in t.notes)
+    # no sidecar anywhere: the run summary in the results JSON fills the sidecar columns
+    assert sup.extras["suppressed"] == pytest.approx(50.0) and sup.extras["gen_tokens"] == 100.0
+    ta = edge_table(keep_all=True)
+    sups = [r for r in ta.rows if r.method == "suppress"]
+    assert [r.cells["task_a"].value for r in sups] == pytest.approx([10.0, 20.0])
+    assert all("@ 2026-01-0" in r.label for r in sups)
+
+
+def test_edge_lrs_selectors_from_per_candidate_correctness():
+    t = edge_table()
+    acc = {r.selector: (r.cells["task_a"].value, r.cells["task_b"].value) for r in t.rows if r.method == "lrs"}
+    # hand-computed from the picks and candidates' correctness in edge/lrs
+    assert acc["late_sum"] == (100.0, 50.0)
+    assert acc["maj"] == (75.0, 50.0)
+    assert acc["first"] == (50.0, 25.0)
+    assert acc["random"] == (25.0, 50.0)
+    assert acc["A"] == (100.0, 75.0)
+    first = next(r for r in t.rows if r.selector == "first")
+    assert first.extras["gen_tokens"] == 100.0 and first.extras["truncated"] == 0.0
+
+
+def test_no_results_is_a_clear_error(tmp_path):
+    with pytest.raises(NoResultsError, match="no lm-eval results here"):
+        build_table([DATA / "edge" / "empty"], progress=False)
+    with pytest.raises(NoResultsError, match="no readable lm-eval results"):
+        build_table([DATA / "edge" / "corrupt"], progress=False)
+
+
+# -- the console command -------------------------------------------------------------------------
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lm_eval_telltale", "table", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_table_out_plot_and_errors(tmp_path):
+    runs = [DATA / "edge" / n for n in EDGE]
+    out, png = tmp_path / "t.md", tmp_path / "d.png"
+    p = _cli(*runs, "--out", out, "--plot", png)
+    assert p.returncode == 0, p.stderr
+    assert out.read_text() == render(edge_table(), "md")
+    assert "warning: skipping" in p.stderr and "corrupt" in p.stderr
+    _check_png(png)
+    # never overwrites an input
+    victim = DATA / "edge" / "baseline" / "results.json"
+    before = victim.read_bytes()
+    p = _cli(*runs, "--out", victim)
+    assert p.returncode == 2 and "refusing to overwrite" in p.stderr and victim.read_bytes() == before
+    # a run dir without results
+    p = _cli(DATA / "edge" / "empty")
+    assert p.returncode == 2 and "no lm-eval results here" in p.stderr
+    p = _cli(*runs, "--format", "json")
+    assert p.returncode == 0 and json.loads(p.stdout)["rows"][0]["label"] == "vllm"
+
+
+def _check_png(path: Path) -> None:
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    assert path.is_file() and path.stat().st_size > 5000
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(np.std(img[..., :3])) > 0.02  # not a blank canvas
+
+
+def test_plot_real_runs(tmp_path):
+    p = plot_deltas(edge_table(), tmp_path / "edge.png")
+    _check_png(p)
