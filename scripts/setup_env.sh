@@ -72,6 +72,14 @@ echo "[setup] installing lm-eval-telltale (editable) and dev tools"
 # detection reads that string too).
 "$VENV/bin/python" -m lm_eval_telltale.vllm.shim
 
+# Debian's chromium renders `telltale view` pages in the browser tests (they skip without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && [ -z "${TELLTALE_NO_CHROMIUM:-}" ]; then
+  echo "[setup] installing Debian's chromium for the viewer's browser tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "[setup] warning: chromium could not be installed; the browser tests will be skipped"
+fi
+
 echo "[setup] checking imports"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md

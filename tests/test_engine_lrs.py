@@ -46,3 +46,23 @@ def test_candidate_statistics_are_exactly_the_candidates(engines, tiny_model_dir
     swapped = tags[1:] + tags[:1]
     assert not any(same(recs[t], solo[u]) for t, u in zip(tags, swapped))
     engines.close(llm)
+
+
+def test_many_long_seeded_candidates_run_on_the_cpu_engine(engines, tiny_model_dir):
+    """vllm-lrs's engine settings keep seeded candidates away from vLLM's CPU partial-prefill
+    generator bug (24 seeded requests of 150-200 tokens with a small token budget)."""
+    from vllm import SamplingParams
+
+    from lm_eval_telltale.config import resolve
+    from lm_eval_telltale.harness.lrs import VLLMLrs
+
+    kw = {"max_model_len": 512}
+    VLLMLrs._tt_configure(object.__new__(VLLMLrs), resolve("lrs", {}, 8), kw)
+    assert kw == {"max_model_len": 512, "enable_chunked_prefill": False, "max_num_batched_tokens": 512}
+    llm = engines.make(tiny_model_dir, "lrs", {"layers": "4-6"}, max_num_seqs=8, **kw)
+    ps = [{"prompt_token_ids": [(i * 7 + j) % 250 + 1 for j in range(150 + 10 * i)]} for i in range(6) for _ in range(4)]
+    sps = [SamplingParams(max_tokens=8, temperature=0.8, seed=100 + i, extra_args={"telltale_tag": f"t{i}"})
+           for i in range(24)]
+    assert len(llm.generate(ps, sps, use_tqdm=False)) == 24
+    assert len(rpc(llm, "telltale_collect", [f"t{i}" for i in range(24)])) == 24
+    engines.close(llm)

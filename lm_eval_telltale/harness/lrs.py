@@ -36,6 +36,18 @@ class VLLMLrs(TelltaleVLLM):
         super().__init__(pretrained, **kwargs)
         self._tt_selector_acc: dict[str, list[float]] = {}
 
+    def _tt_configure(self, cfg, kwargs: dict[str, Any]) -> None:
+        """vLLM 0.32's CPU runner cannot rewind a seeded request's generator after a discarded
+        partial-prefill sample ("CPU Generator does not use offset"), and every candidate here is
+        seeded: on CPU, prefill whole prompts (no chunked prefill) unless the user chose."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and kwargs.get("enable_chunked_prefill") is None:
+            kwargs["enable_chunked_prefill"] = False
+            mml = kwargs.get("max_model_len") or kwargs.get("max_length")
+            if mml and not kwargs.get("max_num_batched_tokens"):
+                kwargs["max_num_batched_tokens"] = int(mml)
+
     # -- sampling --------------------------------------------------------------------------------
     def _tt_sampling(self, sp):
         n = self.tt_cfg.params["n_candidates"]
