@@ -1,8 +1,9 @@
 """``make eval``: the main job on the embedded default, offline.
 
 Until the trained default model exists, this runs on a generated tiny random Qwen3 and a
-bundled 12-question local task: the stock ``vllm`` baseline and ``vllm-norms`` through the real
-``lm_eval`` console script, then prints the comparison table (also written to ``results/``).
+bundled 12-question local task: the stock ``vllm`` baseline, ``vllm-norms``, ``vllm-alrr`` and ``vllm-suppress`` through the real
+``lm_eval`` console script, then prints the comparison table of ``telltale table`` and writes it
+to ``results/demo.md`` with the Δ-per-task plot ``results/demo.png``.
 Accuracy of a random model is 0 by construction; the point is the full path and the norm
 statistics next to lm-eval's output.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .localtask import write_local_task
-from .report import results_table
+from .report import build_table, plot_deltas, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,11 +46,15 @@ def main(argv=None) -> int:
     runs = [
         ("vllm", base + ",enforce_eager=True"),
         ("vllm-norms", base + ",layers=auto,warmup=4"),
+        ("vllm-alrr", base + ",layers=auto,warmup=4,growth_eps=0.0"),
+        ("vllm-suppress", base + ",layers=auto,warmup=4"),
     ]
     lm_eval = str(Path(sys.executable).parent / "lm_eval")
     dirs = []
     for i, (mtype, margs) in enumerate(runs, 1):
         out = work / "runs" / mtype
+        if out.exists():  # one run per configuration: the table shows this invocation's results only
+            shutil.rmtree(out)
         cmd = [lm_eval, "--model", mtype, "--model_args", margs, "--tasks", "telltale_local",
                "--include_path", str(task_dir), "--batch_size", "auto", "--output_path", str(out), "--log_samples"]
         if a.limit:
@@ -64,12 +70,15 @@ def main(argv=None) -> int:
             return p.returncode
         print(f"[eval]     done in {time.time() - t:.0f}s", flush=True)
         dirs.append(out)
-    table = results_table(dirs)
+    t = build_table(dirs, baseline="vllm", progress=False,
+                    warn=lambda m: print(f"[eval] warning: {m}", file=sys.stderr))
+    table = render(t, "md")
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
-    (res / "demo.md").write_text(table + "\n")
+    (res / "demo.md").write_text(table)
+    png = plot_deltas(t, res / "demo.png")
     print("\n" + table)
-    print(f"\n[eval] table written to {res / 'demo.md'}")
+    print(f"[eval] table written to {res / 'demo.md'}, plot to {png}")
     return 0
 
 
