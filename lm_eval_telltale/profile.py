@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from .report import save_figure
+
 PROFILE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 CALIB_QUANTILES = (0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
 MODES = {"on": ["thinking"], "off": ["non-thinking"], "both": ["thinking", "non-thinking"], "default": ["default"]}
@@ -306,12 +308,7 @@ def plot_layers(prof: dict, path: str | Path) -> Path:
     ax.set_title(f"{Path(str(prof['meta']['model'])).name}: residual-stream norm per layer", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_trace(prof: dict, path: str | Path) -> Path:
@@ -339,12 +336,7 @@ def plot_trace(prof: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
     axes[-1, 0].set_xlabel("generated token")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -904,12 +904,7 @@ def plot_deltas(t: Table, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         if rows:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -958,3 +953,15 @@ def main(argv=None) -> int:
         plot_deltas(t, a.plot)
         print(f"telltale table: wrote {a.plot}", file=sys.stderr)
     return 0
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG, 120 dpi, parent dirs created) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
