@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import rpc, worker
+from conftest import rpc
 
 pytestmark = pytest.mark.engine
 

@@ -18,7 +18,6 @@ import datetime as _dt
 import itertools
 import json
 import logging
-import os
 import sys
 from collections import defaultdict, deque
 from pathlib import Path
@@ -247,9 +246,6 @@ class VLLMAlrr(TelltaleVLLM):
     """Adaptive Layer-wise Reasoning Recursion, METHODS.md §2."""
 
     METHOD = "alrr"
-
-
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
 @register_model("vllm-erss")
