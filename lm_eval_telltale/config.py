@@ -288,7 +288,16 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     allowed = {**COMMON_KEYS, **mkeys}
     merged: dict[str, Any] = {}
     if preset:
-        for k, v in (preset.get("telltale") or {}).items():
+        block = preset.get("telltale") or {}
+        if not isinstance(block, dict):
+            raise ConfigError("config", f"'telltale' in preset {preset.get('_path')} must be a mapping")
+        # common keys first, then the block named after this method (e.g. `erss: {low_k: 4}`);
+        # other methods' blocks are ignored
+        own = block.get(method) or {}
+        if not isinstance(own, dict):
+            raise ConfigError(method, f"the {method!r} block in preset {preset.get('_path')} must be a mapping")
+        common = {k: v for k, v in block.items() if k not in METHODS}
+        for k, v in [*common.items(), *own.items()]:
             if k not in allowed:
                 raise ConfigError(k, f"unknown key in preset {preset.get('_path')} (allowed for {method}: {sorted(allowed)})")
             merged[k] = v
