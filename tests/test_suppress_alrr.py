@@ -92,11 +92,30 @@ def test_opted_out_request_is_untouched():
     assert torch.equal(h2[2:], h[2:]) and torch.allclose(h2[:2], 0.1 * h[:2])
 
 
+def test_matched_control_draws_only_where_the_high_rule_could_fire():
+    """matched mode: the same population as the high rule (τ defined, i.e. past warm-up)."""
+    cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_rate": 1.0, "warmup": 8}, 8)
+    tab = SlotTable(capacity=2)
+    info = tab.acquire("r0", prompt_len=2, seed=7, enabled=True)
+    thr = Thresholds("request", 1, 2, warmup=8)
+    core = CoreEngine(cfg.layers, make_method(cfg, tab, 1, None), thr, tab)
+    sup = []
+    for pos in range(2, 22):  # 20 decode steps, one token each
+        begin(core, tab, [info], [[pos]])
+        core.layer(0, torch.tensor([[1.0 + pos % 3, 0.0]]), torch.zeros(1, 2))
+        sup.append(bool(core.end()["event"][0, 0] & EV_SUPPRESSED))
+    assert not any(sup[:8]) and all(sup[9:]), sup  # warm-up tokens never; afterwards at rate 1
+
+
 def test_matched_rates_from_sidecar(tmp_path):
     f = tmp_path / "side.jsonl"
     f.write_text('{"layers": {"3": {"count": 100, "suppressed": 5}}}\n{"layers": {"3": {"count": 300, "suppressed": 15}}}\n')
     cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_stats": str(f)}, 8)
     assert cfg.params["match_rate"] == [0.05]
+    # the rate is per token with a τ (tau_ready) when the sidecar records it
+    f.write_text('{"layers": {"3": {"count": 100, "tau_ready": 50, "suppressed": 5}}}\n')
+    cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_stats": str(f)}, 8)
+    assert cfg.params["match_rate"] == [0.1]
     with pytest.raises(ConfigError) as e:
         resolve("suppress", {"layers": "3", "match_rate": 0.1}, 8)
     assert e.value.key == "match_rate"

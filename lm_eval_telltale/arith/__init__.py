@@ -3,7 +3,7 @@
 * :mod:`lm_eval_telltale.arith.data` -- the seeded generator of arithmetic word problems (GSM8K
   schema) and the held-out split the ``telltale_arith`` task evaluates;
 * :mod:`lm_eval_telltale.arith.train` -- the deterministic CPU training script;
-* ``model/`` -- the shipped weights, tokenizer, chat template and ``MODEL_CARD.md``.
+* ``telltale-arith-tiny/`` -- the shipped weights, tokenizer, chat template and ``MODEL_CARD.md``.
 
 Import-light (no torch here).
 """
@@ -15,4 +15,4 @@ from pathlib import Path
 
 def model_dir() -> Path:
     """Directory of the shipped tiny reasoning model (pass it as ``pretrained=``)."""
-    return Path(__file__).resolve().parent / "model"
+    return Path(__file__).resolve().parent / "telltale-arith-tiny"

