@@ -12,7 +12,7 @@ difficulty levels, generated in process), through the real ``lm_eval`` console s
    paper's causal ablation;
 
 all with the model's preset ``config=telltale-arith`` (``model_configs/telltale-arith.yaml``: the
-methods' token-count knobs scaled to ~40-token answers). Then ``telltale table`` → printed, and
+methods' token-count knobs scaled to ~60-token answers). Then ``telltale table`` → printed, and
 written to ``results/arith.md`` (+ ``arith.json``, the Δ plot ``arith.png``) with the
 suppression ablation's verdict. Greedy decoding (LRS samples with the preset's settings) and
 fixed seeds: rerunning gives the same table on the same machine.
@@ -75,11 +75,21 @@ def _stream(cmd: list[str], env: dict, log: Path, prefix: str) -> int:
     return rc
 
 
+def _latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """(path, parsed) of the newest lm-eval results file under ``run_dir``."""
+    files = results_files(run_dir) if run_dir.exists() else []
+    return (files[-1], json.loads(files[-1].read_text())) if files else None
+
+
 def _counters(run_dir: Path) -> dict:
-    files = results_files(run_dir)
-    res = json.loads(files[-1].read_text())
-    tt = (res.get("config") or {}).get("telltale") or {}
+    latest = _latest(run_dir)
+    tt = ((latest[1].get("config") or {}).get("telltale") or {}) if latest else {}
     return (tt.get("summary") or {}) if isinstance(tt, dict) else {}
+
+
+def _sidecar(run_dir: Path) -> Path | None:
+    latest = _latest(run_dir)
+    return find_sidecar(*latest) if latest else None
 
 
 def ablation_verdict(t, task: str = TASK) -> str:
@@ -147,7 +157,6 @@ def main(argv=None) -> int:
           f"{len(runs)} runs through {lm_eval}; logs and run directories in {work}", flush=True)
     t_all = time.time()
     dirs = []
-    high_sidecar = None
     for i, (name, mtype, extra) in enumerate(runs, 1):
         out = work / "runs" / name
         if out.exists():  # one run per configuration: the table shows this invocation's results only
@@ -155,10 +164,7 @@ def main(argv=None) -> int:
         margs = base if mtype == "vllm" else f"{base},config={PRESET}"
         if extra:
             if "{high_sidecar}" in extra:
-                if high_sidecar is None:
-                    hi = work / "runs" / "suppress-high"
-                    files = results_files(hi) if hi.exists() else []
-                    high_sidecar = find_sidecar(files[-1], json.loads(files[-1].read_text())) if files else None
+                high_sidecar = _sidecar(work / "runs" / "suppress-high")
                 if high_sidecar is None:
                     print("[eval] suppress-matched needs the sidecar of suppress-high: run it first", file=sys.stderr)
                     return 2
@@ -182,9 +188,6 @@ def main(argv=None) -> int:
         print(f"[eval]     {name} done in {time.time() - t:.0f} s" + (f" ({extra_info})" if extra_info else ""),
               flush=True)
         dirs.append(out)
-        if name == "suppress-high":
-            files = results_files(out)
-            high_sidecar = find_sidecar(files[-1], json.loads(files[-1].read_text()))
     t = build_table(dirs, baseline="vllm", progress=False,
                     warn=lambda m: print(f"[eval] warning: {m}", file=sys.stderr))
     table = render(t, "md")

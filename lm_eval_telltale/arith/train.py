@@ -13,7 +13,7 @@ number of steps (``--minutes`` is only a safety stop; a run it cuts short is not
 Floating-point results can still depend on the CPU and the thread count.
 
 At the end the weights are saved in bfloat16 (the config says float32, so transformers and vLLM
-compute in float32 from the bf16 values), with the byte-level tokenizer and its chat template,
+compute in float32 from the bf16 values), with the tokenizer (a BPE trained on generated problems) and its chat template,
 and the held-out split is decoded greedily with transformers (on the saved weights): accuracy
 per level, wall time and the final loss go to ``DIR/train_report.json``.
 """
@@ -21,7 +21,6 @@ per level, wall time and the final loss go to ``DIR/train_report.json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -93,9 +92,10 @@ def encode(tok, doc: dict) -> tuple[list[int], list[int]]:
     return tok(prompt, add_special_tokens=False).input_ids, tok(completion, add_special_tokens=False).input_ids
 
 
-def batches(tok, seed: int, batch_size: int, pool: int = 8, prompt_loss: bool = False):
-    """Endless deterministic batches (input_ids, labels): ``pool`` batches' worth of problems are
-    drawn, sorted by length and cut into batches (less padding), then shuffled."""
+def batches(tok, seed: int, batch_size: int, pool: int = 8):
+    """Endless deterministic batches (input_ids, labels; labels -100 outside the completion):
+    ``pool`` batches' worth of problems are drawn, sorted by length and cut into batches (less
+    padding), then shuffled."""
     import random
 
     import torch
@@ -115,8 +115,8 @@ def batches(tok, seed: int, batch_size: int, pool: int = 8, prompt_loss: bool = 
             for i, (p, c) in enumerate(chunk):
                 seq = p + c
                 ids[i, :len(seq)] = torch.tensor(seq)
-                labels[i, 0 if prompt_loss else len(p):len(seq)] = torch.tensor(seq if prompt_loss else c)
-            yield ids, labels, (torch.arange(n)[None, :] >= torch.tensor([len(p) for p, _ in chunk])[:, None])
+                labels[i, len(p):len(seq)] = torch.tensor(c)
+            yield ids, labels
 
 
 def greedy_answers(model, tok, docs: list[dict], batch_size: int = 64, max_new_tokens: int = 160) -> list[str]:
@@ -191,8 +191,7 @@ def load_saved(path: Path):
 
 
 def train(out: Path, *, steps: int, seed: int, batch_size: int, lr: float, warmup: int, weight_decay: float,
-          minutes: float | None, eval_every: int, eval_n: int, prompt_loss_weight: float = 0.0,
-          eval_docs: int | None = None, **arch) -> dict:
+          minutes: float | None, eval_every: int, eval_n: int, eval_docs: int | None = None, **arch) -> dict:
     import torch
 
     torch.use_deterministic_algorithms(True)
@@ -223,22 +222,11 @@ def train(out: Path, *, steps: int, seed: int, batch_size: int, lr: float, warmu
     history = []
     model.train()
     stopped_early = False
-    for step, (ids, labels, is_target) in zip(range(steps), batches(tok, seed, batch_size, prompt_loss=prompt_loss_weight > 0)):
+    for step, (ids, labels) in zip(range(steps), batches(tok, seed, batch_size)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        if prompt_loss_weight > 0:
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            tgt = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                    ignore_index=-100, reduction="none").view_as(tgt)
-            w = torch.where(is_target[:, 1:], 1.0, prompt_loss_weight) * (tgt != -100)
-            tmask = is_target[:, 1:] & (tgt != -100)
-            loss_t = (nll * tmask).sum() / tmask.sum()
-            ((nll * w).sum() / tmask.sum()).backward()
-            loss = loss_t.detach()
-        else:
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -362,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="safety stop (wall-clock); breaks reproducibility")
     ap.add_argument("--eval-every", type=int, default=0, help="probe accuracy every N steps (0: only at the end)")
     ap.add_argument("--eval-n", type=int, default=40)
-    ap.add_argument("--prompt-loss-weight", type=float, default=0.0)
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     a = ap.parse_args(argv)
@@ -373,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = {k: getattr(a, k) for k in DEFAULTS}
     train(a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
           weight_decay=a.weight_decay, minutes=a.minutes, eval_every=a.eval_every, eval_n=a.eval_n,
-          prompt_loss_weight=a.prompt_loss_weight, **arch)
+          **arch)
     return 0
 
 
