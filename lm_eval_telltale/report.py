@@ -153,7 +153,7 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
         out["tau_mode"] = mode
     if mode == "calibrated":
         if cfg.get("tau_file"):
-            out["tau_file"] = Path(str(cfg["tau_file"])).name
+            out["tau_file"] = _file_label(cfg["tau_file"])
         if cfg.get("tau_q") is not None:
             out["tau_q"] = _fmt_num(cfg["tau_q"])
     if mode == "fixed" and cfg.get("tau_values"):
@@ -173,11 +173,17 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
             continue
         if defaults is None or k not in defaults or defaults[k] != v:
             if isinstance(v, str) and ("/" in v or "\\" in v):
-                v = Path(v).name  # a file (e.g. suppress match_stats): its name
+                v = _file_label(v)  # a file (e.g. suppress match_stats)
             out[k] = _short(json.dumps(v) if isinstance(v, dict) else _fmt_num(v))
     if tt.get("preset"):
         out["config"] = Path(str(tt["preset"])).stem
     return out
+
+
+def _file_label(path) -> str:
+    """A file setting as a label shows: its name without an lm-eval-style timestamp (a sidecar's
+    name carries its run's time, which would make every rerun's table differ)."""
+    return re.sub(r"_?\d{4}-\d\d-\d\dT[\d\-.:]+(?=\.|$)", "", Path(str(path)).name)
 
 
 def _short(s: str, n: int = 40) -> str:

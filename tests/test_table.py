@@ -201,3 +201,21 @@ def _check_png(path: Path) -> None:
 def test_plot_real_runs(tmp_path):
     p = plot_deltas(edge_table(), tmp_path / "edge.png")
     _check_png(p)
+
+
+def test_matched_suppression_label_is_stable_across_reruns(tmp_path):
+    """A matched run's match_stats is a sidecar whose name carries the high run's timestamp; the
+    label must not, or two runs of the same configuration give different tables."""
+    src = next((DATA / "real" / "suppress").rglob("results_*.json"))
+    labels = []
+    for i, stamp in enumerate(["2026-11-22T08-57-04.847387", "2026-12-01T10-00-00.000001"]):
+        res = json.loads(src.read_text())
+        res["config"]["telltale"]["config"]["params"].update(
+            suppress_mode="matched", match_rate=[0.01, 0.02, 0.03],
+            match_stats=f"/somewhere/run{i}/telltale_suppress_{stamp}.jsonl")
+        d = tmp_path / f"run{i}" / "m"
+        d.mkdir(parents=True)
+        (d / src.name).write_text(json.dumps(res))
+        labels.append(_row(build_table([tmp_path / f"run{i}"], progress=False), "suppress").label)
+    assert labels[0] == labels[1]
+    assert "match_stats=telltale_suppress.jsonl" in labels[0] and "2026" not in labels[0]
