@@ -17,7 +17,7 @@ pick_python() {
   for py in "${PYTHON:-}" python3.12 python3.11 python3.13 python3; do
     [ -n "$py" ] || continue
     command -v "$py" >/dev/null 2>&1 || continue
-    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
       echo "$py"; return 0
     fi
   done
