@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         print(f"[eval]     {name} done in {time.time() - t:.0f} s" + (f" ({extra_info})" if extra_info else ""),
               flush=True)
         dirs.append(out)
-    t = build_table(dirs, baseline="vllm", progress=False,
+    # subtasks: the difficulty levels get their own columns (the group score stays the first one)
+    t = build_table(dirs, baseline="vllm", subtasks=True, progress=False,
                     warn=lambda m: print(f"[eval] warning: {m}", file=sys.stderr))
     table = render(t, "md")
     verdict = ablation_verdict(t)

@@ -111,6 +111,9 @@ def test_table_written(eval_run):
     for label in ("vllm", "norms", "alrr", "erss", "lrs", "suppress"):
         assert label in md
     assert "Suppression ablation" in md
+    header = md.splitlines()[1]  # after the provenance comment
+    for col in ("telltale_arith", *(f"telltale_arith_l{k}" for k in range(1, 5))):
+        assert f"| {col} |" in header, header  # the difficulty levels are reported
     assert (eval_run / "results" / "arith.png").stat().st_size > 1000
 
 
