@@ -180,10 +180,15 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
     return out
 
 
+#: the timestamp lm-eval puts in its file names (results_2026-11-22T14-01-29.202304.json) and our
+#: sidecars copy (telltale_suppress_2026-11-22T14-01-29.202304.jsonl)
+_STAMP = r"\d{4}-\d\d-\d\dT\d\d[-:]\d\d[-:]\d\d(?:\.\d+)?"
+
+
 def _file_label(path) -> str:
-    """A file setting as a label shows: its name without an lm-eval-style timestamp (a sidecar's
-    name carries its run's time, which would make every rerun's table differ)."""
-    return re.sub(r"_?\d{4}-\d\d-\d\dT[\d\-.:]+(?=\.|$)", "", Path(str(path)).name)
+    """A file setting as a label shows: its name without the timestamp (a sidecar's name carries
+    its run's time, which would make every rerun's table differ)."""
+    return re.sub("_?" + _STAMP, "", Path(str(path)).name)
 
 
 def _short(s: str, n: int = 40) -> str:
@@ -191,8 +196,8 @@ def _short(s: str, n: int = 40) -> str:
 
 
 def _timestamp_of(name: str) -> str:
-    m = re.search(r"(\d{4}-\d\d-\d\dT[\d\-.]+)", name)
-    return m.group(1).rstrip(".") if m else ""
+    m = re.search(_STAMP, name)
+    return m.group(0) if m else ""
 
 
 def _date_of(path: Path, res: dict) -> float:
