@@ -6,18 +6,21 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 unexport VLLM_CPU_KVCACHE_SPACE
 
-.PHONY: setup test test-fast eval clean
+.PHONY: setup lint test test-fast eval clean
 setup:
 	@bash scripts/setup_env.sh
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -ra -m "not engine and not e2e" $(PYTEST_ARGS)
 
 eval: setup
-	$(PY) -m lm_eval_telltale.demo $(EVAL_ARGS)
+	$(PY) -m lm_eval_telltale.tools.demo $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -10,14 +10,7 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: lm-eval model type name -> "module:Class" (lazy; nothing is imported until lm-eval resolves it)
-MODEL_TYPES: dict[str, str] = {
-    "vllm-norms": "lm_eval_telltale.harness.models:VLLMNorms",
-    "vllm-suppress": "lm_eval_telltale.harness.models:VLLMSuppress",
-    "vllm-alrr": "lm_eval_telltale.harness.models:VLLMAlrr",
-    "vllm-lrs": "lm_eval_telltale.harness.lrs:VLLMLrs",
-    "vllm-erss": "lm_eval_telltale.harness.models:VLLMErss",
-}
+from .spec import MODEL_TYPES  # noqa: E402,F401  (lm-eval model type -> "module:Class")
 
 
 def _data_dir(name: str) -> Path:

@@ -24,7 +24,7 @@ def _tiny(argv):
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from .tiny import build_tiny_model
+    from .tools.tiny import build_tiny_model
 
     p = build_tiny_model(a.out, a.arch, num_layers=a.layers, seed=a.seed)
     print(p)
@@ -48,10 +48,10 @@ COMMANDS = {
     "tiny-model": _tiny,
     "run": run_lm_eval,
     "tasks-path": lambda argv: print(__import__("lm_eval_telltale").tasks_dir()) or 0,
-    "table": lambda argv: __import__("lm_eval_telltale.report", fromlist=["main"]).main(argv),
-    "profile": lambda argv: __import__("lm_eval_telltale.profile", fromlist=["main"]).main_profile(argv),
-    "calibrate": lambda argv: __import__("lm_eval_telltale.profile", fromlist=["main"]).main_calibrate(argv),
-    "view": lambda argv: __import__("lm_eval_telltale.view", fromlist=["main"]).main(argv),
+    "table": lambda argv: __import__("lm_eval_telltale.tools.table", fromlist=["main"]).main(argv),
+    "profile": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_profile(argv),
+    "calibrate": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_calibrate(argv),
+    "view": lambda argv: __import__("lm_eval_telltale.tools.view", fromlist=["main"]).main(argv),
 }
 
 

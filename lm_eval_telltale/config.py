@@ -17,9 +17,7 @@ from typing import Any
 import yaml
 
 from . import model_configs_dir
-
-METHODS = ("norms", "suppress", "alrr", "erss", "lrs")
-TAU_MODES = ("request", "global", "fixed", "calibrated")
+from .spec import METHODS, TAU_MODES, default_warmup
 
 
 class ConfigError(ValueError):
@@ -30,10 +28,10 @@ class ConfigError(ValueError):
         self.key = key
 
 
-# key -> (default, methods it applies to or None for all, help)
+#: the settings every method takes: key -> (default, help). A method's own knobs live in its core module.
 COMMON_KEYS: dict[str, tuple[Any, str]] = {
     "layers": ("auto", "patched layers: 'auto' (last quarter without the final layer), '21-26', '21;23;25' or a list"),
-    "tau_mode": ("request", "request | global | fixed | calibrated (METHODS.md §1)"),
+    "tau_mode": ("request", "request | global | fixed | calibrated (docs/methods.md §1)"),
     "tau": (None, "fixed τ: a number (all layers), a JSON list/dict {layer: τ}, or a .json/.yaml file"),
     "tau_file": (None, "calibration file from `telltale calibrate` (tau_mode=calibrated)"),
     "tau_q": (0.9, "quantile of the calibration file used as τ (tau_mode=calibrated)"),
@@ -98,7 +96,7 @@ class TelltaleConfig:
 # --- parsing helpers --------------------------------------------------------------------------
 
 def default_layers(num_layers: int) -> list[int]:
-    """METHODS.md §0: range(L - max(1, L//4), L - 1)."""
+    """docs/methods.md §0: range(L - max(1, L//4), L - 1)."""
     return list(range(num_layers - max(1, num_layers // 4), num_layers - 1))
 
 
@@ -343,7 +341,7 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
         raise ConfigError("min_iqr", "must be >= 0")
     warmup = merged.get("warmup")
     if warmup is None:
-        warmup = 64 if mode == "request" else (200 if method == "erss" else 500)
+        warmup = default_warmup(method, mode)
     warmup = _coerce("warmup", 0, warmup)
     if warmup < 0:
         raise ConfigError("warmup", "must be >= 0")
@@ -354,7 +352,7 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
 
     finalize = getattr(method_module(method), "finalize", None)
     if finalize is not None:
-        finalize(params, layers)
+        finalize(params, layers, _read_sidecar_setting)
     cfg = TelltaleConfig(
         method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
         tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
@@ -363,6 +361,22 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     )
     validate_params(cfg)
     return cfg
+
+
+def _read_sidecar_setting(key: str, path: Path) -> list[dict]:
+    """The rows of a sidecar named by a setting (``match_stats=``); a partial sidecar (an
+    interrupted run) is read with a warning naming it."""
+    import logging
+
+    from .sidecar import read_sidecar
+
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    log = logging.getLogger("lm_eval_telltale")
+    try:
+        return read_sidecar(path, warn=lambda msg: log.warning("telltale: %s=%s", key, msg))
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot read {path}: {e}") from None
 
 
 def validate_params(cfg: TelltaleConfig) -> None:

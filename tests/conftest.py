@@ -6,7 +6,9 @@ with a 32 MiB KV cache; CLI tests run the real ``lm_eval`` console script in a s
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +21,15 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from lm_eval_telltale.tasksupport.scoring import BBH_KINDS  # noqa: E402  (after the offline switches)
+from lm_eval_telltale.tasksupport.taskdata import GSM_PLUS_TYPES, MMLU_PRO_SUBJECTS  # noqa: E402
+
 KV_BYTES = 32 << 20
 BIN = Path(sys.executable).parent
 
 
 def _build(tmp_path_factory, arch: str, **kw) -> Path:
-    from lm_eval_telltale.tiny import build_tiny_model
+    from lm_eval_telltale.tools.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **kw)
 
@@ -44,7 +49,7 @@ def tiny_models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def local_task_dir(tmp_path_factory) -> Path:
-    from lm_eval_telltale.localtask import write_local_task
+    from lm_eval_telltale.tasksupport.localtask import write_local_task
 
     return write_local_task(tmp_path_factory.mktemp("task"))
 
@@ -96,3 +101,48 @@ def worker(llm):
 
 def rpc(llm, name, *args):
     return llm.collective_rpc(name, args=args)[0]
+
+
+# -- the lm_eval console script (e2e tests) ------------------------------------------------------
+
+LM_EVAL = str(BIN / "lm_eval")
+
+
+def run(args, env_extra=None, timeout=600):
+    """A subprocess as users run it: multiprocess vLLM (the in-process switch of this session is dropped)."""
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def samples(d: Path, task: str) -> list[dict]:
+    """lm-eval's logged samples of ``task`` under the run directory ``d``."""
+    f = next(d.rglob(f"samples_{task}_*.jsonl"))
+    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+
+
+# -- the packaged task catalogue (tasks/ and e2e tests) -------------------------------------------
+
+#: what a user asks for: every task family, groups included
+TOP_LEVEL = [
+    "telltale_gsm8k",
+    "telltale_gsm_plus",
+    "telltale_gsm_plus_mini",
+    "telltale_aime24",
+    "telltale_aime24_k8",
+    "telltale_bbh",
+    "telltale_mmlu_pro",
+]
+
+#: group -> its subtasks
+GROUPS: dict[str, list[str]] = {
+    "telltale_gsm_plus": [f"telltale_gsm_plus_{s}" for s in GSM_PLUS_TYPES],
+    "telltale_gsm_plus_mini": [f"telltale_gsm_plus_mini_{s}" for s in GSM_PLUS_TYPES],
+    "telltale_bbh": [f"telltale_bbh_{s}" for s in BBH_KINDS],
+    "telltale_mmlu_pro": [f"telltale_mmlu_pro_{s}" for s in MMLU_PRO_SUBJECTS],
+}
+
+LEAVES: list[str] = [n for n in TOP_LEVEL if n not in GROUPS] + [t for ts in GROUPS.values() for t in ts]
+
+#: default generation budget (max_gen_toks) per task
+BUDGET = {n: (32768 if n.startswith("telltale_aime24") else 16384) for n in LEAVES}

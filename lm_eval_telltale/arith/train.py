@@ -46,7 +46,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 448, n_docs: int = 4000):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lm_eval_telltale.tiny import CHAT_TEMPLATE, SPECIALS
+    from lm_eval_telltale.tools.tiny import CHAT_TEMPLATE, SPECIALS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -145,7 +145,7 @@ def greedy_answers(model, tok, docs: list[dict], batch_size: int = 64, max_new_t
 
 def evaluate(model, tok, docs: list[dict], **kw) -> dict:
     """Accuracy with the task's scorer (``process_results_math``), overall and per level."""
-    from lm_eval_telltale.scoring import process_results_math
+    from lm_eval_telltale.tasksupport.scoring import process_results_math
 
     responses = greedy_answers(model, tok, docs, **kw)
     per: dict[int, list[float]] = {}

@@ -1,4 +1,4 @@
-"""``vllm-alrr``: Adaptive Layer-wise Reasoning Recursion (METHODS.md §2).
+"""``vllm-alrr``: Adaptive Layer-wise Reasoning Recursion (docs/methods.md §2).
 
 At a patched layer l, for generated tokens:
 
@@ -22,24 +22,28 @@ Skipping: the re-run is skipped when no token of the step is a candidate. That t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .engine import Method, residual_norm
+from .params import checks_of, keys_of, knob
 from .stats import EV_ACCEPTED, EV_CANDIDATE
 
-KEYS = {
-    "blowup": (1.5, "candidates and accepted re-runs stay below blowup·τ"),
-    "growth_eps": (0.2, "minimum relative norm growth (n2 − n0)/n0 for accepting a re-run"),
-    "alpha": (1.0, "accepted state = (1 − alpha)·pass0 + alpha·re-run (1 = replacement)"),
-    "max_extra_iters": (1, "re-runs per token and layer (1 = the paper's setting)"),
-    "skip_sync": (True, "skip the re-run when no token is a candidate (one host sync per layer on GPU)"),
-}
 
-CHECKS = {
-    "blowup": lambda v: (v > 1.0, f"must be > 1, got {v}"),
-    "alpha": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
-    "max_extra_iters": lambda v: (1 <= v <= 64, f"must be in 1..64, got {v}"),
-}
+@dataclass(frozen=True)
+class AlrrParams:
+    blowup: float = knob(1.5, "candidates and accepted re-runs stay below blowup·τ", lambda v: v > 1.0, "must be > 1")
+    growth_eps: float = knob(0.2, "minimum relative norm growth (n2 − n0)/n0 for accepting a re-run")
+    alpha: float = knob(1.0, "accepted state = (1 − alpha)·pass0 + alpha·re-run (1 = replacement)",
+                        lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    max_extra_iters: int = knob(1, "re-runs per token and layer (1 = the paper's setting)",
+                                lambda v: 1 <= v <= 64, "must be in 1..64")
+    skip_sync: bool = knob(True, "skip the re-run when no token is a candidate (one host sync per layer on GPU)")
+
+
+KEYS = keys_of(AlrrParams)
+CHECKS = checks_of(AlrrParams)
 
 
 class Alrr(Method):
@@ -48,32 +52,30 @@ class Alrr(Method):
 
     def __init__(self, cfg, table, num_layers, device=None):
         super().__init__(cfg, table, num_layers, device)
-        p = cfg.params
-        self.blowup, self.eps, self.alpha = float(p["blowup"]), float(p["growth_eps"]), float(p["alpha"])
-        self.iters, self.skip = int(p["max_extra_iters"]), bool(p["skip_sync"])
+        self.p = AlrrParams(**cfg.params)
 
     def apply(self, core, j, h, r, x, n, tau, rerun):
-        step = core.step
-        active = step.act & (n > tau) & (n < self.blowup * tau)
+        step, p = core.step, self.p
+        active = step.act & (n > tau) & (n < p.blowup * tau)
         events = torch.where(active, EV_CANDIDATE, 0).to(torch.int16)
-        if rerun is None or (self.skip and not bool(active.any())):
+        if rerun is None or (p.skip_sync and not bool(active.any())):
             return h, r, events
         cur_h, cur_r, cur_n = h, r, n
         accepted_any = torch.zeros_like(active)
-        for _ in range(self.iters):
+        for _ in range(p.max_extra_iters):
             h2, r2 = rerun(cur_h.clone(), cur_r.clone())
             n2 = residual_norm(h2, r2)[1]
-            ok = active & (n2 > tau) & (n2 < self.blowup * tau) & ((n2 - cur_n) / (cur_n + 1e-6) >= self.eps)
-            if self.alpha != 1.0:
-                h2 = ((1 - self.alpha) * cur_h.float() + self.alpha * h2.float()).to(h.dtype)
-                r2 = ((1 - self.alpha) * cur_r.float() + self.alpha * r2.float()).to(r.dtype)
+            ok = active & (n2 > tau) & (n2 < p.blowup * tau) & ((n2 - cur_n) / (cur_n + 1e-6) >= p.growth_eps)
+            if p.alpha != 1.0:
+                h2 = ((1 - p.alpha) * cur_h.float() + p.alpha * h2.float()).to(h.dtype)
+                r2 = ((1 - p.alpha) * cur_r.float() + p.alpha * r2.float()).to(r.dtype)
                 n2 = residual_norm(h2, r2)[1]
             cur_h = torch.where(ok[:, None], h2, cur_h)
             cur_r = torch.where(ok[:, None], r2, cur_r)
             cur_n = torch.where(ok, n2, cur_n)
             accepted_any |= ok
             active = ok
-            if self.iters > 1 and self.skip and not bool(active.any()):
+            if p.max_extra_iters > 1 and p.skip_sync and not bool(active.any()):
                 break
         events |= torch.where(accepted_any, EV_ACCEPTED, 0).to(torch.int16)
         return cur_h, cur_r, events

@@ -41,6 +41,8 @@ class Method:
     #: [N, L] buffer (NaN-filled at ``begin``) the method writes into; the columns travel with the
     #: trace rows and :meth:`summarize_columns` turns a request's rows into per-layer statistics
     columns: tuple[str, ...] = ()
+    #: True when the adapter should pass each step's sampling logits to :meth:`observe_logits`
+    wants_logits = False
 
     def __init__(self, cfg, table: SlotTable, num_layers: int, device=None):
         self.cfg = cfg
@@ -60,6 +62,14 @@ class Method:
         return {}
 
     def summary(self) -> dict:
+        return {}
+
+    def observe_logits(self, slots: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
+        """``logits`` [R, vocab] of the step's rows (before any processing); ``slots`` [R] the rows'
+        request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill)."""
+
+    def read_slot(self, slot: int) -> dict:
+        """Per-request results the method holds in slot tensors, read before the slot is reused."""
         return {}
 
 
@@ -129,3 +139,16 @@ class CoreEngine:
             out[c] = v[sel]
         self.step = None
         return {k: v.to("cpu") for k, v in out.items()}
+
+
+def build_core(cfg, capacity: int = 64, device=None) -> CoreEngine:
+    """The core engine for a resolved :class:`~lm_eval_telltale.config.TelltaleConfig`: slot table,
+    thresholds in ``cfg.tau_mode`` and the method's tensor operation. Every adapter (and every
+    test) builds it here."""
+    from .methods import make_method
+
+    table = SlotTable(capacity, device=device)
+    thr = Thresholds(cfg.tau_mode, len(cfg.layers), table.capacity, iqr_k=cfg.iqr_k, min_iqr=cfg.min_iqr,
+                     tau_floor=cfg.tau_floor, warmup=cfg.warmup, tau_values=cfg.tau_values, device=device)
+    method = make_method(cfg, table, len(cfg.layers), device)
+    return CoreEngine(cfg.layers, method, thr, table)

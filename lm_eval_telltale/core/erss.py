@@ -1,4 +1,4 @@
-"""``vllm-erss``: Endogenous Reasoning State Steering (METHODS.md §3).
+"""``vllm-erss``: Endogenous Reasoning State Steering (docs/methods.md §3).
 
 Per request and patched layer l, after the layer's normal pass, for the request's new generated
 tokens (``step.act & step.new``, with a finite τ: nothing happens during the τ warm-up):
@@ -55,37 +55,36 @@ turns them into the sidecar's per-layer ``inject_positions`` (absolute positions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .engine import Method
+from .params import checks_of, keys_of, knob
 from .rng import uniform
 from .stats import EV_BANKED, EV_INJECTED
 
 STREAM = 0xE255
 
-KEYS = {
-    "bank_k": (32, "bank size per request and patched layer: the bank_k largest-norm states x = h + r "
-                   "among the request's generated tokens with n > τ"),
-    "gamma": (1.0, "a generated token is 'low' when n < gamma·τ"),
-    "low_k": (40, "consecutive low tokens that arm an injection attempt"),
-    "p_inject": (0.2, "probability that an armed token attempts an injection (per request, position, layer)"),
-    "cos_min": (0.5, "inject only if the best bank vector's cosine with x is >= cos_min (-1: always)"),
-    "cooldown": (32, "generated tokens after an injection during which that request/layer cannot inject"),
-    "beta": (0.5, "injection strength: h ← h + beta·(v − r), i.e. x' = x + beta·(v − r) (0: a no-op "
-                  "control that keeps the trigger bookkeeping)"),
-}
+@dataclass(frozen=True)
+class ErssParams:
+    bank_k: int = knob(32, "bank size per request and patched layer: the bank_k largest-norm states x = h + r "
+                           "among the request's generated tokens with n > τ", lambda v: 1 <= v <= 4096, "must be in 1..4096")
+    gamma: float = knob(1.0, "a generated token is 'low' when n < gamma·τ", lambda v: v > 0, "must be > 0")
+    low_k: int = knob(40, "consecutive low tokens that arm an injection attempt", lambda v: v >= 1, "must be >= 1")
+    p_inject: float = knob(0.2, "probability that an armed token attempts an injection (per request, position, layer)",
+                           lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    cos_min: float = knob(0.5, "inject only if the best bank vector's cosine with x is >= cos_min (-1: always)",
+                          lambda v: -1.0 <= v <= 1.0, "must be in [-1, 1]")
+    cooldown: int = knob(32, "generated tokens after an injection during which that request/layer cannot inject",
+                         lambda v: v >= 0, "must be >= 0")
+    beta: float = knob(0.5, "injection strength: h ← h + beta·(v − r), i.e. x' = x + beta·(v − r) (0: a no-op "
+                            "control that keeps the trigger bookkeeping)", lambda v: v >= 0, "must be >= 0")
 
-CHECKS = {
-    "bank_k": lambda v: (1 <= v <= 4096, f"must be in 1..4096, got {v}"),
-    "gamma": lambda v: (v > 0, f"must be > 0, got {v}"),
-    "low_k": lambda v: (v >= 1, f"must be >= 1, got {v}"),
-    "p_inject": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
-    "cos_min": lambda v: (-1.0 <= v <= 1.0, f"must be in [-1, 1], got {v}"),
-    "cooldown": lambda v: (v >= 0, f"must be >= 0, got {v}"),
-    "beta": lambda v: (v >= 0, f"must be >= 0, got {v}"),
-}
+
+KEYS = keys_of(ErssParams)
+CHECKS = checks_of(ErssParams)
 
 COLUMNS = ("erss_cos", "erss_vnorm", "erss_bank")
 
@@ -97,14 +96,11 @@ class ErssMethod(Method):
 
     def __init__(self, cfg, table, num_layers, device=None):
         super().__init__(cfg, table, num_layers, device)
-        p = cfg.params
-        self.K = int(p["bank_k"])
-        self.gamma, self.low_k, self.p = float(p["gamma"]), int(p["low_k"]), float(p["p_inject"])
-        self.cos_min, self.cooldown, self.beta = float(p["cos_min"]), int(p["cooldown"]), float(p["beta"])
+        self.p = ErssParams(**cfg.params)
         self.layer_ids = list(cfg.layers)
         if len(self.layer_ids) != num_layers:
             raise ValueError(f"erss: {num_layers} patched layers but cfg.layers = {self.layer_ids}")
-        L, K = num_layers, self.K
+        L, K = num_layers, self.p.bank_k
         table.register("erss_bank_norm", (L, K + 1), torch.float32, float("-inf"))
         table.register("erss_streak", (L,), torch.int32, 0)
         table.register("erss_cooldown", (L,), torch.int32, 0)
@@ -114,7 +110,7 @@ class ErssMethod(Method):
     # -- state ---------------------------------------------------------------------------------
     def _ensure_bank(self, hidden: int) -> None:
         if self.hidden is None:
-            self.table.register("erss_bank", (self.L, self.K + 1, hidden), torch.float32, 0.0)
+            self.table.register("erss_bank", (self.L, self.p.bank_k + 1, hidden), torch.float32, 0.0)
             self.hidden = hidden
         elif hidden != self.hidden:
             raise ValueError(f"erss: hidden size changed from {self.hidden} to {hidden}")
@@ -148,7 +144,7 @@ class ErssMethod(Method):
         if o.numel() == 0:
             return h, r, None
         t = self.table.t
-        K, S = self.K, self.table.capacity
+        K, S = self.p.bank_k, self.table.capacity
         ts, ns, xs = tau[o], n[o], x[o]
         act = self._live & torch.isfinite(ts)
 
@@ -168,24 +164,24 @@ class ErssMethod(Method):
         bank[ar, pos] = torch.where(store[:, None], xs, bank[ar, pos])
         filled = torch.isfinite(bn)
         # 3. streak, trigger
-        streak1 = torch.where(ns < self.gamma * ts, streak + 1, torch.zeros_like(streak))
+        streak1 = torch.where(ns < self.p.gamma * ts, streak + 1, torch.zeros_like(streak))
         u = uniform(self._seed, self._pos, self.layer_ids[j], STREAM)
-        attempt = act & (streak1 >= self.low_k) & ~blocked & (u < self.p)
+        attempt = act & (streak1 >= self.p.low_k) & ~blocked & (u < self.p.p_inject)
         vn = torch.where(filled, bn, torch.zeros_like(bn))
         dots = torch.einsum("mkh,mh->mk", bank, xs)
         cos = dots / ((vn + 1e-6) * (ns + 1e-6)[:, None])
         cos = torch.where(filled, cos, torch.full_like(cos, float("-inf")))
         best_cos, best = cos.max(dim=1)
-        inject = attempt & (best_cos >= self.cos_min)
+        inject = attempt & (best_cos >= self.p.cos_min)
         # 4. injection
         v = bank[ar, best]
         hs = h[o]
         delta = v if r is None else v - r[o].float()
-        h_new = torch.where(inject[:, None], (hs.float() + self.beta * delta).to(h.dtype), hs)
+        h_new = torch.where(inject[:, None], (hs.float() + self.p.beta * delta).to(h.dtype), hs)
         h2 = h.clone()
         h2[o] = h_new
         streak2 = torch.where(inject, torch.zeros_like(streak1), streak1)
-        cd2 = torch.where(inject, torch.full_like(cd1, self.cooldown), cd1)
+        cd2 = torch.where(inject, torch.full_like(cd1, self.p.cooldown), cd1)
 
         # write back (only act tokens; the others go to the dump index / scratch entry)
         drop = torch.where(act, sl, torch.full_like(sl, S))
@@ -230,11 +226,11 @@ class ErssMethod(Method):
     def summary(self) -> dict:
         t = self.table.t
         live = t["serial"] >= 0
-        has = torch.isfinite(t["erss_bank_norm"][:, :, : self.K]).flatten(1).any(1)
+        has = torch.isfinite(t["erss_bank_norm"][:, :, : self.p.bank_k]).flatten(1).any(1)
         armed = (t["erss_streak"] > 0).any(1) | (t["erss_cooldown"] > 0).any(1)
         nbytes = 0 if self.hidden is None else t["erss_bank"].numel() * 4
         return {
-            "bank_k": self.K,
+            "bank_k": self.p.bank_k,
             "hidden": self.hidden,
             "bank_mib": round(nbytes / 2**20, 3),
             "live_with_state": int((live & (has | armed)).sum()),

@@ -1,4 +1,4 @@
-"""``vllm-lrs``: ℓ2-guided Response Selection (METHODS.md §4), and the selectors it is compared
+"""``vllm-lrs``: ℓ2-guided Response Selection (docs/methods.md §4), and the selectors it is compared
 with on the SAME N traces.
 
 Decoding is observation only (the base :class:`Method`); the worker also tracks, per candidate,
@@ -22,33 +22,53 @@ whose thinking closed rank before truncated ones for every score-based selector.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from ..spec import LRS_SCORES, LRS_SELECTORS, majority_index
 from .engine import Method
+from .params import checks_of, keys_of, knob
 from .rng import seed_from
 
-SCORES = ("late_sum", "mean", "A", "B", "C", "D")
-SELECTORS = (*SCORES, "maj", "conf", "random", "first")
+SCORES = LRS_SCORES
+SELECTORS = LRS_SELECTORS
 
-KEYS = {
-    "n_candidates": (4, "answers sampled per prompt"),
-    "lrs_score": ("late_sum", f"the score whose pick is returned: one of {', '.join(SCORES)}"),
-    "prefer_complete": (True, "rank candidates whose thinking closed before truncated ones"),
-    "conf_topk": (20, "DeepConf: top-k log-probabilities per token for the token confidence"),
-    "conf_window": (2048, "DeepConf: sliding window (tokens) for the group confidence"),
-}
 
-CHECKS = {
-    "n_candidates": lambda v: (1 <= v <= 64, f"must be in 1..64, got {v}"),
-    "lrs_score": lambda v: (v in SCORES, f"must be one of {SCORES}, got {v!r}"),
-    "conf_topk": lambda v: (1 <= v <= 1000, f"must be in 1..1000, got {v}"),
-    "conf_window": lambda v: (1 <= v <= 1 << 20, f"must be >= 1, got {v}"),
-}
+@dataclass(frozen=True)
+class LrsParams:
+    n_candidates: int = knob(4, "answers sampled per prompt", lambda v: 1 <= v <= 64, "must be in 1..64")
+    lrs_score: str = knob("late_sum", f"the score whose pick is returned: one of {', '.join(SCORES)}",
+                          lambda v: v in SCORES, f"must be one of {SCORES}")
+    prefer_complete: bool = knob(True, "rank candidates whose thinking closed before truncated ones")
+    conf_topk: int = knob(20, "DeepConf: top-k log-probabilities per token for the token confidence",
+                          lambda v: 1 <= v <= 1000, "must be in 1..1000")
+    conf_window: int = knob(2048, "DeepConf: sliding window (tokens) for the group confidence",
+                            lambda v: 1 <= v <= 1 << 20, "must be in 1..1048576")
 
-METHOD = Method
+
+KEYS = keys_of(LrsParams)
+CHECKS = checks_of(LrsParams)
+
+
+class LrsMethod(Method):
+    """Observation only while decoding, plus each candidate's DeepConf trace confidence from the
+    logits it was sampled from (:class:`ConfidenceTracker`); selection happens in the driver."""
+
+    name = "lrs"
+    wants_logits = True
+
+    def __init__(self, cfg, table, num_layers, device=None):
+        super().__init__(cfg, table, num_layers, device)
+        self.p = LrsParams(**cfg.params)
+        self.conf = ConfidenceTracker(table, self.p.conf_topk, self.p.conf_window, device)
+
+    def observe_logits(self, slots, logits, keep) -> None:
+        self.conf.update(slots, logits, keep)
+
+    def read_slot(self, slot: int) -> dict:
+        return self.conf.read(slot)
 
 
 # --- scores and selectors (driver side, plain Python on a handful of numbers) ---------------
@@ -74,14 +94,10 @@ def argmax_pick(values: Sequence[float], complete: Sequence[bool] | None = None,
 
 
 def majority_pick(answers: Sequence[Any]) -> int:
-    """Candidate index holding the most frequent non-empty answer; ties → the answer whose first
-    occurrence is earliest; no answer at all → 0."""
-    keys = [(i, a) for i, a in enumerate(answers) if a not in (None, "")]
-    if not keys:
-        return 0
-    counts = Counter(a for _, a in keys)
-    top = max(counts.values())
-    return next(i for i, a in keys if counts[a] == top)
+    """Candidate index of the majority answer (:func:`lm_eval_telltale.spec.majority_index`);
+    no answer at all → 0."""
+    i = majority_index(answers)
+    return 0 if i is None else i
 
 
 def random_pick(n: int, *identity: object) -> int:
@@ -107,10 +123,10 @@ class ConfidenceTracker:
     ``window`` tokens; the trace's confidence is its lowest group confidence (the mean over all
     tokens when shorter than a window). Vectorised over the rows of a step."""
 
-    def __init__(self, table, k: int, window: int, device=None):
-        self.k, self.w = int(k), int(window)
+    def __init__(self, table, conf_topk: int, conf_window: int, device=None):
+        self.conf_topk, self.conf_window = int(conf_topk), int(conf_window)
         self.table = table
-        table.register("conf_ring", (self.w,), torch.float32, 0.0)
+        table.register("conf_ring", (self.conf_window,), torch.float32, 0.0)
         table.register("conf_win", (), torch.float32, 0.0)
         table.register("conf_n", (), torch.int64, 0)
         table.register("conf_low", (), torch.float32, float("inf"))
@@ -119,17 +135,17 @@ class ConfidenceTracker:
     def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
         """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept."""
         t = self.table.t
-        k = min(self.k, logits.shape[-1])
+        k = min(self.conf_topk, logits.shape[-1])
         lp = torch.log_softmax(logits.float(), dim=-1)
         c = -lp.topk(k, dim=-1).values.mean(-1)  # [R]
         s = slots  # one row per slot per step: indices are unique, so plain index writes are safe
         n = t["conf_n"][s]
-        idx = n % self.w
+        idx = n % self.conf_window
         old = t["conf_ring"][s, idx]
-        full = n >= self.w
+        full = n >= self.conf_window
         win = t["conf_win"][s] + c - torch.where(full, old, torch.zeros_like(old))
         n1 = n + 1
-        low = torch.where(n1 >= self.w, torch.minimum(t["conf_low"][s], win / self.w), t["conf_low"][s])
+        low = torch.where(n1 >= self.conf_window, torch.minimum(t["conf_low"][s], win / self.conf_window), t["conf_low"][s])
         # rows outside the mask (a prefill chunk's discarded sample) write their old values back
         t["conf_ring"][s, idx] = torch.where(mask, c, old)
         t["conf_win"][s] = torch.where(mask, win, t["conf_win"][s])
@@ -144,4 +160,7 @@ class ConfidenceTracker:
             return {"conf": None, "conf_mean": None, "conf_tokens": 0}
         low = float(t["conf_low"][slot])
         mean = float(t["conf_total"][slot]) / n
-        return {"conf": low if n >= self.w else mean, "conf_mean": mean, "conf_tokens": n}
+        return {"conf": low if n >= self.conf_window else mean, "conf_mean": mean, "conf_tokens": n}
+
+
+METHOD = LrsMethod

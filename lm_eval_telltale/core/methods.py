@@ -2,13 +2,14 @@
 
 A reader finds each method in one file. A method module defines:
 
-- ``KEYS``: its model_args knobs, ``{name: (default, help)}`` (defaults from METHODS.md);
-- ``CHECKS`` (optional): ``{name: fn(value) -> (ok, message)}`` range checks;
+- a frozen parameter dataclass of its knobs (fields made with :func:`~lm_eval_telltale.core.params.knob`:
+  default, help, range check; defaults and their sources in docs/methods.md), and
+  ``KEYS``/``CHECKS`` derived from it;
 - ``METHOD``: a :class:`~lm_eval_telltale.core.engine.Method` subclass (the tensor operation at a
   patched layer).
 
-``norms`` and ``lrs`` only observe while decoding (LRS selects among finished candidates in the
-driver), so they use the base :class:`Method`.
+``norms`` only observes (the base :class:`Method`); ``lrs`` observes and tracks each candidate's
+confidence (LRS selects among finished candidates in the driver).
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..spec import METHODS
 from .engine import Method
 
-MODULES: dict[str, str] = {
-    "norms": "lm_eval_telltale.core.norms",
-    "lrs": "lm_eval_telltale.core.lrs",
-    "suppress": "lm_eval_telltale.core.suppress",
-    "alrr": "lm_eval_telltale.core.alrr",
-    "erss": "lm_eval_telltale.core.erss",
-}
+#: each method lives in ``core/<name>.py``
+MODULES: dict[str, str] = {m: f"lm_eval_telltale.core.{m}" for m in METHODS}
 
 
 def method_module(name: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""Per-answer statistics from a request's generated-token trace (METHODS.md §4).
+"""Per-answer statistics from a request's generated-token trace (docs/methods.md §4).
 
 For each patched layer, over the T generated tokens of one answer (norm n_t, threshold τ_t):
   count = T, mean, max,

@@ -1,4 +1,4 @@
-"""``vllm-suppress``: the causal ablation of METHODS.md §5.
+"""``vllm-suppress``: the causal ablation of docs/methods.md §5.
 
 At a patched layer, selected generated tokens get their residual stream scaled down. Both parts
 of vLLM's fused residual are scaled by the same factor f, so h' + r' = f·(h + r) = x' and the
@@ -21,58 +21,61 @@ next layer sees exactly the suppressed stream:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .engine import Method
+from .params import checks_of, keys_of, knob
 from .rng import uniform
 from .stats import EV_SUPPRESSED
 
 STREAM = 0x5AFE
 
-KEYS = {
-    "suppress_mode": ("high", "high | random | matched"),
-    "action": ("scale", "scale (x' = scale·x) | clamp (‖x'‖ ≤ τ/clamp_div); high mode"),
-    "scale": (0.1, "suppression factor for action=scale"),
-    "clamp_div": (4.0, "action=clamp bound: ‖x'‖ ≤ τ/clamp_div"),
-    "p": (0.05, "suppression probability per generated token and layer (random mode)"),
-    "match_rate": (None, "matched mode: rate (a number, or a JSON list per patched layer)"),
-    "match_stats": (None, "matched mode: sidecar JSONL of a suppress_mode=high run to take per-layer rates from"),
-}
-
-CHECKS = {
-    "suppress_mode": lambda v: (v in ("high", "random", "matched"), f"must be high, random or matched, got {v!r}"),
-    "action": lambda v: (v in ("scale", "clamp"), f"must be scale or clamp, got {v!r}"),
-    "scale": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
-    "clamp_div": lambda v: (v > 0, f"must be > 0, got {v}"),
-    "p": lambda v: (0.0 <= v <= 1.0, f"must be in [0, 1], got {v}"),
-}
+MODES = ("high", "random", "matched")
+ACTIONS = ("scale", "clamp")
 
 
-def rates_from_sidecar(path: str | Path, layers: list[int]) -> list[float]:
-    """Per-layer suppression rate (suppressed / generated tokens) of a high-mode run's sidecar."""
+@dataclass(frozen=True)
+class SuppressParams:
+    suppress_mode: str = knob("high", "high | random | matched", lambda v: v in MODES,
+                              "must be high, random or matched")
+    action: str = knob("scale", "scale (x' = scale·x) | clamp (‖x'‖ ≤ τ/clamp_div); high mode",
+                       lambda v: v in ACTIONS, "must be scale or clamp")
+    scale: float = knob(0.1, "suppression factor for action=scale", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    clamp_div: float = knob(4.0, "action=clamp bound: ‖x'‖ ≤ τ/clamp_div", lambda v: v > 0, "must be > 0")
+    p: float = knob(0.05, "suppression probability per generated token and layer (random mode)",
+                    lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    match_rate: Any = knob(None, "matched mode: rate (a number, or a JSON list per patched layer)")
+    match_stats: Any = knob(None, "matched mode: sidecar JSONL of a suppress_mode=high run to take per-layer "
+                                  "rates from")
+
+
+KEYS = keys_of(SuppressParams)
+CHECKS = checks_of(SuppressParams)
+
+
+def rates_from_rows(rows: list[dict], layers: list[int]) -> list[float]:
+    """Per-layer suppression rate of a high-mode run, from its sidecar rows: suppressed tokens per
+    token that had a τ (past warm-up; older sidecars without ``tau_ready``: per generated token)."""
     sup = {str(l): 0 for l in layers}
     tok = {str(l): 0 for l in layers}
-    with Path(path).open() as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            for l, st in (row.get("layers") or {}).items():
-                if l in sup:
-                    sup[l] += int(st.get("suppressed", 0))
-                    # the high rule can only fire where τ exists (after warm-up): the rate is per
-                    # such token (older sidecars without tau_ready: per generated token)
-                    tok[l] += int(st.get("tau_ready", st.get("count", 0)))
+    for row in rows:
+        for l, st in (row.get("layers") or {}).items():
+            if l in sup:
+                sup[l] += int(st.get("suppressed", 0))
+                tok[l] += int(st.get("tau_ready", st.get("count", 0)))
     missing = [l for l in sup if tok[l] == 0]
     if missing:
-        raise ValueError(f"no generated tokens recorded for layer {missing[0]} in {path}")
+        raise ValueError(f"no generated tokens recorded for layer {missing[0]}")
     return [sup[l] / tok[l] for l in sup]
 
 
-def finalize(params: dict, layers: list[int]) -> None:
-    """Driver-side: turn match_stats/match_rate into one rate per patched layer (or None = online)."""
+def finalize(params: dict, layers: list[int], read_rows) -> None:
+    """Driver-side: turn match_stats/match_rate into one rate per patched layer (or None = online).
+    ``read_rows(key, path)`` reads a sidecar (the config layer's reader)."""
     from ..config import ConfigError
 
     if params.get("suppress_mode") != "matched":
@@ -82,12 +85,10 @@ def finalize(params: dict, layers: list[int]) -> None:
         return
     if params.get("match_stats") is not None:
         p = Path(str(params["match_stats"])).expanduser()
-        if not p.is_file():
-            raise ConfigError("match_stats", f"file not found: {p}")
         try:
-            params["match_rate"] = rates_from_sidecar(p, layers)
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ConfigError("match_stats", str(e)) from None
+            params["match_rate"] = rates_from_rows(read_rows("match_stats", p), layers)
+        except ValueError as e:
+            raise ConfigError("match_stats", f"{p}: {e}") from None
         params["match_stats"] = str(p.resolve())
         return
     r = params.get("match_rate")
@@ -111,10 +112,8 @@ class Suppress(Method):
 
     def __init__(self, cfg, table, num_layers, device=None):
         super().__init__(cfg, table, num_layers, device)
-        p = cfg.params
-        self.mode, self.action = p["suppress_mode"], p["action"]
-        self.scale, self.clamp_div, self.p = float(p["scale"]), float(p["clamp_div"]), float(p["p"])
-        rates = p.get("match_rate")
+        self.p = SuppressParams(**cfg.params)
+        rates = self.p.match_rate
         self.rates = torch.tensor(rates, dtype=torch.float32, device=device) if rates is not None else None
         # online matching: generated tokens seen / above τ, per layer (engine-wide)
         self.seen = torch.zeros(num_layers, dtype=torch.float32, device=device)
@@ -122,11 +121,11 @@ class Suppress(Method):
 
     def apply(self, core, j, h, r, x, n, tau, rerun):
         step = core.step
-        if self.mode == "high":
+        if self.p.suppress_mode == "high":
             mask = step.act & (n > tau)
         else:
-            if self.mode == "random":
-                prob = self.p
+            if self.p.suppress_mode == "random":
+                prob = self.p.p
             elif self.rates is not None:
                 prob = self.rates[j]
             else:
@@ -135,14 +134,14 @@ class Suppress(Method):
                 self.seen[j] += newf.sum()
                 self.above[j] += (newf * (n > tau).to(torch.float32)).sum()
             mask = step.act & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)
-            if self.mode == "matched":
+            if self.p.suppress_mode == "matched":
                 # the control draws from the tokens the high rule could have hit (τ defined, i.e.
                 # past warm-up), at the high run's rate per such token: same population, same rate
                 mask = mask & torch.isfinite(tau)
-        if self.action == "clamp" and self.mode == "high":
-            f = torch.clamp((tau / self.clamp_div) / n.clamp(min=1e-12), max=1.0)
+        if self.p.action == "clamp" and self.p.suppress_mode == "high":
+            f = torch.clamp((tau / self.p.clamp_div) / n.clamp(min=1e-12), max=1.0)
         else:
-            f = torch.full_like(n, self.scale)
+            f = torch.full_like(n, self.p.scale)
         f = torch.where(mask, f, torch.ones_like(f))[:, None]
         h2 = torch.where(mask[:, None], (h.float() * f).to(h.dtype), h)
         r2 = torch.where(mask[:, None], (r.float() * f).to(r.dtype), r)

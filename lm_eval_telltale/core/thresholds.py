@@ -1,6 +1,6 @@
-"""Per-layer thresholds τ_l (METHODS.md §1).
+"""Per-layer thresholds τ_l (docs/methods.md §1).
 
-τ_l = Q3 + k · max(IQR, min_iqr)  (optionally at least ``floor``), from streaming quartiles.
+τ_l = Q3 + k · max(IQR, min_iqr)  (optionally at least ``tau_floor``), from streaming quartiles.
 
 Modes:
 - ``request``: one pair of P² quartile estimators per (request, layer), fed with that request's
@@ -22,6 +22,8 @@ The P² algorithm (Jain & Chlamtac, 1985) is vectorised here over any leading sh
 from __future__ import annotations
 
 import torch
+
+from ..spec import TAU_MODES
 
 _P = (0.25, 0.75)
 
@@ -126,10 +128,10 @@ class P2Quartiles:
         return q, n, np_
 
 
-def iqr_tau(q1: torch.Tensor, q3: torch.Tensor, k: float, min_iqr: float, floor: float | None) -> torch.Tensor:
-    tau = q3 + k * torch.clamp(q3 - q1, min=min_iqr)
-    if floor is not None:
-        tau = torch.clamp(tau, min=floor)
+def iqr_tau(q1: torch.Tensor, q3: torch.Tensor, iqr_k: float, min_iqr: float, tau_floor: float | None) -> torch.Tensor:
+    tau = q3 + iqr_k * torch.clamp(q3 - q1, min=min_iqr)
+    if tau_floor is not None:
+        tau = torch.clamp(tau, min=tau_floor)
     return tau
 
 
@@ -140,19 +142,20 @@ class Thresholds:
     the state *before* the current step; ``update(...)`` feeds the step's decode-token norms.
     """
 
-    MODES = ("request", "global", "fixed", "calibrated")
+    MODES = TAU_MODES
 
-    def __init__(self, mode: str, num_layers: int, capacity: int, *, k: float = 1.5, min_iqr: float = 1e-3,
-                 floor: float | None = None, warmup: int = 64, fixed: list[float] | None = None, device=None):
+    def __init__(self, mode: str, num_layers: int, capacity: int, *, iqr_k: float = 1.5, min_iqr: float = 1e-3,
+                 tau_floor: float | None = None, warmup: int = 64, tau_values: list[float] | None = None,
+                 device=None):
         if mode not in self.MODES:
             raise ValueError(f"tau_mode must be one of {self.MODES}, got {mode!r}")
-        self.mode, self.L, self.k, self.min_iqr, self.floor = mode, num_layers, k, min_iqr, floor
+        self.mode, self.L, self.iqr_k, self.min_iqr, self.tau_floor = mode, num_layers, iqr_k, min_iqr, tau_floor
         self.warmup = int(warmup)
         self.device = device
         if mode in ("fixed", "calibrated"):
-            if fixed is None or len(fixed) != num_layers:
+            if tau_values is None or len(tau_values) != num_layers:
                 raise ValueError(f"tau_mode={mode} needs one τ per patched layer ({num_layers})")
-            self._fixed = torch.tensor(fixed, dtype=torch.float32, device=device)[None, :]
+            self._fixed = torch.tensor(tau_values, dtype=torch.float32, device=device)[None, :]
         elif mode == "request":
             self.p2 = P2Quartiles((capacity, num_layers), device=device)
         else:
@@ -170,7 +173,7 @@ class Thresholds:
         if self.mode in ("fixed", "calibrated"):
             return self._fixed
         q1, q3 = self.p2.quartiles()
-        tau = iqr_tau(q1, q3, self.k, self.min_iqr, self.floor)
+        tau = iqr_tau(q1, q3, self.iqr_k, self.min_iqr, self.tau_floor)
         ready = self.p2.count >= max(self.warmup, 5)
         tau = torch.where(ready, tau, torch.full_like(tau, float("nan")))
         return tau if self.mode == "request" else tau[None, :]

@@ -88,7 +88,7 @@ class VLLMLrs(TelltaleVLLM):
         del self._tt_pending[start:]
         chosen_outputs = []
         p = self.tt_cfg.params
-        for i, prompt in enumerate(requests):
+        for i in range(len(requests)):
             group = cand_recs[i * n:(i + 1) * n]
             cands = [self._tt_candidate(rec) for rec in group]
             vals = [score(c["layers"], p["lrs_score"]) for c in cands]

@@ -28,9 +28,9 @@ from lm_eval.models.vllm_causallms import VLLM
 
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
 from ..core.rng import seed_from
+from ..sidecar import RunSummary, SidecarWriter
 from ..vllm import engine_kwargs, inspect_model
 from ..vllm.runtime import TAG_KEY
-from .sidecar import RunSummary, SidecarWriter
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -236,21 +236,21 @@ class VLLMNorms(TelltaleVLLM):
 
 @register_model("vllm-suppress")
 class VLLMSuppress(TelltaleVLLM):
-    """High-norm suppression (and the random / rate-matched controls), METHODS.md §5."""
+    """High-norm suppression (and the random / rate-matched controls), docs/methods.md §5."""
 
     METHOD = "suppress"
 
 
 @register_model("vllm-alrr")
 class VLLMAlrr(TelltaleVLLM):
-    """Adaptive Layer-wise Reasoning Recursion, METHODS.md §2."""
+    """Adaptive Layer-wise Reasoning Recursion, docs/methods.md §2."""
 
     METHOD = "alrr"
 
 
 @register_model("vllm-erss")
 class VLLMErss(TelltaleVLLM):
-    """Endogenous Reasoning State Steering, METHODS.md §3: per request and patched layer, a bank of
+    """Endogenous Reasoning State Steering, docs/methods.md §3: per request and patched layer, a bank of
     high-norm states; after a low-norm streak, h ← h + β·(v − r) with the best-cosine bank vector."""
 
     METHOD = "erss"

@@ -5,7 +5,7 @@ vLLM writes K/V through ``unified_kv_cache_update``, which looks up
 layer of a KV-cache group shares ONE slot-mapping tensor, so it must never be modified in place:
 we remove this layer's dict entry for the duration of the call and put it back in ``finally``.
 The re-run's attention still reads K/V from the cache — i.e. pass-0 keys/values for the current
-tokens (cache-read semantics, documented in METHODS.md §2).
+tokens (cache-read semantics, documented in docs/methods.md §2).
 """
 
 from __future__ import annotations

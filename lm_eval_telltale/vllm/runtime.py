@@ -24,13 +24,11 @@ import numpy as np
 import torch
 
 from ..config import TelltaleConfig
-from ..core.engine import CoreEngine
-from ..core.methods import make_method
+from ..core.engine import build_core
 from ..core.rng import seed_from
-from ..core.state import SlotInfo, SlotTable
+from ..core.state import SlotInfo
 from ..core.stats import summarize
 from ..core.step import build_step
-from ..core.thresholds import Thresholds
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -51,16 +49,8 @@ class VllmRuntime:
         if getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError("telltale: speculative decoding is not supported (several new tokens per request per step)")
         self.engine_seed = int(getattr(vllm_config.model_config, "seed", 0) or 0)
-        self.table = SlotTable(cap, device=device)
-        self.thr = Thresholds(cfg.tau_mode, len(cfg.layers), cap, k=cfg.iqr_k, min_iqr=cfg.min_iqr,
-                              floor=cfg.tau_floor, warmup=cfg.warmup, fixed=cfg.tau_values, device=device)
-        self.method = make_method(cfg, self.table, len(cfg.layers), device)
-        self.core = CoreEngine(cfg.layers, self.method, self.thr, self.table)
-        self.conf = None
-        if cfg.method == "lrs":
-            from ..core.lrs import ConfidenceTracker
-
-            self.conf = ConfidenceTracker(self.table, cfg.params["conf_topk"], cfg.params["conf_window"], device)
+        self.core = build_core(cfg, cap, device)
+        self.table, self.method = self.core.table, self.core.method
         self._sampling_rows = None
         self.row_slot = np.full(cap, -1, dtype=np.int64)
         self.num_rows = 0
@@ -90,8 +80,9 @@ class VllmRuntime:
 
     def _snapshot(self, info: SlotInfo) -> None:
         """Copy slot-held per-request results into the request's info before its slot is reused."""
-        if self.conf is not None and "conf_tokens" not in info.meta:
-            info.meta.update(self.conf.read(info.slot))
+        if not info.meta.get("_read"):
+            info.meta.update(self.method.read_slot(info.slot))
+            info.meta["_read"] = True
 
     # -- row mirror (logits processor update_state, inside the runner, before the forward) ------
     def apply_batch_update(self, bu) -> None:
@@ -152,21 +143,21 @@ class VllmRuntime:
         step = build_step(self.table, qsl, row_slot, positions)
         self.core.begin(step)
         self.begin_calls += 1
-        if self.conf is not None and rows:
+        if self.method.wants_logits and rows:
             # a row's sampled token is kept iff its last fed position reaches the prompt's end
             last = step.position[qsl[1:].to(positions.device, torch.int64) - 1]
             keep = last >= self.table.t["prompt_len"][row_slot] - 1
             self._sampling_rows = (row_slot, keep)
 
     def apply_logits(self, logits: torch.Tensor) -> None:
-        """Row mirror's ``apply``: per-candidate trace confidence (LRS only)."""
-        if self.conf is None or self._sampling_rows is None:
+        """Row mirror's ``apply``: the step's raw logits for methods that use them (LRS)."""
+        if self._sampling_rows is None:
             return
         slots, keep = self._sampling_rows
         self._sampling_rows = None
         if logits.shape[0] != slots.shape[0]:
             raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
-        self.conf.update(slots, logits, keep)
+        self.method.observe_logits(slots, logits, keep)
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun) -> tuple[torch.Tensor, torch.Tensor]:
         return self.core.layer(j, h, r, rerun)
@@ -232,8 +223,7 @@ class VllmRuntime:
                 "n_decode_tokens": int(r["norm"].shape[0]),
                 "layers": summarize(r["norm"], r["tau"], r["event"], layers),
             }
-            if self.conf is not None:
-                rec.update({k: info.meta.get(k) for k in ("conf", "conf_mean", "conf_tokens")})
+            rec.update({k: v for k, v in info.meta.items() if k not in ("prompt_len", "_read")})
             cols = {c: r[c] for c in self.method.columns if c in r}
             for l, extra in self.method.summarize_columns(r["position"], cols, r["event"], layers).items():
                 rec["layers"].setdefault(l, {}).update(extra)

@@ -70,8 +70,8 @@ def trim_configs(configs: dict) -> dict:
 
 
 def main(names: list[str]) -> int:
-    from lm_eval_telltale import taskdata
-    from lm_eval_telltale.tiny import build_tiny_model
+    from lm_eval_telltale.tasksupport import taskdata
+    from lm_eval_telltale.tools.tiny import build_tiny_model
 
     names = names or list(RUNS)
     tmp = Path(tempfile.mkdtemp(prefix="tt-table-"))

@@ -1,4 +1,4 @@
-"""ERSS (METHODS.md §3) as tensor operations on crafted steps (no engine)."""
+"""ERSS (docs/methods.md §3) as tensor operations on crafted steps (no engine)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from lm_eval_telltale.config import ConfigError, resolve
-from lm_eval_telltale.core.engine import CoreEngine
-from lm_eval_telltale.core.methods import make_method
-from lm_eval_telltale.core.state import SlotTable
+from lm_eval_telltale.core.engine import build_core
 from lm_eval_telltale.core.stats import EV_BANKED, EV_INJECTED
 from lm_eval_telltale.core.step import build_step
-from lm_eval_telltale.core.thresholds import Thresholds
 
 D = 4
 R0 = torch.tensor([0.5, -0.25, 0.0, 1.0])  # the residual part of every crafted token
@@ -24,10 +21,9 @@ def make(args=None, tau=5.0, n_req=1, capacity=4, layers="3", prompt_len=2):
     base = {"layers": layers, "tau_mode": "fixed", "tau": tau, "p_inject": 1.0, "cos_min": -1.0,
             "cooldown": 0, "low_k": 3}
     cfg = resolve("erss", {**base, **(args or {})}, 8)
-    tab = SlotTable(capacity=capacity)
+    core = build_core(cfg, capacity)
+    tab = core.table
     infos = [tab.acquire(f"r{i}", prompt_len=prompt_len, seed=100 + i) for i in range(n_req)]
-    thr = Thresholds("fixed", len(cfg.layers), capacity, fixed=cfg.tau_values)
-    core = CoreEngine(cfg.layers, make_method(cfg, tab, len(cfg.layers), None), thr, tab)
     return core, tab, infos
 
 
@@ -257,10 +253,9 @@ def test_state_is_reset_on_acquire_and_grows_with_the_table():
 
 def test_warmup_nan_tau_changes_no_state():
     cfg = resolve("erss", {"layers": "3", "warmup": 5, "low_k": 1, "p_inject": 1.0, "cos_min": -1.0}, 8)
-    tab = SlotTable(capacity=2)
+    core = build_core(cfg, 2)
+    tab = core.table
     info = tab.acquire("r", prompt_len=2, seed=1)
-    thr = Thresholds("request", 1, 2, warmup=5, k=cfg.iqr_k, min_iqr=cfg.min_iqr)
-    core = CoreEngine(cfg.layers, make_method(cfg, tab, 1, None), thr, tab)
     out = feed(core, tab, info, [HIGH, LOW, HIGH, LOW])
     assert not any(o["ev"] for o in out) and all(math.isnan(o["bank"]) for o in out)
 

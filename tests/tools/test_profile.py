@@ -28,7 +28,7 @@ def _check_png(path) -> None:
 
 @pytest.fixture(scope="module")
 def collection(tiny_model_dir, local_task_dir):
-    from lm_eval_telltale.profile import collect
+    from lm_eval_telltale.tools.profile import collect
 
     return collect(str(tiny_model_dir), ["telltale_local"], limit=2, thinking="auto", warmup=4, max_tokens=24,
                    include_path=str(local_task_dir), engine_args=ENGINE)
@@ -51,7 +51,7 @@ def test_profile_runs_thinking_on_and_off(collection):
 
 @pytest.mark.engine
 def test_profile_json_and_plots(collection, tmp_path):
-    from lm_eval_telltale.profile import plot_layers, plot_trace, summarize_profile
+    from lm_eval_telltale.tools.profile import plot_layers, plot_trace, summarize_profile
 
     prof = summarize_profile(collection)
     st = prof["modes"]["thinking"]["layers"]["6"]
@@ -68,7 +68,7 @@ def test_profile_json_and_plots(collection, tmp_path):
 def test_calibration_round_trip(collection, engines, tiny_model_dir, tmp_path):
     from vllm import SamplingParams
 
-    from lm_eval_telltale.profile import calibration_data, write_calibration
+    from lm_eval_telltale.tools.profile import calibration_data, write_calibration
 
     data = calibration_data(collection)
     f = write_calibration(data, tmp_path / "calib.yaml")

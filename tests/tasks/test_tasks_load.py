@@ -20,12 +20,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from _tasks_common import BUDGET, GROUPS, LEAVES, TOP_LEVEL
+from conftest import BUDGET, GROUPS, LEAVES, TOP_LEVEL
 
 import lm_eval_telltale
-from lm_eval_telltale import taskdata
+from lm_eval_telltale.tasksupport import taskdata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -102,14 +102,15 @@ def test_task_config(built, name):
     assert gk["max_gen_toks"] == BUDGET[name]
     # one scorer, two metrics, one filter name across all tasks
     assert callable(cfg.process_results)
-    assert cfg.process_results.__module__ == "lm_eval_telltale.scoring"
+    assert cfg.process_results.__module__ == "lm_eval_telltale.tasksupport.scoring"
     metrics = {m["metric"]: m for m in cfg.metric_list}
     assert {"exact_match", "truncated"} <= set(metrics)
     assert metrics["truncated"]["higher_is_better"] is False
     assert [f.name for f in task._filters] == ["none"]
     # the real dataset stays named in the config
     kw = cfg.dataset_kwargs
-    assert kw["hf_path"] in {"openai/gsm8k", "qintongli/GSM-Plus", "Maxwell-Jia/AIME_2024", "SaylorTwift/bbh", "TIGER-Lab/MMLU-Pro"}
+    assert kw["hf_path"] in {"openai/gsm8k", "qintongli/GSM-Plus", "Maxwell-Jia/AIME_2024", "SaylorTwift/bbh",
+                             "TIGER-Lab/MMLU-Pro"}
     # the scorer runs on this doc: a truncated response is wrong and counted
     out = task.process_results(docs[0], ["<think>never closed"])
     assert out["exact_match"] == 0.0 and out["truncated"] == 1.0
@@ -128,7 +129,7 @@ def test_dataset_ids_and_filters(built):
     for slug, cat in taskdata.MMLU_PRO_SUBJECTS.items():
         assert kw[f"telltale_mmlu_pro_{slug}"]["where"] == {"category": cat}
         assert all(d["category"] == cat for d in tasks[f"telltale_mmlu_pro_{slug}"].test_docs())
-    from lm_eval_telltale.scoring import BBH_KINDS
+    from lm_eval_telltale.tasksupport.scoring import BBH_KINDS
 
     for sub, kind in BBH_KINDS.items():
         t = tasks[f"telltale_bbh_{sub}"]
@@ -258,11 +259,12 @@ def test_fixture_schemas(telltale_data):
     plus = rows("qintongli/GSM-Plus", None, "test")
     assert {r["perturbation_type"] for r in plus} == set(taskdata.GSM_PLUS_TYPES.values())
     for r in plus:
-        assert set(r) == {"question", "solution", "answer", "perturbation_type", "seed_question", "seed_solution", "seed_answer"}
+        assert set(r) == {"question", "solution", "answer", "perturbation_type", "seed_question", "seed_solution",
+                          "seed_answer"}
         assert isinstance(r["answer"], str) and r["solution"].rstrip().endswith(f"#### {r['answer']}")
     for r in rows("Maxwell-Jia/AIME_2024", None, "train"):
         assert set(r) == {"ID", "Problem", "Solution", "Answer"} and isinstance(r["Answer"], int)
-    from lm_eval_telltale.scoring import BBH_KINDS
+    from lm_eval_telltale.tasksupport.scoring import BBH_KINDS
 
     for sub in BBH_KINDS:
         for r in rows("SaylorTwift/bbh", sub, "test"):

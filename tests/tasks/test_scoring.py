@@ -1,10 +1,10 @@
-"""Scorer tables for the telltale_* tasks (lm_eval_telltale.scoring): no engine, no lm-eval run."""
+"""Scorer tables for the telltale_* tasks (lm_eval_telltale.tasksupport.scoring): no engine, no lm-eval run."""
 
 from __future__ import annotations
 
 import pytest
 
-from lm_eval_telltale import scoring as S
+from lm_eval_telltale.tasksupport import scoring as S
 
 # A closed thinking block in front of an answer, as a raw response (no think_end_token stripping).
 T = "<think>\nLet me work it out. 6 * 3 = 18. Maybe 20? No, 18.\n</think>\n\n"

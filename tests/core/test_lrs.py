@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_eval_telltale.core.lrs import (ConfidenceTracker, argmax_pick, majority_pick, pick_all, random_pick,
-                                       score)
+from lm_eval_telltale.core.lrs import ConfidenceTracker, argmax_pick, majority_pick, pick_all, random_pick, score
 from lm_eval_telltale.core.state import SlotTable
 
 
@@ -67,7 +66,7 @@ def test_confidence_tracker_lowest_group_mean():
     tab = SlotTable(capacity=2)
     a = tab.acquire("a", prompt_len=1, seed=0)
     b = tab.acquire("b", prompt_len=1, seed=0)
-    tr = ConfidenceTracker(tab, k=2, window=3)
+    tr = ConfidenceTracker(tab, conf_topk=2, conf_window=3)
     vocab = 64
 
     def logits_with_conf(c):

@@ -6,21 +6,17 @@ import pytest
 import torch
 
 from lm_eval_telltale.config import ConfigError, resolve
-from lm_eval_telltale.core.engine import CoreEngine, residual_norm
-from lm_eval_telltale.core.methods import make_method
-from lm_eval_telltale.core.state import SlotTable
+from lm_eval_telltale.core.engine import build_core, residual_norm
 from lm_eval_telltale.core.stats import EV_ACCEPTED, EV_CANDIDATE, EV_SUPPRESSED
 from lm_eval_telltale.core.step import build_step
-from lm_eval_telltale.core.thresholds import Thresholds
 
 
 def make_core(method, args, tau=5.0, prompt_len=2, n_req=1, enabled=None):
     cfg = resolve(method, {"layers": "3", "tau_mode": "fixed", "tau": tau, **args}, 8)
-    tab = SlotTable(capacity=4)
+    core = build_core(cfg, 4)
+    tab = core.table
     infos = [tab.acquire(f"r{i}", prompt_len=prompt_len, seed=100 + i,
                          enabled=True if enabled is None else enabled[i]) for i in range(n_req)]
-    thr = Thresholds("fixed", 1, 4, fixed=cfg.tau_values)
-    core = CoreEngine(cfg.layers, make_method(cfg, tab, 1, None), thr, tab)
     return core, tab, infos
 
 
@@ -95,10 +91,9 @@ def test_opted_out_request_is_untouched():
 def test_matched_control_draws_only_where_the_high_rule_could_fire():
     """matched mode: the same population as the high rule (τ defined, i.e. past warm-up)."""
     cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_rate": 1.0, "warmup": 8}, 8)
-    tab = SlotTable(capacity=2)
+    core = build_core(cfg, 2)
+    tab = core.table
     info = tab.acquire("r0", prompt_len=2, seed=7, enabled=True)
-    thr = Thresholds("request", 1, 2, warmup=8)
-    core = CoreEngine(cfg.layers, make_method(cfg, tab, 1, None), thr, tab)
     sup = []
     for pos in range(2, 22):  # 20 decode steps, one token each
         begin(core, tab, [info], [[pos]])
@@ -109,11 +104,12 @@ def test_matched_control_draws_only_where_the_high_rule_could_fire():
 
 def test_matched_rates_from_sidecar(tmp_path):
     f = tmp_path / "side.jsonl"
-    f.write_text('{"layers": {"3": {"count": 100, "suppressed": 5}}}\n{"layers": {"3": {"count": 300, "suppressed": 15}}}\n')
+    f.write_text('{"task": "t", "doc_id": 0, "layers": {"3": {"count": 100, "suppressed": 5}}}\n'
+                 '{"task": "t", "doc_id": 1, "layers": {"3": {"count": 300, "suppressed": 15}}}\n')
     cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_stats": str(f)}, 8)
     assert cfg.params["match_rate"] == [0.05]
     # the rate is per token with a τ (tau_ready) when the sidecar records it
-    f.write_text('{"layers": {"3": {"count": 100, "tau_ready": 50, "suppressed": 5}}}\n')
+    f.write_text('{"task": "t", "doc_id": 0, "layers": {"3": {"count": 100, "tau_ready": 50, "suppressed": 5}}}\n')
     cfg = resolve("suppress", {"layers": "3", "suppress_mode": "matched", "match_stats": str(f)}, 8)
     assert cfg.params["match_rate"] == [0.1]
     with pytest.raises(ConfigError) as e:

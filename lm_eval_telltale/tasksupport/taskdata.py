@@ -2,7 +2,7 @@
 
 **Loading.** Every task YAML in ``tasks/`` names its real Hugging Face dataset in
 ``dataset_kwargs`` and loads it through ``custom_dataset: !function
-lm_eval_telltale.taskdata.load``. By default :func:`load` calls ``datasets.load_dataset`` on that
+lm_eval_telltale.tasksupport.taskdata.load``. By default :func:`load` calls ``datasets.load_dataset`` on that
 id/config/split. When a *local data directory* is given, it reads the same dataset from files
 instead, laid out as::
 
@@ -13,9 +13,9 @@ instead, laid out as::
 The directory comes from (first wins) the lm-eval metadata key ``telltale_data_dir``
 (``lm_eval --metadata '{"telltale_data_dir": "/data"}'`` or ``TaskManager(metadata=...)``) or the
 environment variable ``TELLTALE_DATA_DIR``. With a directory set, a missing file is an error
-(never a silent download). ``python -m lm_eval_telltale.taskdata mirror DIR`` writes a full local
+(never a silent download). ``python -m lm_eval_telltale.tasksupport.taskdata mirror DIR`` writes a full local
 mirror of the real datasets in this layout (needs network once);
-``python -m lm_eval_telltale.taskdata write-fixtures DIR`` writes the tiny synthetic fixtures the
+``python -m lm_eval_telltale.tasksupport.taskdata write-fixtures DIR`` writes the tiny synthetic fixtures the
 tests use, in each dataset's exact schema.
 
 **Prompts.** Zero-shot, one user turn: the problem plus an instruction to reason and to put the
@@ -69,7 +69,7 @@ MMLU_PRO_SUBJECTS: dict[str, str] = {
 
 
 def _bbh_subtasks() -> list[str]:
-    from lm_eval_telltale.scoring import BBH_KINDS
+    from lm_eval_telltale.tasksupport.scoring import BBH_KINDS
 
     return list(BBH_KINDS)
 
@@ -160,7 +160,7 @@ def load(
                     f"telltale: local data directory {root} is set (telltale_data_dir / TELLTALE_DATA_DIR) "
                     f"but has no {path.relative_to(root).with_suffix('')}{{{','.join(_EXTS)}}} for "
                     f"{hf_path}{'/' + hf_name if hf_name else ''} split {split!r}. "
-                    f"`python -m lm_eval_telltale.taskdata mirror {root}` writes it."
+                    f"`python -m lm_eval_telltale.tasksupport.taskdata mirror {root}` writes it."
                 )
             ds = _read_local(str(path), path.stat().st_mtime_ns)
         else:
@@ -198,14 +198,14 @@ def doc_to_text_gsm_plus(doc: dict) -> str:
 
 
 def doc_to_target_math(doc: dict) -> str:
-    from lm_eval_telltale.scoring import math_gold
+    from lm_eval_telltale.tasksupport.scoring import math_gold
 
     g = math_gold(doc)
     return "None" if g is None else g
 
 
 def doc_to_text_mmlu_pro(doc: dict) -> str:
-    from lm_eval_telltale.scoring import LETTERS
+    from lm_eval_telltale.tasksupport.scoring import LETTERS
 
     options = [str(o).strip() for o in doc["options"]]
     lines = [str(doc["question"]).strip(), "", "Options:"]
@@ -401,7 +401,7 @@ def _mmlu_pro_rows(n_per_subject: int) -> list[dict]:
 def write_fixtures(root: str | os.PathLike, n: int = 2) -> Path:
     """Write tiny synthetic copies of every dataset the tasks use under ``root`` in the local
     layout (``n`` rows per subtask). Same field names and value formats as the real data."""
-    from lm_eval_telltale.scoring import BBH_KINDS
+    from lm_eval_telltale.tasksupport.scoring import BBH_KINDS
 
     root = Path(root)
     rng = random.Random(1234)
@@ -432,7 +432,7 @@ def mirror(root: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lm_eval_telltale.taskdata", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lm_eval_telltale.tasksupport.taskdata", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("write-fixtures", help="write tiny synthetic datasets (tests) into DIR")
     p.add_argument("dir")

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ..core.stats import EVENT_NAMES
+from .core.stats import EVENT_NAMES
 
 
 class SidecarWriter:
@@ -39,13 +39,32 @@ class SidecarWriter:
         self.count += len(rows)
 
 
-def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+def read_sidecar(path: str | Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The answer rows of a sidecar, in file order.
+
+    A line that is not a complete row — the torn last line of a run killed while writing, a
+    damaged line — is skipped and reported through ``warn`` (one message naming the file and the
+    line numbers); without ``warn`` it raises :class:`ValueError`."""
+    path = Path(path)
+    rows, bad = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "task" in row and "doc_id" in row:
+                rows.append(row)
+            else:
+                bad.append(i)
+    if bad:
+        msg = (f"sidecar {path}: skipped {len(bad)} unreadable or partial line(s) "
+               f"({', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+        if warn is None:
+            raise ValueError(msg)
+        warn(msg)
     return rows
 
 

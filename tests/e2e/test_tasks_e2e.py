@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _tasks_common import GROUPS, LEAVES, TOP_LEVEL
+from conftest import GROUPS, LEAVES, TOP_LEVEL
 
-from lm_eval_telltale import taskdata
+from lm_eval_telltale.tasksupport import taskdata
 
 BIN = Path(sys.executable).parent
 

@@ -78,7 +78,7 @@ def test_matched_random_hits_the_high_rate(engines, tiny_model_dir, tmp_path):
     _, high = run(llm, prompts, 257, "h")  # 8 x 256 generated tokens
     engines.close(llm)
     side = tmp_path / "high.jsonl"
-    side.write_text("".join(json.dumps({"layers": r["layers"]}) + "\n" for r in high))
+    side.write_text("".join(json.dumps({"task": "t", "doc_id": i, "layers": r["layers"]}) + "\n" for i, r in enumerate(high)))
     llm = engines.make(tiny_model_dir, "suppress", {"layers": LAYERS, "suppress_mode": "matched",
                                                     "match_stats": str(side)}, seed=3)
     _, matched = run(llm, prompts, 257, "m")

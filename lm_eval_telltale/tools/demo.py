@@ -30,9 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-from .report import build_table, find_sidecar, plot_deltas, render, results_files
+from .plots import plot_deltas
+from .render import render
+from .runs import find_sidecar, results_files
+from .table import build_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK = "telltale_arith"
 PRESET = "telltale-arith"
 #: (run name, model type, extra model_args)
@@ -119,7 +122,7 @@ def ablation_verdict(t, task: str = TASK) -> str:
 
 
 def main(argv=None) -> int:
-    from .arith import model_dir
+    from ..arith import model_dir
 
     ap = argparse.ArgumentParser(prog="make eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(ROOT / ".cache" / "eval"), help="run directories and logs")

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import save_figure
+from .plots import plot_layers, plot_trace
 
 PROFILE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 CALIB_QUANTILES = (0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
@@ -126,7 +126,7 @@ def build_prompts(tokenizer, tasks: list[str], *, limit: int | None, modes: list
 def sampling_params(gen: dict, tag: str, max_tokens: int | None, temperature: float | None, seed: int):
     from vllm import SamplingParams
 
-    from .vllm.runtime import TAG_KEY
+    from ..vllm.runtime import TAG_KEY
 
     gen = dict(gen)
     until = gen.pop("until", None) or []
@@ -166,8 +166,8 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from .config import resolve
-    from .vllm import engine_kwargs, inspect_model
+    from ..config import resolve
+    from ..vllm import engine_kwargs, inspect_model
 
     arch, n_layers = inspect_model(model, trust_remote_code=trust_remote_code)
     tt: dict[str, Any] = {"layers": f"0-{n_layers - 1}" if layers == "all" else layers, "record_tokens": True}
@@ -236,7 +236,7 @@ def layer_stats(samples: list[dict], layers: list[int], quantiles=PROFILE_QUANTI
 def summarize_profile(col: dict, trace_layer: int | None = None, trace_sample: int = 0) -> dict[str, Any]:
     meta, samples = col["meta"], col["samples"]
     layers = meta["layers"]
-    from .config import default_layers
+    from ..config import default_layers
 
     if trace_layer is None:
         dl = [l for l in default_layers(meta["num_layers"]) if l in layers]
@@ -275,68 +275,6 @@ def summarize_profile(col: dict, trace_layer: int | None = None, trace_sample: i
                                  for i, l in enumerate(layers)}} for s in samples]
     return {"meta": meta, "modes": modes, "samples": per_sample,
             "trace": {"layer": trace_layer, "task": task, "doc_id": doc, "modes": traces}}
-
-
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
-
-COLORS = {"thinking": "#d62728", "non-thinking": "#1f77b4", "default": "#2ca02c"}
-
-
-def plot_layers(prof: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = prof["meta"]["layers"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for m, st in prof["modes"].items():
-        ls = [l for l in layers if st["layers"][str(l)].get("count")]
-        if not ls:
-            continue
-        get = lambda k: [st["layers"][str(l)]["quantiles"][k] for l in ls]  # noqa: E731
-        mean = [st["layers"][str(l)]["mean"] for l in ls]
-        c = COLORS.get(m, None)
-        ax.fill_between(ls, get("p10"), get("p90"), color=c, alpha=0.15, linewidth=0)
-        ax.fill_between(ls, get("p25"), get("p75"), color=c, alpha=0.3, linewidth=0)
-        ax.plot(ls, mean, color=c, marker="o", markersize=3, label=f"{m} (mean; bands p25–p75, p10–p90; "
-                                                                   f"{st['n_tokens']} tokens)")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("‖h‖₂ of generated tokens")
-    ax.set_title(f"{Path(str(prof['meta']['model'])).name}: residual-stream norm per layer", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def plot_trace(prof: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tr = prof["trace"]
-    modes = list(tr["modes"])
-    fig, axes = plt.subplots(len(modes), 1, figsize=(9, 2.8 * max(1, len(modes))), squeeze=False, sharex=True)
-    for ax, m in zip(axes[:, 0], modes):
-        d = tr["modes"][m]
-        n = np.asarray(d["norm"], dtype=float)
-        tau = np.asarray([np.nan if v is None else v for v in d["tau"]], dtype=float)
-        x = np.arange(len(n))
-        ax.plot(x, n, color=COLORS.get(m, "k"), linewidth=1.0, label="‖h‖₂")
-        ax.plot(x, tau, color="black", linestyle="--", linewidth=1.0, label="adaptive τ (Q3 + k·IQR)")
-        above = np.isfinite(tau) & (n > tau)
-        ax.scatter(x[above], n[above], s=10, color="orange", zorder=3, label="n > τ")
-        if d.get("think_end_index") is not None:
-            ax.axvline(d["think_end_index"], color="gray", linestyle=":", label="</think>")
-        ax.set_ylabel("norm")
-        ax.set_title(f"{m}: {tr['task']} doc {tr['doc_id']}, layer {tr['layer']}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    axes[-1, 0].set_xlabel("generated token")
-    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,10 +76,10 @@ def test_global_thresholds_feed_one_batch_mean_per_step():
 
 
 def test_fixed_thresholds():
-    thr = Thresholds("fixed", num_layers=2, capacity=4, fixed=[3.0, 4.0])
+    thr = Thresholds("fixed", num_layers=2, capacity=4, tau_values=[3.0, 4.0])
     assert thr.tau_slots().tolist() == [[3.0, 4.0]]
     with pytest.raises(ValueError):
-        Thresholds("fixed", num_layers=2, capacity=4, fixed=[3.0])
+        Thresholds("fixed", num_layers=2, capacity=4, tau_values=[3.0])
 
 
 def test_slot_table_lifecycle_and_growth():
@@ -119,7 +119,7 @@ def test_step_map_decides_decode_per_token():
 def test_core_engine_observe_records_norms_and_events():
     tab = SlotTable(capacity=4)
     a = tab.acquire("a", prompt_len=2, seed=0)
-    thr = Thresholds("fixed", num_layers=1, capacity=4, fixed=[5.0])
+    thr = Thresholds("fixed", num_layers=1, capacity=4, tau_values=[5.0])
     core = CoreEngine([3], Method(None, tab, 1), thr, tab)
     core.begin(build_step(tab, torch.tensor([0, 3]), torch.tensor([a.slot]), torch.tensor([1, 2, 3])))
     h = torch.tensor([[3.0, 0.0], [6.0, 0.0], [1.0, 0.0]])

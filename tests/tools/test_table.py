@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_telltale.report import NoResultsError, build_table, plot_deltas, render
+from lm_eval_telltale.tools.plots import plot_deltas
+from lm_eval_telltale.tools.render import render
+from lm_eval_telltale.tools.table import NoResultsError, build_table
 
-DATA = Path(__file__).resolve().parent / "data" / "table"
+DATA = Path(__file__).resolve().parents[1] / "data" / "table"
 GOLDEN = DATA / "golden"
 UPDATE = os.environ.get("TELLTALE_UPDATE_GOLDEN") == "1"
 REAL = ["baseline", "norms", "alrr", "suppress", "erss", "lrs"]

@@ -2,7 +2,7 @@
 
 Pure functions, engine-agnostic and import-light (``math_verify`` is imported lazily). The task
 YAMLs in ``tasks/`` reference the ``process_results_*`` entry points with
-``process_results: !function lm_eval_telltale.scoring.<name>``.
+``process_results: !function lm_eval_telltale.tasksupport.scoring.<name>``.
 
 Every ``process_results_*`` returns the same two metrics so that group aggregates work across
 all tasks (they all use lm-eval's default filter name ``none``):

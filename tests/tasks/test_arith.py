@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -62,7 +61,7 @@ def test_task_prompt_and_target_formats():
     assert data.doc_to_text(doc).endswith(data.INSTRUCTION)
     t = data.target_text(doc)
     assert t.startswith("<think>\n") and "\n</think>\n\nThe answer is \\boxed{" in t
-    from lm_eval_telltale.scoring import process_results_math
+    from lm_eval_telltale.tasksupport.scoring import process_results_math
 
     # the task's scorer accepts the training target (the shipped model's answer format)
     assert process_results_math(doc, [t])["exact_match"] == 1.0

@@ -16,7 +16,7 @@ import pytest
 from conftest import BIN
 
 from lm_eval_telltale.core.stats import EV_ABOVE, EV_ACCEPTED, EV_CANDIDATE, EV_INJECTED, EV_SUPPRESSED
-from lm_eval_telltale.view import crossings, render_page, sample_data, think_flags, token_pieces
+from lm_eval_telltale.tools.view import crossings, render_page, sample_data, think_flags, token_pieces
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,0 +1,133 @@
+"""The figures of the ``telltale`` tools (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .table import Table
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG, 120 dpi, parent dirs created) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_deltas(t: Table, path: str | Path) -> Path:
+    """Grouped bars: Δ (points) vs the baseline per column (and avg), one bar per non-baseline row,
+    one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = []
+    for r in t.rows:
+        if r.model not in models:
+            models.append(r.model)
+    cols = [c.name for c in t.columns] + ["avg"]
+    nmax = max([sum(1 for r in t.rows if r.model == m and not r.is_baseline) for m in models] + [1])
+    cmap = plt.get_cmap("tab10" if nmax <= 10 else "tab20")
+    fig, axes = plt.subplots(len(models), 1, figsize=(min(14.0, max(5.0, 0.22 * nmax * len(cols) + 2.5)) + 4.0,
+                                                      max(3.2, 0.9 + 0.22 * nmax) * len(models)), squeeze=False)
+    for ax, m in zip(axes[:, 0], models):
+        rows = [r for r in t.rows if r.model == m and not r.is_baseline]
+        width = 0.8 / max(1, len(rows))
+        for i, r in enumerate(rows):
+            ys = [(r.cells.get(c).delta if r.cells.get(c) else None) for c in cols[:-1]] + [r.avg.delta]
+            xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(cols))]
+            color = cmap(i % cmap.N)
+            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width=width * 0.92, label=r.label, color=color)
+            # a dot on every value, so a Δ of exactly 0 is still visible
+            ax.scatter([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
+                       s=10, color=color, zorder=3, edgecolors="black", linewidths=0.3)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for k in range(1, len(cols)):
+            ax.axvline(k - 0.5, color="#dddddd", linewidth=0.6)
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels([c.replace("telltale_", "") for c in cols], rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(cols) - 0.5)
+        lo, hi = ax.get_ylim()
+        if hi - lo < 2.0:  # all Δ ≈ 0: keep a readable ±1 point scale
+            ax.set_ylim(min(lo, -1.0), max(hi, 1.0))
+        ax.set_ylabel(f"Δ vs {t.baseline} (points)")
+        ax.set_title(m if rows else f"{m} (no rows to compare)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if rows:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return save_figure(fig, path)
+
+
+
+
+# -- telltale profile ------------------------------------------------------------------------
+
+
+COLORS = {"thinking": "#d62728", "non-thinking": "#1f77b4", "default": "#2ca02c"}
+
+
+def plot_layers(prof: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = prof["meta"]["layers"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for m, st in prof["modes"].items():
+        ls = [l for l in layers if st["layers"][str(l)].get("count")]
+        if not ls:
+            continue
+        def get(k, st=st, ls=ls):
+            return [st["layers"][str(l)]["quantiles"][k] for l in ls]
+
+        mean = [st["layers"][str(l)]["mean"] for l in ls]
+        c = COLORS.get(m, None)
+        ax.fill_between(ls, get("p10"), get("p90"), color=c, alpha=0.15, linewidth=0)
+        ax.fill_between(ls, get("p25"), get("p75"), color=c, alpha=0.3, linewidth=0)
+        ax.plot(ls, mean, color=c, marker="o", markersize=3, label=f"{m} (mean; bands p25–p75, p10–p90; "
+                                                                   f"{st['n_tokens']} tokens)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("‖h‖₂ of generated tokens")
+    ax.set_title(f"{Path(str(prof['meta']['model'])).name}: residual-stream norm per layer", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_trace(prof: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = prof["trace"]
+    modes = list(tr["modes"])
+    fig, axes = plt.subplots(len(modes), 1, figsize=(9, 2.8 * max(1, len(modes))), squeeze=False, sharex=True)
+    for ax, m in zip(axes[:, 0], modes):
+        d = tr["modes"][m]
+        n = np.asarray(d["norm"], dtype=float)
+        tau = np.asarray([np.nan if v is None else v for v in d["tau"]], dtype=float)
+        x = np.arange(len(n))
+        ax.plot(x, n, color=COLORS.get(m, "k"), linewidth=1.0, label="‖h‖₂")
+        ax.plot(x, tau, color="black", linestyle="--", linewidth=1.0, label="adaptive τ (Q3 + k·IQR)")
+        above = np.isfinite(tau) & (n > tau)
+        ax.scatter(x[above], n[above], s=10, color="orange", zorder=3, label="n > τ")
+        if d.get("think_end_index") is not None:
+            ax.axvline(d["think_end_index"], color="gray", linestyle=":", label="</think>")
+        ax.set_ylabel("norm")
+        ax.set_title(f"{m}: {tr['task']} doc {tr['doc_id']}, layer {tr['layer']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    axes[-1, 0].set_xlabel("generated token")
+    return save_figure(fig, path)

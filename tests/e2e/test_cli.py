@@ -1,0 +1,138 @@
+"""The stock `lm_eval` console script with the telltale model types (subprocesses, as users run it).
+
+One parametrised end-to-end test covers every model type: a run on the local task, the results
+JSON's ``config.telltale``, one sidecar row per document joined to lm-eval's doc ids, the method's
+intervention counter, and — where a method could silently do nothing — a control run that must
+differ (or, for ``vllm-norms``, must equal stock ``vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LM_EVAL, run, samples
+
+from lm_eval_telltale.spec import LRS_SELECTORS, MODEL_TYPES
+
+
+def test_registration_keeps_stock_models():
+    code = (
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "import lm_eval.models.vllm_causallms as v, lm_eval.models.dummy as d\n"
+        "assert get_model('vllm') is v.VLLM and get_model('dummy') is d.DummyLM\n"
+        "assert {'hf', 'steered', 'sglang'} <= set(model_registry.keys())\n"
+        "m = get_model('vllm-norms'); print(m.__module__ + ':' + m.__name__)\n"
+    )
+    p = run([sys.executable, "-c", code])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "lm_eval_telltale.harness.models:VLLMNorms"
+
+
+def test_module_fallback_has_identical_flags(tiny_model_dir, local_task_dir):
+    # with the start-up hook off, `python -m lm_eval_telltale` still knows vllm-norms: it fails on
+    # our own validation (layer 99), not on an unknown model name
+    p = run([sys.executable, "-m", "lm_eval_telltale", "--model", "vllm-norms", "--model_args",
+             f"pretrained={tiny_model_dir},layers=99", "--tasks", "telltale_local",
+             "--include_path", str(local_task_dir)], {"TELLTALE_NO_HOOK": "1"}, 120)
+    assert p.returncode != 0
+    assert "'layers'" in p.stderr and "out of range" in p.stderr
+
+
+def _check_lrs(rows, res, run_dir):
+    tt = res["config"]["telltale"]
+    by_doc = {s["doc_id"]: s for s in samples(run_dir, "telltale_local")}
+    for r in rows:
+        assert len(r["candidates"]) == 4 and r["chosen"] == "late_sum"
+        assert set(r["picks"]) == set(LRS_SELECTORS)
+        best = max(range(4), key=lambda k: (r["candidates"][k]["complete"], r["candidates"][k]["scores"]["late_sum"]))
+        assert r["picks"]["late_sum"] == best
+        # lm-eval scored the response the sidecar says late_sum picked
+        assert by_doc[r["doc_id"]]["resps"][0][0] == r["candidates"][best]["response"] == r["response"]
+        assert all(c["correct"] in (0.0, 1.0) for c in r["candidates"])  # the task's own scorer ran
+        assert len({c["text"] for c in r["candidates"]}) > 1
+    assert set(tt["summary"]["lrs_selectors"]) >= {"late_sum", "maj", "conf", "random", "first"}
+
+
+def _check_erss(rows, res, run_dir):
+    tt = res["config"]["telltale"]
+    assert tt["config"]["params"]["p_inject"] == 1.0
+    n_inj = 0
+    for r in rows:
+        for st in r["layers"].values():
+            assert st.get("injected", 0) == len(st["inject_positions"]) == len(st["inject_cos"]) == len(st["inject_vnorm"])
+            assert 0 <= st["bank_max"] <= 32
+            assert all(r["n_prompt_tokens"] <= p < r["n_prompt_tokens"] + r["n_generated_tokens"]
+                       for p in st["inject_positions"])
+            n_inj += st.get("injected", 0)
+    assert n_inj == tt["summary"]["injected"]["total"] > 0
+
+
+def _check_norms(rows, res, run_dir):
+    assert res["config"]["telltale"]["config"]["layers"] == [4, 5, 6]
+    assert all(r["n_decode_tokens"] == r["n_generated_tokens"] - 1 for r in rows)
+    assert all(r["layers"]["5"]["count"] > 0 for r in rows)
+    # the sidecar is joined to the right documents: its response is the one lm-eval scored
+    by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples(run_dir, "telltale_local")}
+    assert {r["doc_id"]: r["response"] for r in rows} == by_doc
+
+
+# ERSS knobs that make the tiny random model trigger: τ = Q3 of the request's norms, short streaks,
+# every armed token attempts, any cosine
+_ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
+
+#: model type → (model_args, gen_kwargs, --limit, intervention counter, control run, extra check).
+#: control: (model type, model_args, "equal" | "differ"): the control's responses must equal /
+#: differ from the method's (a method that silently did nothing fails "differ").
+CASES = {
+    "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "enforce_eager=True", "equal"), _check_norms),
+    "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "", "differ"), None),
+    "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0", None, 4, "accepted", None, None),
+    "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected", ("vllm-erss", _ERSS + ",p_inject=0", "differ"), _check_erss),
+    "vllm-lrs": ("layers=4-6,n_candidates=4", "temperature=0.8,do_sample=True", 3, None, None, _check_lrs),
+}
+
+
+def test_cases_cover_every_model_type():
+    assert set(CASES) == set(MODEL_TYPES)
+
+
+def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir):
+    cmd = [LM_EVAL, "--model", mtype, "--model_args", margs, "--tasks", "telltale_local", "--include_path",
+           str(local_task_dir), "--limit", str(limit), "--batch_size", "auto", "--log_samples",
+           "--output_path", str(out)]
+    if gen:
+        cmd += ["--gen_kwargs", gen]
+    p = run(cmd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(next(out.rglob("results_*.json")).read_text())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mtype", list(CASES))
+def test_lm_eval_end_to_end(mtype, tiny_model_dir, local_task_dir, tmp_path):
+    args, gen, limit, counter, control, check = CASES[mtype]
+    base = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512"
+    res = _lm_eval(mtype, f"{base},{args}", tmp_path / "run", gen=gen, limit=limit, local_task_dir=local_task_dir)
+    tt = res["config"]["telltale"]
+    assert res["config"]["model"] == mtype and tt["model_type"] == mtype
+    side = Path(tt["stats_path"])
+    assert side.is_file() and side.parent == next((tmp_path / "run").rglob("results_*.json")).parent
+    rows = [json.loads(l) for l in side.read_text().splitlines()]
+    # one row per document, joined to lm-eval's doc ids
+    assert sorted(r["doc_id"] for r in rows) == list(range(limit))
+    assert all(r["task"] == "telltale_local" and set(r["layers"]) == {"4", "5", "6"} for r in rows)
+    assert tt["summary"]["answers"] == limit
+    if counter:
+        assert tt["summary"][counter]["total"] > 0
+        assert sum(st.get(counter, 0) for r in rows for st in r["layers"].values()) == tt["summary"][counter]["total"]
+    if check:
+        check(rows, res, tmp_path / "run")
+    if control:
+        ctype, cargs, relation = control
+        _lm_eval(ctype, f"{base},{cargs}".rstrip(","), tmp_path / "control", limit=limit, local_task_dir=local_task_dir)
+        mine = {s["doc_id"]: s["resps"] for s in samples(tmp_path / "run", "telltale_local")}
+        theirs = {s["doc_id"]: s["resps"] for s in samples(tmp_path / "control", "telltale_local")}
+        assert (mine == theirs) == (relation == "equal")
