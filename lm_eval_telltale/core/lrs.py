@@ -11,7 +11,7 @@ Norm scores (per candidate, over its generated tokens, summed over the patched l
   ``mean``   mean over layers of the mean norm (length-normalised);
   ``A`` Σ n_t, ``B`` Σ max(0, n_t − τ), ``C`` #{n_t > τ}, ``D`` B over the last 30 % — the
   reference code's metrics (τ from the configured τ mode).
-The paper's exact formula is not public; see the README for what is uncertain.
+The paper's exact formula is not public; docs/methods.md §4 says what is uncertain.
 
 Compute-matched selectors: ``maj`` (majority over the task's extracted answers, ties → the
 answer seen first), ``conf`` (highest lowest-group confidence, DeepConf), ``random`` (seeded per
