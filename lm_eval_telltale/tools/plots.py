@@ -23,9 +23,18 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+#: methods whose rows form the ablation panel: their Δ (tens of points) would set the scale of the
+#: methods' few-point effects
+ABLATION_METHODS = ("suppress",)
+
+
 def plot_deltas(t: Table, path: str | Path) -> Path:
     """Grouped bars: Δ (points) vs the baseline per column (and avg), one bar per non-baseline row,
-    one panel per model."""
+    with ± the stderr of Δ as error bars. Per model one panel of the methods and, below it, one of
+    the suppression ablation (rows of method ``suppress``), each with its own y scale, so that the
+    ablation's large Δ does not flatten the methods' small ones."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,21 +45,37 @@ def plot_deltas(t: Table, path: str | Path) -> Path:
         if r.model not in models:
             models.append(r.model)
     cols = [c.name for c in t.columns] + ["avg"]
-    nmax = max([sum(1 for r in t.rows if r.model == m and not r.is_baseline) for m in models] + [1])
-    cmap = plt.get_cmap("tab10" if nmax <= 10 else "tab20")
-    fig, axes = plt.subplots(len(models), 1, figsize=(min(14.0, max(5.0, 0.22 * nmax * len(cols) + 2.5)) + 4.0,
-                                                      max(3.2, 0.9 + 0.22 * nmax) * len(models)), squeeze=False)
-    for ax, m in zip(axes[:, 0], models):
+    panels = []  # (model, what, rows)
+    for m in models:
         rows = [r for r in t.rows if r.model == m and not r.is_baseline]
+        meth = [r for r in rows if r.method not in ABLATION_METHODS]
+        abl = [r for r in rows if r.method in ABLATION_METHODS]
+        if meth or not abl:
+            panels.append((m, "methods" if abl else "", meth))
+        if abl:
+            panels.append((m, "suppression ablation", abl))
+    nmax = max([len(rows) for _, _, rows in panels] + [1])
+    cmap = plt.get_cmap("tab10" if nmax <= 10 else "tab20")
+    heights = [max(2.6, 1.2 + 0.2 * max(1, len(rows))) for _, _, rows in panels]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights},
+                             figsize=(min(14.0, max(5.0, 0.22 * nmax * len(cols) + 2.5)) + 4.5, sum(heights)))
+    for ax, (m, what, rows) in zip(axes[:, 0], panels):
         width = 0.8 / max(1, len(rows))
         for i, r in enumerate(rows):
-            ys = [(r.cells.get(c).delta if r.cells.get(c) else None) for c in cols[:-1]] + [r.avg.delta]
+            cells = [r.cells.get(c) for c in cols[:-1]] + [r.avg]
+            ys = [c.delta if c is not None else None for c in cells]
+            es = [c.delta_stderr if c is not None else None for c in cells]
             xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(cols))]
             color = cmap(i % cmap.N)
-            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width=width * 0.92, label=r.label, color=color)
+            ax.bar(xs, [y if y is not None else 0.0 for y in ys], width=width * 0.92, color=color,
+                   label=textwrap.fill(r.label, 50, subsequent_indent="  "))
             # a dot on every value, so a Δ of exactly 0 is still visible
             ax.scatter([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None],
                        s=10, color=color, zorder=3, edgecolors="black", linewidths=0.3)
+            err = [(x, y, e) for x, y, e in zip(xs, ys, es) if y is not None and e is not None]
+            if err:
+                ax.errorbar([x for x, _, _ in err], [y for _, y, _ in err], yerr=[e for _, _, e in err], fmt="none",
+                            ecolor="black", elinewidth=0.7, capsize=1.5, capthick=0.7, zorder=4)
         ax.axhline(0.0, color="black", linewidth=0.8)
         for k in range(1, len(cols)):
             ax.axvline(k - 0.5, color="#dddddd", linewidth=0.6)
@@ -60,14 +85,17 @@ def plot_deltas(t: Table, path: str | Path) -> Path:
         lo, hi = ax.get_ylim()
         if hi - lo < 2.0:  # all Δ ≈ 0: keep a readable ±1 point scale
             ax.set_ylim(min(lo, -1.0), max(hi, 1.0))
-        ax.set_ylabel(f"Δ vs {t.baseline} (points)")
-        ax.set_title(m if rows else f"{m} (no rows to compare)", fontsize=10)
+        ax.set_ylabel(f"Δ vs {t.baseline} (points)", fontsize=9)
+        title = f"{m}: {what}" if what else m
+        if not rows:
+            title += " (no rows to compare)"
+        elif what == "suppression ablation":
+            title += " (own y scale)"
+        ax.set_title(title + ("; error bars ± stderr of Δ" if rows else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         if rows:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(fig, path)
-
-
 
 
 # -- telltale profile ------------------------------------------------------------------------

@@ -7,7 +7,9 @@ CLI) or a ``"k=v,..."`` string. A telltale run's sidecar is found through
 ``config.telltale.stats_path``: first the file of that name next to the results JSON (a copied or
 moved run directory), then the recorded absolute path, then the newest
 ``telltale_<method>_*.jsonl`` next to the results that is not newer than them. Unreadable or
-partial files are skipped with a warning naming them. Inputs are never written to.
+partial files, and run directories without any results file (an interrupted run), are skipped
+with a warning naming them. Inputs are never written to: :class:`Inputs` records every directory
+and file read or listed, so that a caller can refuse to write there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ _SKIP_KNOBS = {"record_tokens", "stats_path", "seed", "num_layers", "method", "t
 class NoResultsError(RuntimeError):
     """A run directory (or file) that holds no lm-eval results."""
 
+
+@dataclass
+class Inputs:
+    """Everything a table was made from: the input run directories (those given, and each results
+    file's directory) and every file read or listed (results files, damaged ones included, and
+    sidecars), resolved. Nothing may be written inside or over them."""
+
+    dirs: set[Path] = field(default_factory=set)
+    files: set[Path] = field(default_factory=set)
+
+    def conflict(self, dest: str | Path) -> str | None:
+        """Why ``dest`` must not be written (None: it may be)."""
+        d = Path(dest).expanduser().resolve()
+        if d in self.files:
+            return f"refusing to overwrite the input {dest}"
+        for run_dir in sorted(self.dirs):
+            if d == run_dir or d.is_relative_to(run_dir):
+                return (f"refusing to write {dest} inside the input run directory {run_dir} "
+                        f"(inputs are never written to)")
+        return None
 
 
 @dataclass
@@ -45,6 +67,9 @@ class Run:
     key: tuple = ()
     inputs: list[Path] = field(default_factory=list)
     order: int = 0                  # position among the inputs (row order)
+    #: the runs a merged row is made of (runs of one configuration, one per task, say): (run, the
+    #: task and group names it gives, or None: all of its results)
+    parts: list[tuple[Run, set[str] | None]] = field(default_factory=list)
 
 
 def parse_model_args(v: Any) -> dict[str, Any]:
@@ -194,10 +219,25 @@ def results_files(target: str | Path) -> list[Path]:
         raise NoResultsError(f"{p}: no such file or directory")
     files = sorted({*p.rglob("results_*.json"), *p.rglob("results.json")})
     if not files:
+        sidecars = sorted(p.rglob("telltale_*.jsonl"))
+        if sidecars:  # lm-eval died (or was stopped) before writing its results: the sidecar has the answers so far
+            held = "; ".join(f"{sc} holds {_count_answers(sc)} answers" for sc in sidecars[:3])
+            raise NoResultsError(
+                f"{p}: no lm-eval results here (no results_*.json below it) — an interrupted run? its sidecar "
+                f"{held}{'; ...' if len(sidecars) > 3 else ''}. lm-eval writes the results file only at the end of a run")
         raise NoResultsError(
             f"{p}: no lm-eval results here (no results_*.json below it). lm-eval writes that file only at the "
             f"end of a run — did the run finish, and was --output_path this directory?")
     return files
+
+
+def _count_answers(sidecar: Path) -> int | str:
+    from ..sidecar import read_sidecar
+
+    try:
+        return len(read_sidecar(sidecar, lambda msg: None))
+    except OSError:
+        return "?"
 
 
 def find_sidecar(results_path: Path, res: dict) -> Path | None:
@@ -280,12 +320,27 @@ def load_run(path: Path, warn) -> Run | None:
     return run
 
 
-def collect_runs(targets: Iterable[str | Path], warn, progress: bool = True) -> list[Run]:
+def collect_runs(targets: Iterable[str | Path], warn, progress: bool = True,
+                 inputs: Inputs | None = None) -> list[Run]:
+    """The readable runs of ``targets``; a target without results (an interrupted run, a wrong
+    path) and unreadable files are skipped with a warning. ``inputs`` collects what was read or
+    listed."""
     from tqdm.auto import tqdm
 
+    inputs = inputs if inputs is not None else Inputs()
     files: list[Path] = []
     for t in targets:
-        files.extend(results_files(t))
+        p = Path(t).expanduser()
+        (inputs.files if p.is_file() else inputs.dirs).add(p.resolve())
+        try:
+            found = results_files(p)
+        except NoResultsError as e:
+            warn(f"skipping {e}")
+            continue
+        for f in found:
+            inputs.files.add(f.resolve())
+            inputs.dirs.add(f.parent.resolve())
+        files.extend(found)
     seen, runs = set(), []
     for f in tqdm(files, desc="telltale table: reading runs", unit="run", disable=None if progress else True):
         rf = f.resolve()
@@ -294,11 +349,10 @@ def collect_runs(targets: Iterable[str | Path], warn, progress: bool = True) -> 
         seen.add(rf)
         r = load_run(f, warn)
         if r is not None:
+            inputs.files.update(x.resolve() for x in r.inputs)
             r.order = len(runs)
             runs.append(r)
     return runs
-
-
 
 
 def is_num(v: Any) -> bool:

@@ -6,8 +6,11 @@ may be ``"N/A"``, ``config.model_args`` may be a dict (0.4.13 CLI) or a ``"k=v,.
 telltale run's sidecar is found through ``config.telltale.stats_path``: first the file of that
 name next to the results JSON (a copied or moved run directory), then the recorded absolute path,
 then the newest ``telltale_<method>_*.jsonl`` next to the results that is not newer than them.
-Unreadable or partial files are skipped with a warning naming them; a run directory without any
-results file is an error (:class:`NoResultsError`). Inputs are never written to.
+Unreadable or partial files, and a run directory without any results file (an interrupted run:
+the warning says how many answers its sidecar holds), are skipped with a warning naming them;
+only when no readable run is left is it an error (:class:`NoResultsError`). Inputs are never
+written to: ``--out``/``--plot`` inside an input run directory or onto a file read or listed is
+refused before anything is written.
 
 Rows: one per model × method configuration. The configuration label is the model type's method
 name plus the knobs that differ from their defaults (``TelltaleConfig`` after resolution, method
@@ -18,9 +21,14 @@ the same traces: accuracy "if selector X had been used" = the mean over the side
 ``candidates[picks[X]]["correct"]`` (per document first, repeats averaged, as lm-eval does); the
 selector the run returned keeps lm-eval's own numbers.
 
-**Duplicates.** Two runs with the same model and configuration (model type, resolved knobs,
-gen_kwargs): the newest (results ``date``) wins and the older ones are listed in the notes;
-``keep_all=True`` (``--all``) shows every run, labelled with its date.
+**Several runs of one configuration** (same model, model type, resolved knobs, gen_kwargs) make
+one row: one output directory per task is a common way to work. Each run contributes its tasks
+(a group together with all its subtasks, so a group score and its subtasks' always come from one
+run); where two runs have the same task (or overlapping groups), the newest (results ``date``)
+wins for that task and the older run's part is listed in the notes. The row's sidecar columns and
+LRS selector rows combine the sidecar rows of the tasks each run contributed; ``sources`` lists
+every contributing file. ``keep_all=True`` (``--all``) shows every run as its own row, labelled
+with its date.
 
 Columns: one per task and group (a group with an aggregated score stands for its subtasks unless
 ``subtasks=True``; subtasks of a group without one are shown), then ``avg`` — the unweighted mean
@@ -29,7 +37,9 @@ tokens per answer, truncation rate (finish_reason == "length"), and per 1,000 ge
 accepted recursions (ALRR), injections (ERSS) and suppressions (event counts summed over the
 patched layers, so several per token are possible). Cells: metric × 100 (when the metric is a
 fraction) ± stderr, and Δ in points vs the same model's baseline row (model type ``--baseline``,
-default ``vllm``; its newest configuration when there are several). The metric of a column is
+default ``vllm``; its newest configuration when there are several); the stderr of Δ (JSON
+``delta_stderr``, the plot's error bars) is sqrt(se² + se_baseline²), the runs being independent.
+The metric of a column is
 the first ``higher_is_better`` metric of the task (``exact_match,none`` for the telltale tasks)
 unless ``metric=`` names one (``exact_match`` or ``exact_match,flexible-extract``).
 """
@@ -38,16 +48,19 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.lrs import SELECTORS
-from .runs import NoResultsError, Run, collect_runs
+from .runs import Inputs, NoResultsError, Run, collect_runs
 from .runs import is_num as _is_num
 
 EVENT_COLUMNS = (("accepted", "rec/1k"), ("injected", "inj/1k"), ("suppressed", "sup/1k"))
 _META_KEYS = {"name", "alias", "sample_len", "sample_count", " ", ""}
+#: the top-level keys of a results JSON that are keyed by task/group name (merged per task)
+_PER_TASK_KEYS = ("results", "groups", "group_subtasks", "higher_is_better", "n-samples", "versions", "n-shot",
+                  "configs", "task_hashes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,6 +73,7 @@ class Cell:
     stderr: float | None = None
     delta: float | None = None
     n: int | None = None
+    delta_stderr: float | None = None   # stderr of Δ: sqrt(stderr² + baseline stderr²)
 
 
 @dataclass
@@ -98,6 +112,8 @@ class Table:
     notes: list[str]
     warnings: list[str]
     baseline: str
+    #: the input run directories and every file read or listed (never written to)
+    inputs: Inputs = field(default_factory=Inputs)
 
     # -- renderers -------------------------------------------------------------------------------
     def to_markdown(self) -> str:
@@ -107,7 +123,8 @@ class Table:
 
     def to_dict(self) -> dict[str, Any]:
         def c(cell: Cell) -> dict[str, Any]:
-            return {"value": cell.value, "stderr": cell.stderr, "delta": cell.delta, "n": cell.n}
+            return {"value": cell.value, "stderr": cell.stderr, "delta": cell.delta,
+                    "delta_stderr": cell.delta_stderr, "n": cell.n}
 
         return {
             "baseline": self.baseline,
@@ -295,41 +312,132 @@ def _official_cells(run: Run, cols: list[Column]) -> dict[str, Cell]:
     return cells
 
 
+def _part_totals(run: Run, names: set[str] | None) -> dict[str, Any] | None:
+    """The sidecar totals of one run (only the rows of the tasks ``names`` when given); from the
+    run summary in the results JSON when there is no sidecar; None when neither is there."""
+    rows = run.rows
+    if rows:
+        if names is not None:
+            rows = [r for r in rows if r.get("task") in names]
+        gen = [r.get("n_generated_tokens") for r in rows if _is_num(r.get("n_generated_tokens"))]
+        total = sum(gen)
+        return {"answers": len(rows), "counted": len(gen), "tokens": total,
+                "gen_tokens": total / len(gen) if gen else None,
+                "truncated": sum(r.get("finish_reason") == "length" for r in rows) / len(rows) if rows else None,
+                "events": {ev: sum(int(st.get(ev, 0) or 0) for r in rows for st in (r.get("layers") or {}).values()
+                                   if isinstance(st, dict)) for ev, _ in EVENT_COLUMNS}}
+    summ = (((run.res.get("config") or {}).get("telltale") or {}).get("summary")) or {}
+    if summ.get("answers") and names is None:  # a summary covers the whole run, not some of its tasks
+        gen = summ.get("generated_tokens") or 0
+        return {"answers": summ["answers"], "counted": summ["answers"], "tokens": gen,
+                "gen_tokens": gen / summ["answers"], "truncated": summ.get("finish_length_rate"),
+                "events": {ev: (summ.get(ev) or {}).get("total", 0) if isinstance(summ.get(ev), dict) else 0
+                           for ev, _ in EVENT_COLUMNS}}
+    return None
+
+
 def _extras(run: Run) -> dict[str, float | None]:
     ex: dict[str, float | None] = {"gen_tokens": None, "truncated": None}
     for ev, _ in EVENT_COLUMNS:
         ex[ev] = None
     rows = run.rows
-    if rows:
-        if run.selector:
-            picked = []
-            for r in rows:
-                c = (r.get("candidates") or [])
-                i = (r.get("picks") or {}).get(run.selector)
-                if isinstance(i, int) and 0 <= i < len(c):
-                    picked.append((c[i].get("n_tokens"), c[i].get("finish_reason")))
-            toks = [t for t, _ in picked if _is_num(t)]
-            ex["gen_tokens"] = sum(toks) / len(toks) if toks else None
-            ex["truncated"] = sum(f == "length" for _, f in picked) / len(picked) if picked else None
-            return ex
-        gen = [r.get("n_generated_tokens") for r in rows if _is_num(r.get("n_generated_tokens"))]
-        total = sum(gen)
-        ex["gen_tokens"] = total / len(gen) if gen else None
-        ex["truncated"] = sum(r.get("finish_reason") == "length" for r in rows) / len(rows)
-        for ev, _ in EVENT_COLUMNS:
-            cnt = sum(int(st.get(ev, 0) or 0) for r in rows for st in (r.get("layers") or {}).values()
-                      if isinstance(st, dict))
-            ex[ev] = 1000.0 * cnt / total if total else None
+    if rows and run.selector:  # an LRS selector row: what the selector's picks generated
+        picked = []
+        for r in rows:
+            c = (r.get("candidates") or [])
+            i = (r.get("picks") or {}).get(run.selector)
+            if isinstance(i, int) and 0 <= i < len(c):
+                picked.append((c[i].get("n_tokens"), c[i].get("finish_reason")))
+        toks = [t for t, _ in picked if _is_num(t)]
+        ex["gen_tokens"] = sum(toks) / len(toks) if toks else None
+        ex["truncated"] = sum(f == "length" for _, f in picked) / len(picked) if picked else None
         return ex
-    summ = (((run.res.get("config") or {}).get("telltale") or {}).get("summary")) or {}
-    if summ.get("answers"):
-        gen = summ.get("generated_tokens") or 0
-        ex["gen_tokens"] = gen / summ["answers"]
-        ex["truncated"] = summ.get("finish_length_rate")
-        for ev, _ in EVENT_COLUMNS:
-            tot = (summ.get(ev) or {}).get("total", 0) if isinstance(summ.get(ev), dict) else 0
-            ex[ev] = 1000.0 * tot / gen if gen else None
+    # a merged row: every contributing run's share (a run whose statistics are unknown leaves them unknown)
+    parts = [_part_totals(r, names) for r, names in (run.parts or [(run, None)])]
+    if not parts or any(p is None for p in parts):
+        return ex
+    if len(parts) == 1:
+        p = parts[0]
+        ex["gen_tokens"], ex["truncated"] = p["gen_tokens"], p["truncated"]
+    else:
+        counted, answers = sum(p["counted"] for p in parts), sum(p["answers"] for p in parts)
+        ex["gen_tokens"] = sum(p["tokens"] for p in parts) / counted if counted else None
+        if answers and all(p["truncated"] is not None for p in parts):
+            ex["truncated"] = sum(p["truncated"] * p["answers"] for p in parts) / answers
+    total = sum(p["tokens"] for p in parts)
+    for ev, _ in EVENT_COLUMNS:
+        ex[ev] = 1000.0 * sum(p["events"][ev] for p in parts) / total if total else None
     return ex
+
+
+def _units(res: dict) -> list[tuple[str, set[str]]]:
+    """The independent parts of a run's results: each top-level task, and each top-level group
+    with all its subtasks (recursively), as (name, every name in it)."""
+    children = {g: list(subs) for g, subs in (res.get("group_subtasks") or {}).items() if isinstance(subs, list)}
+    names = list(_entries(res)) + [g for g in children if g not in _entries(res)]
+    is_child = {s for subs in children.values() for s in subs}
+
+    def below(name: str, seen: set[str]) -> set[str]:
+        seen.add(name)
+        for s in children.get(name, []):
+            if s not in seen:
+                below(s, seen)
+        return seen
+
+    return [(n, below(n, set())) for n in names if n not in is_child]
+
+
+def _merge_runs(rs: list[Run]) -> tuple[Run, str]:
+    """One row from several runs of one configuration (``rs``, newest first) and the note saying
+    where its tasks come from: each run gives its tasks (a group with all its subtasks, so that a
+    group score and its subtasks' come from one run) that no newer run has."""
+    taken: set[str] = set()
+    contrib: list[tuple[Run, list[str], set[str]]] = []    # (run, its top-level names given, all names given)
+    lost: list[tuple[Run, list[str]]] = []                  # (older run, its names a newer run has)
+    for r in rs:
+        mine, gone, names = [], [], set()
+        for top, unit in _units(r.res):
+            if unit & taken:
+                gone.append(top)
+            else:
+                mine.append(top)
+                names |= unit
+        taken |= names  # after the run: its own groups may share a subtask
+        if mine:
+            contrib.append((r, mine, names))
+        if gone:
+            lost.append((r, gone))
+    newest = rs[0]
+    head = f"{newest.model} {newest.model_type}: {len(rs)} runs of the same configuration"
+    if len(contrib) == 1:  # the newest has every task of the older ones
+        return newest, (f"{head}; the newest ({_date_str(newest.date)}) is shown, older: "
+                        + ", ".join(_date_str(r.date) for r in rs[1:]))
+    whole = {id(r) for r in rs if not any(x is r for x, _ in lost)}
+    contrib.sort(key=lambda c: c[0].order)  # columns and sources in the order the runs were given
+    res = {k: v for k, v in newest.res.items() if k not in _PER_TASK_KEYS}
+    for key in _PER_TASK_KEYS:
+        res[key] = {}
+    rows: list[dict] = []
+    inputs: list[Path] = []
+    for r, _, names in contrib:
+        for key in _PER_TASK_KEYS:
+            src = r.res.get(key)
+            if isinstance(src, dict):
+                res[key].update({k: v for k, v in src.items() if k in names})
+        if r.rows:
+            rows.extend(r.rows if id(r) in whole else [x for x in r.rows if x.get("task") in names])
+        inputs.extend(r.inputs)
+    merged = Run(path=newest.path, res=res, model_type=newest.model_type, model=newest.model,
+                 settings=dict(newest.settings), tt_settings=set(newest.tt_settings), method=newest.method,
+                 date=newest.date, sidecar=next((r.sidecar for r in rs if r.sidecar is not None), None),
+                 rows=rows or None, inputs=inputs, order=min(r.order for r, _, _ in contrib),
+                 parts=[(r, None if id(r) in whole else names) for r, _, names in contrib])
+    note = (f"{head} make one row: " + "; ".join(f"{', '.join(mine)} from {_date_str(r.date)}"
+                                                 for r, mine, _ in contrib))
+    if lost:
+        note += ("; not shown, a newer run has them: "
+                 + "; ".join(f"{', '.join(gone)} of {_date_str(r.date)}" for r, gone in lost))
+    return merged, note
 
 
 def _avg(cells: dict[str, Cell], names: list[str]) -> float | None:
@@ -347,12 +455,14 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
         if warn is not None:
             warn(msg)
 
-    runs = collect_runs(targets, _warn, progress)
+    inputs = Inputs()
+    runs = collect_runs(targets, _warn, progress, inputs)
     if not runs:
         raise NoResultsError("no readable lm-eval results among the inputs: " + "; ".join(warnings))
     notes: list[str] = []
 
-    # duplicates: same model + configuration → newest wins (or all, labelled with their date)
+    # runs of one model + configuration → one row of their tasks, the newest run winning a task that
+    # several have (or all, labelled with their date)
     def ident(r: Run) -> tuple:
         return (r.model, r.model_type, tuple(sorted(r.settings.items())))
 
@@ -363,10 +473,9 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     for rs in groups.values():
         rs.sort(key=lambda r: r.date, reverse=True)
         if len(rs) > 1 and not keep_all:
-            notes.append(f"{rs[0].model} {rs[0].model_type}: {len(rs)} runs of the same configuration; the newest "
-                         f"({_date_str(rs[0].date)}) is shown, older: "
-                         + ", ".join(_date_str(r.date) for r in rs[1:]))
-            kept.append(rs[0])
+            merged, note = _merge_runs(rs)
+            notes.append(note)
+            kept.append(merged)
         else:
             kept.extend(rs)
     dated = {ident(r) for r in kept if len(groups[ident(r)]) > 1} if keep_all else set()
@@ -450,11 +559,16 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
                 b = base.cells.get(name)
                 if b is not None and b.value is not None and c.value is not None:
                     c.delta = c.value - b.value
+                    if c.stderr is not None and b.stderr is not None:  # independent runs
+                        c.delta_stderr = math.hypot(c.stderr, b.stderr)
             common = [n for n in top if n in r.cells and n in base.cells]
             if common:
                 a1, a0 = _avg(r.cells, common), _avg(base.cells, common)
                 if a1 is not None and a0 is not None:
                     r.avg.delta = a1 - a0
+                    ses = [r.cells[n].delta_stderr for n in common]
+                    if all(se is not None for se in ses):  # the mean of independent Δs
+                        r.avg.delta_stderr = math.sqrt(sum(se * se for se in ses)) / len(ses)
 
     # row order: model (first seen), its baseline first, then the runs in the order given; an LRS
     # run's selector rows stay together, the returned one first
@@ -470,7 +584,7 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     notes.insert(0, "cells: " + " / ".join(metrics) + (" × 100" if any(c.scale == 100 for c in cols) else "")
                  + " ± stderr (Δ vs the same model's " + baseline + " row, in points); avg: unweighted mean over "
                  + ", ".join(top) + ("; * = not all columns present" if any(r.avg_partial for r in rows) else ""))
-    return Table(cols, rows, extra_cols, notes, warnings, baseline)
+    return Table(cols, rows, extra_cols, notes, warnings, baseline, inputs)
 
 
 def _date_str(ts: float) -> str:
@@ -491,29 +605,40 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="lm-eval --output_path directories or results files")
     ap.add_argument("--baseline", default="vllm", help="model type of the baseline rows (default vllm; 'none': no Δ)")
     ap.add_argument("--format", default="md", choices=["md", "csv", "latex", "json"])
-    ap.add_argument("--out", help="write the table here (default: stdout); never one of the inputs")
-    ap.add_argument("--plot", help="also draw Δ per task per method into this PNG")
+    ap.add_argument("--out", help="write the table to this file (default: stdout); never an input file nor a "
+                                  "path inside an input run directory")
+    ap.add_argument("--plot", help="also draw Δ per task per method into this PNG (same rule as --out)")
     ap.add_argument("--metric", help="metric of every column: NAME or NAME,FILTER (default: the task's first "
                                      "higher-is-better metric)")
     ap.add_argument("--subtasks", action="store_true", help="show the subtasks of groups that have a group score")
     ap.add_argument("--all", action="store_true", dest="keep_all",
-                    help="show every run of a repeated configuration (default: the newest wins)")
+                    help="show every run of a configuration as its own row (default: one row per configuration "
+                         "with the tasks of all its runs, the newest run winning a task that several have)")
     a = ap.parse_args(argv)
 
     def warn(msg: str) -> None:
         print(f"telltale table: warning: {msg}", file=sys.stderr)
 
+    def error(msg: str) -> int:
+        print(f"telltale table: error: {msg}", file=sys.stderr)
+        return 2
+
+    dests = [(opt, d) for opt, d in (("--out", a.out), ("--plot", a.plot)) if d]
+    for opt, dest in dests:
+        if Path(dest).expanduser().is_dir():
+            return error(f"{opt} {dest} is a directory; give the path of a file to write")
+    if a.out and a.plot and Path(a.out).expanduser().resolve() == Path(a.plot).expanduser().resolve():
+        return error(f"--out and --plot are the same file {a.out}")
     try:
         t = build_table(a.runs, baseline=a.baseline, metric=a.metric, subtasks=a.subtasks, keep_all=a.keep_all,
                         warn=warn)
     except NoResultsError as e:
-        print(f"telltale table: error: {e}", file=sys.stderr)
-        return 2
-    inputs = {Path(s).resolve() for r in t.rows for s in r.sources}
-    for dest in (a.out, a.plot):
-        if dest and Path(dest).resolve() in inputs:
-            print(f"telltale table: error: refusing to overwrite the input {dest}", file=sys.stderr)
-            return 2
+        return error(str(e))
+    # inputs are never written to: checked for every destination before anything is written
+    for opt, dest in dests:
+        why = t.inputs.conflict(dest)
+        if why:
+            return error(f"{opt}: {why}")
     from .plots import plot_deltas
     from .render import render
 

@@ -221,3 +221,174 @@ def test_matched_suppression_label_is_stable_across_reruns(tmp_path):
         labels.append(_row(build_table([tmp_path / f"run{i}"], progress=False), "suppress").label)
     assert labels[0] == labels[1]
     assert "match_stats=telltale_suppress.jsonl" in labels[0] and "2026" not in labels[0]
+
+
+# -- issue 14 item 2: runs of one configuration, one per task, make one row ------------------------
+
+PERTASK = DATA / "pertask"
+
+
+def test_per_task_runs_of_one_configuration_merge_into_one_row():
+    """One output directory per task: every task of a configuration lands in its row; where two runs
+    have a task, the newest wins for that task; sidecar columns and sources combine the runs."""
+    t = build_table([PERTASK / n for n in ["vllm-a", "vllm-b", "alrr-old", "alrr-a", "alrr-b"]], progress=False)
+    assert [c.name for c in t.columns] == ["task_a", "task_b", "grp"]
+    assert [r.method for r in t.rows] == ["vllm", "alrr"]
+    base, alrr = t.rows
+    assert {k: c.value for k, c in base.cells.items()} == pytest.approx({"task_a": 50.0, "task_b": 40.0, "grp": 60.0})
+    # task_a from alrr-a (2026-02-03), not alrr-old's 10.0; grp (a group) from alrr-old, the only run with it
+    assert {k: c.value for k, c in alrr.cells.items()} == pytest.approx({"task_a": 60.0, "task_b": 50.0, "grp": 70.0})
+    assert {k: c.delta for k, c in alrr.cells.items()} == pytest.approx({"task_a": 10.0, "task_b": 10.0, "grp": 10.0})
+    assert alrr.avg.value == pytest.approx(60.0) and alrr.avg.delta == pytest.approx(10.0)
+    assert not base.avg_partial and not alrr.avg_partial
+    # the sidecars of the three runs, alrr-old's rows of task_a (superseded) left out:
+    # tokens 50+150 (a) + 100+100 (b) + 80+120 (grp) over 6 answers, one truncated, 6 accepted
+    assert alrr.extras["gen_tokens"] == pytest.approx(100.0)
+    assert alrr.extras["truncated"] == pytest.approx(1 / 6)
+    assert alrr.extras["accepted"] == pytest.approx(10.0)
+    names = sorted(Path(s).parent.parent.name + "/" + Path(s).name.split("_")[0] for s in alrr.sources)
+    assert names == ["alrr-a/results", "alrr-a/telltale", "alrr-b/results", "alrr-b/telltale",
+                     "alrr-old/results", "alrr-old/telltale"]
+    assert len(base.sources) == 2
+    note = next(n for n in t.notes if "vllm-alrr: 3 runs of the same configuration" in n)
+    assert "grp from 2026-02-02 00:10:00 UTC" in note and "task_a from 2026-02-03 00:10:00 UTC" in note
+    assert "task_a of 2026-02-02 00:10:00 UTC" in note  # the older run's superseded task is named
+    assert not t.warnings
+    # --all: every run its own row, as before
+    ta = build_table([PERTASK / n for n in ["vllm-a", "vllm-b", "alrr-old", "alrr-a", "alrr-b"]], progress=False,
+                     keep_all=True)
+    assert len(ta.rows) == 5 and all(" @ 2026-02-0" in r.label for r in ta.rows)
+
+
+def test_per_task_merge_keeps_groups_consistent():
+    """A newer run of one subtask of an older run's group: the group (score and subtasks) comes from
+    one run only, so the older group is dropped, not mixed with the newer subtask."""
+    t = build_table([PERTASK / "alrr-old", PERTASK / "alrr-x"], progress=False, subtasks=True)
+    (row,) = t.rows
+    assert {k: c.value for k, c in row.cells.items()} == pytest.approx({"task_a": 10.0, "grp_x": 90.0})
+    assert "grp" not in [c.name for c in t.columns] and "grp_y" not in row.cells
+    # alrr-old's rows of task_a (1000+1000 tokens, truncated) and alrr-x's grp_x row (100); not grp's
+    assert row.extras["gen_tokens"] == pytest.approx(700.0) and row.extras["truncated"] == pytest.approx(2 / 3)
+    assert any("grp of 2026-02-02 00:10:00 UTC" in n for n in t.notes)
+
+
+# -- issue 14 item 4: --out/--plot never inside an input run directory nor onto an input ------------
+
+def _main(capsys, *args):
+    from lm_eval_telltale.tools.table import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_out_and_plot_inside_input_run_dirs(tmp_path, capsys):
+    import shutil
+
+    edge = tmp_path / "edge"
+    shutil.copytree(DATA / "edge", edge)
+    samples = edge / "alrr" / "org__model-x" / "samples_task_a_2026-01-01T00-10-00.000000.jsonl"
+    samples.write_text('{"doc_id": 0}\n')
+    runs = [edge / n for n in EDGE]
+    before = _snapshot(tmp_path)
+    fine = tmp_path / "out" / "t.md"
+    victims = [
+        samples,                                                                       # a samples file
+        edge / "corrupt" / "org__model-x" / "results_2026-01-03T00-00-00.000000.json",  # a skipped damaged file
+        edge / "suppress" / "org__model-x" / "results_2026-01-01T01-00-00.000000.json",  # an older duplicate
+        edge / "alrr" / "table.md",                                                    # a new file in a run dir
+        edge / "lrs" / "org__model-x" / "plots" / "t.md",                              # ... and deeper
+    ]
+    for v in victims:
+        rc, err = _main(capsys, *runs, "--out", v)
+        last = err.splitlines()[-1]
+        assert rc == 2 and last.startswith("telltale table: error: --out: refusing") and str(v) in last, (v, err)
+        assert _snapshot(tmp_path) == before, v
+    # --plot as well, checked before --out is written
+    rc, err = _main(capsys, *runs, "--out", fine, "--plot", edge / "baseline" / "d.png")
+    assert rc == 2 and "inside the input run directory" in err and not fine.exists()
+    assert _snapshot(tmp_path) == before
+    # a results file given directly: its directory is an input run directory
+    res = edge / "alrr" / "org__model-x" / "results_2026-01-01T00-10-00.000000.json"
+    rc, err = _main(capsys, res, "--out", res.parent / "t.md")
+    assert rc == 2 and "inside the input run directory" in err
+    assert _snapshot(tmp_path) == before
+    rc, err = _main(capsys, *runs, "--out", fine, "--plot", tmp_path / "out" / "d.png")
+    assert rc == 0 and fine.read_text() == render(build_table(runs, progress=False), "md")
+
+
+def test_cli_out_that_is_a_directory_is_a_clear_error(tmp_path, capsys):
+    runs = [DATA / "edge" / n for n in EDGE]
+    rc, err = _main(capsys, *runs, "--out", tmp_path)
+    assert rc == 2 and err.startswith("telltale table: error: --out") and "is a directory" in err
+    rc, err = _main(capsys, *runs, "--plot", tmp_path)
+    assert rc == 2 and "--plot" in err and "is a directory" in err
+    assert not any(tmp_path.iterdir())
+
+
+# -- issue 14 item 5: an interrupted run directory is skipped, not fatal ----------------------------
+
+def test_interrupted_run_dir_is_skipped_with_a_warning(capsys):
+    interrupted = DATA / "edge" / "interrupted"
+    t = build_table([DATA / "edge" / n for n in EDGE] + [interrupted, DATA / "edge" / "nowhere"], progress=False)
+    assert render(t, "md") == render(edge_table(), "md")
+    w = "\n".join(t.warnings)
+    sidecar = interrupted / "org__model-x" / "telltale_alrr_2026-01-05T00-00-00.000000.jsonl"
+    assert f"skipping {interrupted}: no lm-eval results here" in w
+    assert f"an interrupted run? its sidecar {sidecar} holds 3 answers" in w  # the torn 4th line not counted
+    assert f"skipping {DATA / 'edge' / 'nowhere'}: no such file or directory" in w
+    rc, err = _main(capsys, DATA / "edge" / "baseline", interrupted, "--format", "json")
+    assert rc == 0 and "telltale table: warning: skipping" in err and "interrupted run?" in err
+    # nothing usable left: an error naming the inputs
+    with pytest.raises(NoResultsError, match="no readable lm-eval results.*holds 3 answers"):
+        build_table([interrupted], progress=False)
+    rc, err = _main(capsys, interrupted, DATA / "edge" / "empty")
+    assert rc == 2 and err.splitlines()[-1].startswith("telltale table: error: no readable lm-eval results")
+
+
+# -- issue 14 item 13: the suppression ablation does not flatten the methods' Δ; error bars ----------
+
+def test_delta_stderr_of_independent_runs():
+    t = edge_table()
+    alrr = _row(t, "alrr")
+    assert alrr.cells["task_b"].delta_stderr == pytest.approx((5.0 ** 2 + 10.0 ** 2) ** 0.5)
+    assert alrr.cells["task_a"].delta_stderr is None  # the stderr is "N/A"
+    assert alrr.avg.delta_stderr is None
+    assert _row(t, "vllm").cells["task_b"].delta_stderr is None
+    t = build_table([DATA / "ablation"], progress=False, warn=None)
+    e = _row(t, "erss")
+    ea, eb = (2.0 ** 2 + 1.8 ** 2) ** 0.5, (5.2 ** 2 + 5.0 ** 2) ** 0.5
+    assert e.cells["task_a"].delta_stderr == pytest.approx(ea)
+    assert e.avg.delta_stderr == pytest.approx((ea ** 2 + eb ** 2) ** 0.5 / 2)
+
+
+def test_plot_ablation_in_its_own_panel_with_error_bars(tmp_path, monkeypatch):
+    from matplotlib.container import ErrorbarContainer
+
+    from lm_eval_telltale.tools import plots
+
+    figs = []
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    t = build_table([DATA / "ablation"], progress=False)
+    _check_png(plot_deltas(t, tmp_path / "d.png"))
+    methods, ablation = figs[0].axes
+    labels = lambda ax: [x.get_text().replace("\n", "") for x in ax.get_legend().get_texts()]  # noqa: E731
+    assert labels(methods) == ["alrr (blowup=3)", "erss (p_inject=1)"]
+    assert [lab.split(" ")[0] for lab in labels(ablation)] == ["suppress", "suppress"]
+    # own scales: the methods' few points are not flattened by the ablation's −60 to −80
+    lo, hi = methods.get_ylim()
+    assert lo < 0 < hi and hi - lo < 30
+    assert ablation.get_ylim()[0] < -75
+    # error bars: ± the stderr of Δ on every bar (3 columns: task_a, task_b, avg)
+    for ax, rows in ((methods, ["alrr", "erss"]), (ablation, ["suppress", "suppress"])):
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == len(rows)
+    alrr = _row(t, "alrr")
+    segs = next(c for c in methods.containers if isinstance(c, ErrorbarContainer)).lines[2][0].get_segments()
+    want = [alrr.cells["task_a"], alrr.cells["task_b"], alrr.avg]
+    assert [y for s in segs for y in (s[0][1], s[1][1])] == pytest.approx(
+        [y for c in want for y in (c.delta - c.delta_stderr, c.delta + c.delta_stderr)])
