@@ -20,25 +20,37 @@ Rules, in order:
    ``think_end_token=</think>`` has already cut everything up to the last ``</think>``; when the
    token never appeared it passes the whole trace on, which still starts with ``<think>`` for
    chat templates where the model itself emits the opening tag (Qwen3). Templates that put
-   ``<think>`` into the *prompt* (DeepSeek-R1 distills) leave no trace of an unclosed block in a
-   stripped response; for those, run without ``think_end_token`` (the scorer strips the thinking
-   itself) and set ``TELLTALE_REQUIRE_THINK_END=1`` so that a response without ``</think>``
-   counts as truncated. ``TELLTALE_THINK_START`` / ``TELLTALE_THINK_END`` change the tags.
+   ``<think>`` into the *prompt* (DeepSeek-R1 distills) leave no opening tag in the response;
+   for those a response without ``</think>`` is truncated. The scorer finds out which kind of
+   template is in use by itself (:func:`auto_require_think_end`: the chat template of the
+   ``lm_eval --apply_chat_template`` run's tokenizer, or :func:`set_prompt_opens_think`);
+   ``TELLTALE_REQUIRE_THINK_END=1`` / ``=0`` overrides that decision. Such runs need the raw
+   response: without ``think_end_token`` (the scorer strips the thinking itself).
+   ``TELLTALE_THINK_START`` / ``TELLTALE_THINK_END`` change the tags.
 2. Final answer string: the last ``\\boxed{...}`` (or ``\\fbox``), else the last answer phrase
    ("The answer is X", "Answer: X", "**Final Answer:** X", "the correct option is (X)", ...),
-   cut at the end of its clause; Markdown emphasis and ``$`` delimiters are ignored.
-3. Task-specific fallback when there is no such string: the last number (math), the last
-   standalone option letter (multiple choice), the last label word (True/False, Yes/No,
-   valid/invalid), the trailing words (word sorting) or the last bracket line (Dyck).
+   cut at the end of its clause; Markdown emphasis and ``$`` delimiters are ignored (``$``
+   followed by a number is money unless it closes like math; ``\\$`` is never a delimiter).
+3. Task-specific fallback when there is no such string: the last number (math; ``1/2`` and
+   number words such as ``eighteen`` count), the last strong option cue (``(C)``, ``Option C``)
+   or else standalone option letter (multiple choice), the last label word (True/False, Yes/No,
+   valid/invalid), the list after the last "sorted"/"answer" cue or else the trailing words
+   (word sorting), or the last bracket line (Dyck).
 4. Comparison: numbers exactly (``18.00 == 18``, ``033 == 33``, ``1,000 == 1000``,
-   ``\\frac{36}{2} == 18`` through math-verify), letters by letter (or by the option's text),
-   labels case-insensitively, word lists and bracket sequences token by token.
+   ``a - b = 70,000 == 70000``, ``after 3 days she has 18 == 18``, ``\\frac{36}{2} == 18``
+   through math-verify), letters by letter (or by the option's text, or by the number an
+   option's text is), labels case-insensitively, word lists and bracket sequences token by
+   token (LaTeX escapes such as ``\\&`` undone).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
 import re
+import sys
 import threading
 from collections import Counter
 from fractions import Fraction
@@ -47,6 +59,9 @@ from typing import Any, Iterable, Sequence
 __all__ = [
     "LETTERS",
     "split_thinking",
+    "prompt_opens_think",
+    "auto_require_think_end",
+    "set_prompt_opens_think",
     "all_boxed",
     "last_boxed",
     "answer_phrase",
@@ -79,6 +94,8 @@ __all__ = [
     "process_results_bbh_dyck",
 ]
 
+_log = logging.getLogger("lm_eval_telltale")
+
 # --------------------------------------------------------------------------------------------
 # 1. thinking
 # --------------------------------------------------------------------------------------------
@@ -91,8 +108,160 @@ def _think_tags() -> tuple[str, str]:
     )
 
 
+_ON = {"1", "true", "yes", "on"}
+_OFF = {"0", "false", "no", "off"}
+
+#: the decision a model class set explicitly (:func:`set_prompt_opens_think`); None = not set
+_PROMPT_OPENS_THINK: bool | None = None
+
+
+def set_prompt_opens_think(value: bool | None) -> None:
+    """Tell the scorer whether the prompts of this process end inside an open think block.
+
+    For API (non-CLI) use, where :func:`auto_require_think_end` cannot read the model from
+    ``sys.argv``: a model class that knows its chat template calls this once (True for
+    DeepSeek-R1-style templates). ``None`` clears it. ``TELLTALE_REQUIRE_THINK_END`` still wins.
+    """
+    global _PROMPT_OPENS_THINK
+    _PROMPT_OPENS_THINK = None if value is None else bool(value)
+
+
+def prompt_opens_think(tokenizer: Any, **template_kwargs: Any) -> bool:
+    """Does ``tokenizer``'s chat template end the generation prompt inside an open think block?
+
+    Renders a one-message user conversation with ``add_generation_prompt=True`` and compares the
+    positions of the last think-start and think-end tags: True for DeepSeek-R1-distill templates
+    (the prompt ends with ``<think>\\n``), False for Qwen3 (the model writes ``<think>`` itself;
+    ``enable_thinking=False`` closes an empty block inside the prompt) and for plain templates.
+    ``template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking``). Errors of the
+    template propagate.
+    """
+    start, end = _think_tags()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 1 + 1?"}], tokenize=False, add_generation_prompt=True,
+        **template_kwargs,
+    )
+    if not isinstance(text, str):
+        text = str(text)
+    return bool(start) and text.rfind(start) > (text.rfind(end) if end else -1)
+
+
+def _argv_model_args(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The ``--model_args`` of an lm-eval command line (``k=v,k=v``, ``k=v k=v`` or JSON, also
+    repeated), merged; None when the command line does not apply a chat template."""
+    if not any(a == "--apply_chat_template" or a.startswith("--apply_chat_template=") for a in argv):
+        return None
+    values: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--model_args", "-a"):
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            continue
+        if a.startswith("--model_args="):
+            values.append(a.split("=", 1)[1])
+        i += 1
+    out: dict[str, Any] = {}
+    for v in values:
+        v = v.strip()
+        if v.startswith("{"):
+            try:
+                d = json.loads(v)
+            except ValueError:
+                continue
+            if isinstance(d, dict):
+                out.update({str(k): x for k, x in d.items()})
+            continue
+        for part in v.split(","):
+            if "=" in part:
+                k, x = part.split("=", 1)
+                out[k.strip()] = x.strip()
+    return out
+
+
+def _as_flag(v: Any) -> bool | None:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    return True if s in _ON else False if s in _OFF else None
+
+
+def auto_require_think_end() -> bool | None:
+    """Whether this process's prompts end inside an open think block, detected once.
+
+    The value given to :func:`set_prompt_opens_think` when there is one; else, when the process
+    is an ``lm_eval ... --apply_chat_template`` run, the chat template of the ``tokenizer=`` (or
+    ``pretrained=``) of ``--model_args``, loaded from local files only (the run has already
+    downloaded it). None when it cannot tell (no chat template applied, no tokenizer, any error)
+    and when a ``think_end_token`` model arg (or preset value) makes lm-eval strip the thinking
+    itself: every response then lacks ``</think>`` and requiring it would call all of them
+    truncated (a warning says so). Cached; ``auto_require_think_end.cache_clear()`` forgets it.
+    """
+    if _PROMPT_OPENS_THINK is not None:
+        return _PROMPT_OPENS_THINK
+    return _detect_from_argv()
+
+
+@functools.lru_cache(maxsize=1)
+def _detect_from_argv() -> bool | None:
+    args: dict[str, Any] | None = None
+    try:
+        args = _argv_model_args(sys.argv)
+        if not args:
+            return None
+        if args.get("config"):  # a telltale preset: explicit model_args win over its values
+            try:
+                from lm_eval_telltale.config import load_preset
+
+                preset = load_preset(str(args["config"]))
+                args = {**{k: preset[k] for k in ("think_end_token", "enable_thinking") if k in preset}, **args}
+            except Exception:
+                pass
+        name = args.get("tokenizer") or args.get("pretrained")
+        if not name:
+            return None
+        from transformers import AutoTokenizer
+
+        kw: dict[str, Any] = {"local_files_only": True}
+        if args.get("revision") and not args.get("tokenizer"):
+            kw["revision"] = str(args["revision"])
+        if _as_flag(args.get("trust_remote_code", False)):
+            kw["trust_remote_code"] = True
+        tok = AutoTokenizer.from_pretrained(str(name), **kw)
+        tkw: dict[str, Any] = {}
+        thinking = _as_flag(args["enable_thinking"]) if "enable_thinking" in args else None
+        if thinking is not None:
+            tkw["enable_thinking"] = thinking
+        opens = prompt_opens_think(tok, **tkw)
+    except Exception as e:  # never let the detection break scoring
+        _log.debug("telltale: think-block detection failed: %s", e)
+        return None
+    if opens and str(args.get("think_end_token") or "").strip():
+        _log.warning(
+            "telltale: the chat template of %s opens <think> in the prompt, but think_end_token=%s "
+            "strips the thinking from every response, so truncated reasoning cannot be detected. "
+            "Drop think_end_token to let the scorer see %s (or set TELLTALE_REQUIRE_THINK_END).",
+            name, args.get("think_end_token"), _think_tags()[1],
+        )
+        return None
+    return opens
+
+
+auto_require_think_end.cache_clear = _detect_from_argv.cache_clear  # type: ignore[attr-defined]
+
+
 def _require_think_end() -> bool:
-    return os.environ.get("TELLTALE_REQUIRE_THINK_END", "").strip().lower() in {"1", "true", "yes", "on"}
+    """``TELLTALE_REQUIRE_THINK_END`` when set (both ways), else :func:`auto_require_think_end`,
+    else False."""
+    env = os.environ.get("TELLTALE_REQUIRE_THINK_END", "").strip().lower()
+    if env in _ON:
+        return True
+    if env in _OFF:
+        return False
+    return bool(auto_require_think_end())
 
 
 def split_thinking(response: str) -> tuple[str, bool]:
@@ -100,7 +269,9 @@ def split_thinking(response: str) -> tuple[str, bool]:
 
     ``answer_text`` is the text after the last think-end token (the whole response when there is
     none). ``truncated`` is True when a thinking block was opened and never closed: a start tag
-    with no end tag after it, or -- with ``TELLTALE_REQUIRE_THINK_END=1`` -- no end tag at all.
+    with no end tag after it, or -- when the prompt itself opened the block (the chat template
+    detected by :func:`auto_require_think_end`, or ``TELLTALE_REQUIRE_THINK_END=1``) -- no end
+    tag at all.
     A truncated response has no answer text.
     """
     if response is None:
@@ -169,14 +340,40 @@ _PHRASE_RE = re.compile(
 )
 
 
+#: a ``$...$`` / ``$$...$$`` math span. ``\$`` inside is an escaped dollar sign, never a delimiter;
+#: as in Pandoc, the span opens before and closes after a non-space character and the closing
+#: ``$`` is not followed by a digit, so money (``$18. That is 2 more than $16``) is no span.
+_MATH_SPAN_RE = re.compile(r"(?<!\\)(\$\$?)(?=[^\s$])((?:\\.|[^\\$])+?)(?<=\S)\1(?!\d)", re.S)
+
+#: an introductory phrase ending in a comma ("After 3 days, ...", "Therefore, ..."): not the answer
+_INTRO_RE = re.compile(
+    r"(?:(?:after|in|on|for|over|by|within|at|during|with|altogether|overall|in\s+total|in\s+the\s+end)\b[^,.;:\n]{0,40}"
+    r"|therefore|thus|so|hence|finally|then|overall|altogether|in\s+total|in\s+the\s+end|in\s+summary)"
+    r",\s+(?=\S)",
+    re.I,
+)
+
+
+def _math_span_at_start(s: str) -> str | None:
+    m = _MATH_SPAN_RE.match(s)
+    if m and not (m.group(1) == "$" and "\n" in m.group(2)):
+        return m.group(0)
+    m = re.match(r"\\\((.+?)\\\)", s, re.S)
+    return m.group(0) if m else None
+
+
 def _cut_clause(s: str, lists: bool = False) -> str:
     """Cut an answer phrase's capture at the end of its clause (``lists=True``: at the end of
     its line or sentence only, keeping ", " inside, for word lists and option texts)."""
     s = s.strip()
+    if not lists:  # "After 3 days, she has 18" -> "she has 18"
+        m = _INTRO_RE.match(s)
+        if m:
+            s = s[m.end() :]
     # a $...$ / \(...\) span at the start is kept whole (it may contain ". " or ", ")
-    m = re.match(r"(\$\$?)(.+?)\1", s, re.S) or re.match(r"\\\((.+?)\\\)", s, re.S)
-    if m:
-        return m.group(0)
+    span = _math_span_at_start(s)
+    if span:
+        return span
     s = s.split("\n", 1)[0]
     if lists:
         return re.split(r"(?<!\d)\.(?:\s|$)|\.(?=\s+[A-Z])", s, maxsplit=1)[0].strip()
@@ -189,13 +386,11 @@ def answer_phrase(text: str, lists: bool = False) -> str | None:
     if not text:
         return None
     plain = _MD_RE.sub("", text)
-    last = None
-    for m in _PHRASE_RE.finditer(plain):
-        rest = plain[m.end() :]
-        cand = _cut_clause(rest, lists)
+    for m in reversed(list(_PHRASE_RE.finditer(plain))):  # the last phrase with a non-empty clause
+        cand = _cut_clause(plain[m.end() :], lists)
         if cand:
-            last = cand
-    return last
+            return cand
+    return None
 
 
 def clean_answer(s: str) -> str:
@@ -206,8 +401,10 @@ def clean_answer(s: str) -> str:
         s = re.sub(r"\\(?:boxed|fbox)\s*\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
     s = s.replace("\\$", "").replace("$", "").replace("**", "").replace("`", "")
+    # thousands separators written as "70{,}000", "70\,000" or a thin space -> "70,000"
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,|\\ |[\u2009\u202f])(?=\d{3}(?!\d))", ",", s)
     s = re.sub(r"\\[,;!: ]", " ", s)
-    s = re.sub(r"\\%", "%", s)
+    s = re.sub(r"\\([&%_#])", r"\1", s)  # LaTeX escapes of text characters: "\&" -> "&"
     s = s.strip().strip("*_").strip()
     s = re.sub(r"[.。!;:]+$", "", s).strip()
     return " ".join(s.split())
@@ -228,20 +425,93 @@ def final_answer_string(answer_text: str, lists: bool = False) -> str | None:
 # 3. math
 # --------------------------------------------------------------------------------------------
 
-_NUM_RE = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")  # applied after _strip_thousands
+# a number token: an integer fraction ("1/2"), a decimal, an integer (after _num_text)
+_NUM_RE = re.compile(r"-?\d+/\d+(?![\d.])|-?\d+(?:\.\d+)?|-?\.\d+")
 _THOUSANDS_RE = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
-_WORD_NUMBERS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
+_UNIT_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split()
+)
+_TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_WORD_NUMBERS: dict[str, int] = {
+    **{w: i for i, w in enumerate(_UNIT_WORDS)},
+    **{w: 20 + 10 * i for i, w in enumerate(_TENS_WORDS)},
 }
+_SCALE_WORDS = {"hundred": 100, "thousand": 1000, "million": 10**6}
+_NUMWORD = "|".join(sorted([*_WORD_NUMBERS, *_SCALE_WORDS], key=len, reverse=True))
+#: a run of number words: "eighteen", "twenty-five", "one hundred and twenty"
+_NUMWORD_RUN_RE = re.compile(rf"(?<![\w'-])(?:{_NUMWORD})(?:(?:\s+and\s+|\s+|-)(?:{_NUMWORD}))*(?![\w'-])", re.I)
+#: a number word after a determiner names things already counted ("the two methods", "the last
+#: one", "no one"), it is no count; "one" is also a pronoun before these words ("one of them",
+#: "only one is rotten")
+_WORD_BEFORE_RE = re.compile(
+    r"\b(?:the|this|that|these|those|both|all|each|every|any|no|which|another|last|first|right|correct|wrong|same|other|a)\s+$",
+    re.I,
+)
+_ONE_AFTER_RE = re.compile(
+    r"^\s*(?:of|another|by|who|which|that|'s|is|was|has|had|does|did|can|could|will|would|should|must|may|might)\b", re.I
+)
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+
+
+def _words_value(words: list[str]) -> list[int]:
+    """Values of a run of number words; a run that is not one number ("one two three") gives
+    one value per well-formed group."""
+    out: list[int] = []
+    total = cur = 0
+    prev = ""  # kind of the previous word: "unit" (< 10), "teen" (10-19), "tens", "scale"
+    started = False
+    for w in words:
+        if w == "and":
+            continue
+        if w in _SCALE_WORDS:
+            scale = _SCALE_WORDS[w]
+            if scale == 100:
+                cur = max(cur, 1) * 100
+            else:
+                total += max(cur, 1) * scale
+                cur = 0
+            prev, started = "scale", True
+            continue
+        v = _WORD_NUMBERS[w]
+        kind = "unit" if v < 10 else "teen" if v < 20 else "tens"
+        fits = not started or prev == "scale" or (prev == "tens" and kind == "unit")
+        if not fits:
+            out.append(total + cur)
+            total = cur = 0
+        cur += v
+        prev, started = kind, True
+    if started:
+        out.append(total + cur)
+    return out
+
+
+def _words_to_digits(s: str, lone_one: bool = True) -> str:
+    """Number words written as digits: "eighteen apples" -> "18 apples". ``lone_one=False``
+    keeps a lone "one" (running text: "one more than last week", "for one pipe")."""
+
+    def sub(m: re.Match) -> str:
+        words = [w.lower() for w in re.split(r"[\s-]+", m.group(0)) if w]
+        if _WORD_BEFORE_RE.search(s[max(0, m.start() - 40) : m.start()]) or (
+            words == ["one"] and (not lone_one or _ONE_AFTER_RE.match(s[m.end() : m.end() + 40]))
+        ):
+            return m.group(0)
+        return " ".join(str(v) for v in _words_value(words))
+
+    return _NUMWORD_RUN_RE.sub(sub, s)
 
 
 def _strip_thousands(s: str) -> str:
     s = s.replace("\u2212", "-")  # unicode minus
     return _THOUSANDS_RE.sub(lambda m: m.group(1).replace(",", ""), s)
+
+
+def _num_text(s: str, lone_one: bool = True) -> str:
+    """Text prepared for number search: ``\\frac{1}{2}`` -> ``1/2``, number words as digits,
+    ``{,}`` / ``\\,`` / thousands separators removed."""
+    s = _FRAC_RE.sub(r"\1/\2", s or "")
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)
+    return _strip_thousands(_words_to_digits(s, lone_one))
 
 
 def _as_fraction(s: str) -> Fraction | None:
@@ -265,25 +535,43 @@ def _as_fraction(s: str) -> Fraction | None:
     return None
 
 
+#: a number after one of these words is a circumstance ("after 3 days", "for 3 people",
+#: "18 out of 20", "2 more than 16"), not the quantity asked for
+_PREP_BEFORE_RE = re.compile(
+    r"\b(?:after|in|for|over|per|within|out\s+of|from|at|by|on|during|every|than|with|among|between)\s+\$?$",
+    re.I,
+)
+_EXPR_RE = re.compile(r"[\^*+×÷]|\d\s*-\s*\d|\d\s+/|/\s+\d")
+
+
 def _number_in(s: str) -> Fraction | None:
-    """The single number inside a short answer such as ``18 apples`` or ``$18.00 per hour``."""
+    """The number a short answer names: ``18 apples``, ``$18.00 per hour``, ``eighteen``,
+    ``1/2 of them``, ``a - b = 70,000`` (the right-hand side of an equation), ``after 3 days she
+    has 18`` (of several numbers the last one that is not a circumstance). None for an expression
+    (math-verify compares those) or no number."""
     f = _as_fraction(s)
     if f is not None:
         return f
-    t = clean_answer(s)
-    low = t.lower()
-    if low in _WORD_NUMBERS:
-        return Fraction(_WORD_NUMBERS[low])
-    if "\\" in t or re.search(r"[=^*/+×÷]|\d\s*-\s*\d", t):
+    t = _num_text(clean_answer(s))
+    f = _as_fraction(t)
+    if f is not None:
+        return f
+    parts = re.split(r"=|\\approx|≈", t)
+    if len(parts) > 1:  # an equation or approximation: its right-hand side
+        return _number_in(parts[-1]) if parts[-1].strip() else None
+    t = re.sub(r"\([^()]*\)", " ", t)  # "(6 per box × 3 boxes)": the working, not the answer
+    if "\\" in t or _EXPR_RE.search(t):
         return None  # an expression: leave it to math-verify
-    nums = _NUM_RE.findall(_strip_thousands(t))
-    if len(nums) == 1:
-        return _as_fraction(nums[0])
-    return None
+    nums = list(_NUM_RE.finditer(t))
+    if len(nums) > 1:
+        nums = [m for m in nums if not _PREP_BEFORE_RE.search(t[max(0, m.start() - 40) : m.start()])] or nums
+    return _as_fraction(nums[-1].group()) if nums else None
 
 
 def last_number(text: str) -> str | None:
-    nums = _NUM_RE.findall(_strip_thousands(text or ""))
+    """The last number of a text (fractions such as ``1/2`` and number words count, except a
+    lone "one", which running text mostly uses as a pronoun or an aside)."""
+    nums = _NUM_RE.findall(_num_text(text or "", lone_one=False))
     return nums[-1] if nums else None
 
 
@@ -337,7 +625,7 @@ def math_equal(pred: str | None, gold: str | int | float | None) -> bool:
         if _decimals(gold_s) == 2 and abs(float(p) - float(g)) < 0.005 + 1e-9 and _decimals(str(float(p))) > 2:
             return True
         return False
-    return _math_verify_equal(clean_answer(pred), gold_s)
+    return _math_verify_equal(_strip_thousands(clean_answer(pred)), gold_s)
 
 
 _ABSTAIN_RE = re.compile(
@@ -364,8 +652,10 @@ def _is_none_gold(gold: Any) -> bool:
 
 def math_gold(doc: dict) -> str | None:
     """Gold answer of a GSM8K-schema (``answer`` ending ``#### N``), GSM-Plus (``answer``) or
-    AIME (``Answer``/``answer``) doc, as a string. ``None`` for GSM-Plus "None" golds."""
-    for key in ("answer", "Answer", "target", "final_answer"):
+    AIME (``Answer``/``answer``) doc, as a string. ``None`` for GSM-Plus "None" golds, also when
+    a mirror stores one as JSON ``null`` (the field is there, its value is None)."""
+    keys = ("answer", "Answer", "target", "final_answer")
+    for key in keys:
         if key in doc and doc[key] is not None:
             v = doc[key]
             if isinstance(v, str) and "####" in v:
@@ -373,6 +663,8 @@ def math_gold(doc: dict) -> str | None:
             v = str(v).strip()
             v = _strip_thousands(v)
             return None if _is_none_gold(v) else v
+    if any(key in doc for key in keys):  # answer: null -- an unanswerable item, like "None"
+        return None
     raise KeyError(f"no gold answer field in doc with keys {sorted(doc)}")
 
 
@@ -407,9 +699,42 @@ def _norm_text(s: str) -> str:
     return " ".join(s.split())
 
 
+def _option_cue_re(valid: str) -> re.Pattern:
+    """``Option C``, ``option (C)``, ``choice C`` or ``(C)``: a letter named as an option."""
+    cls = "[" + re.escape(valid) + "]"
+    return re.compile(rf"(?:\b(?i:option|choice)\s*[\(\[]?({cls})(?![\w'])[\)\]]?|[\(\[]({cls})[\)\]])")
+
+
+#: an option cue that rejects its option ("option C is incorrect", "not (C)")
+_NEGATED_AFTER_RE = re.compile(
+    r"^\s*(?:is|was|are|seems|would\s+be)?\s*(?:not\b|incorrect|wrong|false|invalid|eliminated|ruled\s+out|too\b)",
+    re.I,
+)
+_NEGATED_BEFORE_RE = re.compile(r"\b(?:not|eliminate|rule\s+out|exclude|than)\s*$", re.I)
+
+
+def _option_cues(text: str, valid: str) -> list[re.Match]:
+    """The option cues of a text that do not reject their option, in order."""
+    out = []
+    for m in _option_cue_re(valid).finditer(text):
+        if _NEGATED_AFTER_RE.match(text[m.end() : m.end() + 60]) or _NEGATED_BEFORE_RE.search(
+            text[max(0, m.start() - 40) : m.start()]
+        ):
+            continue
+        out.append(m)
+    return out
+
+
+def _option_number(text: str) -> Fraction | None:
+    """The value of an option whose whole text is a number (``three``, ``42``), else None."""
+    return _as_fraction(_num_text(clean_answer(str(text))))
+
+
 def _letter_of(s: str, valid: str, options: Sequence[str] | None = None) -> str | None:
     """Option letter named by a short answer string: ``C``, ``(C)``, ``C.``, ``C) 42``,
-    ``Option C``, ``\\text{(C)}``; else the option whose text the string equals."""
+    ``Option C``, ``\\text{(C)}``; else the option whose text the string equals; else an option
+    cue inside it (``therefore option C``); else the one option whose text is the number the
+    string names (``\\boxed{3}`` for an option ``three``)."""
     t = clean_answer(s)
     t = re.sub(r"^(?:option|choice|answer)\s*:?\s*", "", t, flags=re.I).strip()
     m = re.match(r"^[\(\[]?([A-Za-z])[\)\]]?(?=$|[\s.:,)\]])", t)
@@ -422,6 +747,15 @@ def _letter_of(s: str, valid: str, options: Sequence[str] | None = None) -> str 
         for i, o in enumerate(options):
             if i < len(valid) and nt and nt == _norm_text(str(o)):
                 return valid[i]
+    cues = _option_cues(t, valid)
+    if cues:
+        return cues[0].group(1) or cues[0].group(2)
+    if options:
+        n = _number_in(t)
+        if n is not None:
+            hits = [i for i, o in enumerate(options) if i < len(valid) and _option_number(o) == n]
+            if len(hits) == 1:
+                return valid[hits[0]]
     return None
 
 
@@ -441,15 +775,14 @@ def extract_choice(answer_text: str, valid: str, options: Sequence[str] | None =
             return letter
     plain = _MD_RE.sub("", answer_text)
     cls = "[" + re.escape(valid) + "]"
-    # (C) / [C] / a line that is just "C" or "C." / "C)" at a line start
-    strong = list(
-        re.finditer(
-            rf"[\(\[]({cls})[\)\]]|^\s*({cls})\s*[.):]?\s*$|^\s*({cls})[.)]\s", plain, re.M
-        )
-    )
+    # (C) / [C] / Option C / a line that is just "C" or "C." / "C)" at a line start
+    strong = [(m.start(), m.group(1) or m.group(2)) for m in _option_cues(plain, valid)]
+    strong += [
+        (m.start(), m.group(1) or m.group(2))
+        for m in re.finditer(rf"^\s*({cls})\s*[.):]?\s*$|^\s*({cls})[.)]\s", plain, re.M)
+    ]
     if strong:
-        m = strong[-1]
-        return next(g for g in m.groups() if g)
+        return max(strong)[1]
     # bare capital letter, but not the article "A" / pronoun "I" starting a phrase
     weak = [
         m
@@ -552,6 +885,47 @@ def _word_tokens(s: str) -> list[str]:
     return re.findall(r"[a-z0-9][a-z0-9&'.\-]*", s.lower().replace(",", " "))
 
 
+#: where a word-sorting response announces its list: "Sorted list:", "In alphabetical order:",
+#: "The words sorted alphabetically are", "Final list:", "**Answer**"
+_LIST_CUE_RE = re.compile(r"\b(?:sorted|alphabetical(?:ly)?|answer|(?:final|resulting|correct)\s+(?:list|order))\b", re.I)
+_LIST_INTRO_RE = re.compile(r"\b(?:is|are)\b")
+
+
+def _listed_words(text: str) -> list[str] | None:
+    """The word list after the last "sorted" / "alphabetical" / "answer" cue that announces one:
+    the rest of the cue's line after its ":" (or "is"/"are"), or, when that is empty, the block
+    of lines that follows (up to a blank line). None when no cue announces a list."""
+    plain = _MD_RE.sub("", text or "")
+    for m in reversed(list(_LIST_CUE_RE.finditer(plain))):
+        line_start = plain.rfind("\n", 0, m.start()) + 1
+        line_end = plain.find("\n", m.end())
+        line_end = len(plain) if line_end == -1 else line_end
+        rest = plain[m.end() : line_end]
+        intro = _LIST_INTRO_RE.search(rest)
+        if ":" in rest:  # "Sorted list: ...", "The sorted list is as follows:"
+            after = rest.split(":", 1)[1]
+        elif intro:  # "The words sorted alphabetically are apple, ..."
+            after = rest[intro.end() :]
+        elif len(plain[line_start : m.start()].split()) <= 3 and len(rest.strip(" :.#").split()) <= 2:
+            after = ""  # a heading such as "Sorted list" / "Final Answer"
+        else:
+            continue
+        after = re.split(r"(?<!\d)\.(?:\s|$)", after, maxsplit=1)[0]
+        words = _word_tokens(after)
+        if not words and not after.strip():  # the list is on the following lines
+            block: list[str] = []
+            for ln in plain[line_end:].split("\n"):
+                if not ln.strip():
+                    if block:
+                        break
+                    continue
+                block.append(re.split(r"(?<!\d)\.(?:\s|$)", ln, maxsplit=1)[0])
+            words = _word_tokens("\n".join(block))
+        if words:
+            return words
+    return None
+
+
 _BRACKETS = "()[]{}<>"
 
 
@@ -596,6 +970,9 @@ def score_bbh(response: str, doc: dict, kind: str) -> dict:
         if s is not None:
             pred = s
             ok = _word_tokens(s) == gold
+        elif (listed := _listed_words(text)) is not None:  # "Sorted list: ..."
+            pred = " ".join(listed)
+            ok = listed == gold
         else:  # the answer text ends with the sorted list
             toks = _word_tokens(text)
             pred = " ".join(toks[-len(gold) :]) if gold else ""

@@ -378,6 +378,177 @@ def test_bbh_table_size_and_kinds():
 
 
 # --------------------------------------------------------------------------------------------
+# issue 14 item 10: answers a careful grader accepts (Qwen3 / DeepSeek-R1 answer formats)
+# --------------------------------------------------------------------------------------------
+
+R1 = "<think>\nOkay, so I need to find the answer. Let me compute step by step.\n</think>\n\n"
+
+# (gold, response, (correct, truncated)); golds as GSM-Plus strings
+MATH_ISSUE14_TABLE = [
+    # money written with "$" outside math mode; an escaped "\$" inside a $...$ span
+    ("18", T + "The answer is $18. That is 2 more than yesterday's $16.", (True, False)),
+    ("18", T + "**Final Answer:** $18, which is 3 more than the $15 she made on Monday.", (True, False)),
+    ("18", R1 + "She sells 9 eggs at $2 each to get $18.\n\nThe answer is $\\$18$, which is $2 more than $16$.", (True, False)),
+    ("18", R1 + "So she has $\\$18$ and pays $\\$2$ in tax.\n\nThe answer is $\\$18$ and her change is 2.", (True, False)),
+    ("16", T + "The answer is $18. That is 2 more than yesterday's $16.", (False, False)),
+    # thousands separators in a boxed equation or text
+    ("70000", R1 + "**Final Answer**\n\\[\n\\boxed{a - b = 70,000}\n\\]", (True, False)),
+    ("70000", T + "### Final Answer\n$$\n\\boxed{70{,}000 \\text{ dollars}}\n$$", (True, False)),
+    ("70000", T + "The profit is $70\\,000$ dollars, i.e. \\boxed{\\text{profit} = \\$70{,}000}", (True, False)),
+    ("1250", T + "\\boxed{x = 1,250}", (True, False)),
+    ("70000", T + "\\boxed{a - b = 7,000}", (False, False)),
+    # a plain fraction without a box
+    ("1/2", R1 + "Half of the six women wear 4-inch heels, so the share is 3/6 = 1/2", (True, False)),
+    ("1/2", T + "The answer is 1/2 of the women.", (True, False)),
+    ("1/2", T + "So the fraction of guests is $\\frac{1}{2}$ of the total.", (True, False)),
+    ("2", T + "So the share of the guests is 1/2", (False, False)),
+    # several numbers in the answer clause: the final one (not a circumstance) is the answer
+    ("18", T + "The final answer is: after 3 days she has 18 apples.", (True, False)),
+    ("18", T + "**Answer:** In 2 weeks, Ann collects 18 apples.", (True, False)),
+    ("18", T + "**Answer:** Janet makes $18 every day at the farmers' market (9 eggs × $2).", (True, False)),
+    ("18", T + "The answer is 18 apples for 3 people.", (True, False)),
+    ("18", T + "The answer is 18 out of 20.", (True, False)),
+    ("3", T + "The final answer is: after 3 days she has 18 apples.", (False, False)),
+    # number words in running text
+    ("18", T + "She has eighteen apples left.", (True, False)),
+    ("18", T + "The answer is eighteen apples.", (True, False)),
+    ("25", R1 + "In total there are twenty-five guests at the party.", (True, False)),
+    ("120", T + "**Answer:** one hundred and twenty cookies", (True, False)),
+    ("40", T + "Together they need 40 cups. That's one more than last week.", (True, False)),
+    ("1", T + "Together they need 40 cups. That's one more than last week.", (False, False)),
+]
+
+
+@pytest.mark.parametrize("gold, response, expected", MATH_ISSUE14_TABLE)
+def test_math_issue14_table(gold, response, expected):
+    out = S.process_results_math({"question": "q", "answer": gold}, [response])
+    assert (out["exact_match"] == 1.0, out["truncated"] == 1.0) == expected, response
+
+
+MMLU_J_DOC = dict(MMLU_DOC, options=["10 J", "20 J", "42 J", "7 J", "x", "y", "z", "w", "q", "r"])
+
+# "Option C" / "option (C)" is a strong cue (the unit "J" and the article rule no longer win);
+# a rejected option ("option C is wrong") is no cue
+MMLU_ISSUE14_TABLE = [
+    ("C", T + "Comparing the values, option C matches: the work done is 42 J.", (True, False)),
+    ("C", R1 + "The correct answer is therefore option C, since W = 42 J.", (True, False)),
+    ("A", T + "Option A is correct: the energy is 10 J.", (True, False)),
+    ("B", T + "**Answer:** After checking the units, it is option (B), 20 J.", (True, False)),
+    ("D", R1 + "42 J is too large, so option C is wrong. The work is 7 J, which is option D.", (True, False)),
+    ("C", T + "Comparing the values, option C matches: the work done is 42 J.\n\nUnits: J", (True, False)),
+    ("J", T + "Comparing the values, option C matches: the work done is 42 J.", (False, False)),
+    ("C", R1 + "The energy is 7 J. Option C is incorrect because it gives 42 J; option D is right.", (False, False)),
+]
+
+
+@pytest.mark.parametrize("gold, response, expected", MMLU_ISSUE14_TABLE)
+def test_mmlu_pro_issue14_table(gold, response, expected):
+    doc = dict(MMLU_J_DOC, answer=gold, answer_index=S.LETTERS.index(gold))
+    out = S.process_results_mmlu_pro(doc, [response])
+    assert (out["exact_match"] == 1.0, out["truncated"] == 1.0) == expected, response
+
+
+OWLS = "Which is leftmost?\nOptions:\n(A) The owl is the leftmost\n(B) The robin is the leftmost\n(C) The cat is the leftmost"
+SORT_ANY = "Sort the following words alphabetically: List: therefrom mango syndrome apple"
+SORTED = "apple mango syndrome therefrom"
+
+BBH_ISSUE14_TABLE = [
+    # digits for options whose text is a number word (reasoning_about_colored_objects)
+    ("reasoning_about_colored_objects", COLORED, "(D)", T + "\\boxed{3}", (True, False)),
+    ("reasoning_about_colored_objects", COLORED, "(D)", R1 + "Three grey objects remain.\n\nThe answer is 3.", (True, False)),
+    ("reasoning_about_colored_objects", COLORED, "(D)", T + "### Final Answer\n$$\n\\boxed{3}\n$$", (True, False)),
+    ("reasoning_about_colored_objects", COLORED, "(D)", T + "\\boxed{2}", (False, False)),
+    # number words in running text (object_counting)
+    ("object_counting", "How many musical instruments do I have?", "8", T + "I have eight musical instruments in total.", (True, False)),
+    ("object_counting", "How many vegetables do I have?", "12", R1 + "Adding them up: twelve vegetables.", (True, False)),
+    # "Option A" as a strong cue (the article rule used to drop it)
+    ("logical_deduction_three_objects", OWLS, "(A)", T + "Option A is correct, since the owl is the leftmost.", (True, False)),
+    ("logical_deduction_three_objects", OWLS, "(A)", R1 + "So the owl is leftmost. The answer is therefore option (A).", (True, False)),
+    # LaTeX escapes in boxed text
+    ("word_sorting", "Sort: b&w apple", "apple b&w", T + "\\boxed{apple b\\&w}", (True, False)),
+    ("word_sorting", "Sort: b&w apple", "apple b&w", T + "\\boxed{\\text{apple, b\\&w}}", (True, False)),
+    ("word_sorting", "Sort: b&w apple", "apple b&w", T + "\\boxed{b\\&w apple}", (False, False)),
+    # word_sorting without a box: the list after the last "sorted"/"answer" cue
+    ("word_sorting", SORT_ANY, SORTED, T + "**Sorted list:** apple mango syndrome therefrom\n\nAll four words are now in alphabetical order.", (True, False)),
+    ("word_sorting", SORT_ANY, SORTED, R1 + "Here are the words sorted alphabetically:\n\n1. apple\n2. mango\n3. syndrome\n4. therefrom\n\nEach word was compared letter by letter.", (True, False)),
+    ("word_sorting", SORT_ANY, SORTED, T + "In alphabetical order: apple, mango, syndrome, therefrom. Done!", (True, False)),
+    ("word_sorting", SORT_ANY, SORTED, T + "### Final Sorted List\napple mango syndrome therefrom\n\nThis ordering follows the dictionary.", (True, False)),
+    ("word_sorting", SORT_ANY, SORTED, T + "The words sorted alphabetically are: zebra apple mango syndrome therefrom", (False, False)),
+]
+
+
+@pytest.mark.parametrize("subtask, inp, target, response, expected", BBH_ISSUE14_TABLE)
+def test_bbh_issue14_table(subtask, inp, target, response, expected):
+    kind = S.BBH_KINDS[subtask]
+    fn = getattr(S, f"process_results_bbh_{kind}")
+    out = fn({"input": inp, "target": target}, [response])
+    assert (out["exact_match"] == 1.0, out["truncated"] == 1.0) == expected, response
+
+
+def test_issue14_tables_size():
+    assert len(MATH_ISSUE14_TABLE) + len(MMLU_ISSUE14_TABLE) + len(BBH_ISSUE14_TABLE) >= 30
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("eighteen", "18"),
+        ("twenty-five apples", "25 apples"),
+        ("one hundred and twenty", "120"),
+        ("two thousand and five", "2005"),
+        ("one two three", "1 2 3"),  # a list of numbers, not one number
+        ("the last one", "the last one"),  # a pronoun
+        ("one of them", "one of them"),
+        ("the two methods agree", "the two methods agree"),
+        ("often", "often"),
+    ],
+)
+def test_number_words(text, words):
+    assert S._words_to_digits(text) == words
+
+
+# --------------------------------------------------------------------------------------------
+# issue 14 item 11: a GSM-Plus mirror that stores the critical-thinking gold as JSON null
+# --------------------------------------------------------------------------------------------
+
+
+def test_gsm_plus_null_gold_is_an_abstention_gold():
+    doc = dict(_plus_doc("None", "critical thinking"), answer=None)
+    assert S.math_gold(doc) is None
+    assert S.process_results_gsm_plus(doc, [T + "The height is not given, so \\boxed{None}."]) == {
+        "exact_match": 1.0,
+        "truncated": 0.0,
+    }
+    assert S.process_results_gsm_plus(doc, [T + "\\boxed{3}"])["exact_match"] == 0.0
+    assert S.process_results_gsm_plus(doc, ["<think>no idea"]) == {"exact_match": 0.0, "truncated": 1.0}
+    assert S.process_results_math_sampled(doc, [[T + "\\boxed{None}", T + "\\boxed{3}"]])["exact_match"] == 0.5
+    with pytest.raises(KeyError):  # a doc without any gold field is still an error
+        S.math_gold({"question": "q"})
+
+
+def test_gsm_plus_null_gold_through_a_local_mirror(tmp_path):
+    import json
+
+    from lm_eval_telltale.tasksupport import taskdata
+
+    rows = [
+        dict(_plus_doc("None", "critical thinking"), answer=None),
+        dict(_plus_doc("3", "critical thinking"), answer="None"),
+        _plus_doc("4.33"),
+    ]
+    path = taskdata.local_file(tmp_path, "qintongli/GSM-Plus", None, "testmini")
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = taskdata.load("qintongli/GSM-Plus", None, ["testmini"], where={"perturbation_type": "critical thinking"},
+                       telltale_data_dir=str(tmp_path))
+    docs = list(ds["testmini"])
+    assert [d["answer"] for d in docs] == [None, "None"]
+    for doc in docs:
+        assert taskdata.doc_to_target_math(doc) == "None"
+        assert S.process_results_gsm_plus(doc, [T + "\\boxed{None}"])["exact_match"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
 
