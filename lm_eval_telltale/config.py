@@ -33,11 +33,12 @@ COMMON_KEYS: dict[str, tuple[Any, str]] = {
     "layers": ("auto", "patched layers: 'auto' (last quarter without the final layer), '21-26', '21;23;25' or a list"),
     "tau_mode": ("request", "request | global | fixed | calibrated (docs/methods.md §1)"),
     "tau": (None, "fixed τ: a number (all layers), a JSON list/dict {layer: τ}, or a .json/.yaml file"),
-    "tau_file": (None, "calibration file from `telltale calibrate` (tau_mode=calibrated)"),
-    "tau_q": (0.9, "quantile of the calibration file used as τ (tau_mode=calibrated)"),
+    "tau_file": (None, "calibration file from `telltale calibrate` (tau_mode=calibrated; given without tau_mode "
+                       "it implies tau_mode=calibrated)"),
+    "tau_q": (0.9, "quantile of the calibration file used as τ (tau_mode=calibrated only)"),
     "iqr_k": (1.5, "τ = Q3 + iqr_k · max(IQR, min_iqr)"),
     "min_iqr": (1e-3, "lower bound of the IQR in the τ rule"),
-    "tau_floor": (None, "optional lower bound of τ"),
+    "tau_floor": (None, "optional lower bound of τ (>= 0)"),
     "warmup": (None, "tokens (request mode) or decode steps (global mode) before any decision; "
                      "default: 64 tokens in request mode; 500 steps (alrr, suppress) / 200 (erss) in global mode"),
     "record_tokens": (False, "write per-token traces (norm, τ, events) into the sidecar for `telltale view`: "
@@ -115,15 +116,15 @@ def parse_layers(value: Any, num_layers: int) -> list[int]:
         for part in value.replace(";", " ").replace("+", " ").replace(":", " ").split():
             try:
                 if "-" in part[1:]:
-                    a, b = part.split("-", 1)
+                    a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
                     lo, hi = int(a), int(b)
-                    if hi < lo:
-                        raise ConfigError("layers", f"empty range {part!r}")
-                    layers.extend(range(lo, hi + 1))
                 else:
-                    layers.append(int(part))
+                    lo = hi = int(part)
             except ValueError:
                 raise ConfigError("layers", f"cannot parse {value!r} (use 'auto', '21-26' or '21;23;25')") from None
+            if hi < lo:  # outside the try: ConfigError is a ValueError and must not turn into "cannot parse"
+                raise ConfigError("layers", f"empty range {part}: the first layer must not exceed the last")
+            layers.extend(range(lo, hi + 1))
     else:
         raise ConfigError("layers", f"unsupported value {value!r}")
     if not layers:
@@ -171,25 +172,43 @@ def _finite(key: str, v: Any) -> float:
     return f
 
 
-def parse_fixed_tau(value: Any, layers: list[int]) -> list[float]:
+def _tau_value(key: str, v: Any, layer: int | None = None) -> float:
+    """A τ: finite and > 0 (a norm is positive; τ ≤ 0 would mark every token)."""
+    f = _finite(key, v)
+    if f <= 0:
+        where = "" if layer is None else f" for layer {layer}"
+        raise ConfigError(key, f"τ{where} must be > 0, got {v!r}")
+    return f
+
+
+def parse_fixed_tau(value: Any, layers: list[int], num_layers: int | None = None) -> list[float]:
+    """τ per patched layer from ``tau=``: a number, a list (one per patched layer), a dict
+    {layer: τ} (every patched layer, no other), or a .json/.yaml file holding one of these."""
     obj = _load_structured("tau", value)
     if isinstance(obj, dict) and "tau" in obj and len(obj) == 1:
         obj = obj["tau"]
     if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return [_finite("tau", obj)] * len(layers)
+        return [_tau_value("tau", obj)] * len(layers)
     if isinstance(obj, list):
         if len(obj) != len(layers):
             raise ConfigError("tau", f"{len(obj)} values for {len(layers)} patched layers {layers}")
-        return [_finite("tau", v) for v in obj]
+        return [_tau_value("tau", v, l) for v, l in zip(obj, layers)]
     if isinstance(obj, dict):
         try:
             m = {int(k): v for k, v in obj.items()}
-        except ValueError:
+        except (TypeError, ValueError):
             raise ConfigError("tau", f"keys must be layer numbers: {list(obj)}") from None
+        for l in sorted(m):
+            if num_layers is not None and not 0 <= l < num_layers:
+                raise ConfigError("tau", f"layer {l} does not exist: the model has {num_layers} layers "
+                                         f"(0..{num_layers - 1})")
+            if l not in layers:
+                raise ConfigError("tau", f"layer {l} is not patched (patched: {layers}); remove it or add it "
+                                         "to layers=")
         missing = [l for l in layers if l not in m]
         if missing:
             raise ConfigError("tau", f"no τ for patched layer {missing[0]}")
-        return [_finite("tau", m[l]) for l in layers]
+        return [_tau_value("tau", m[l], l) for l in layers]
     raise ConfigError("tau", f"unsupported value {value!r}")
 
 
@@ -210,16 +229,31 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
 
 def calibrated_tau(path: str | Path, q: float, layers: list[int]) -> list[float]:
     data = load_calibration(path)
-    table = {int(k): v for k, v in data["quantiles"].items()}
+    try:
+        table = {int(k): v for k, v in data["quantiles"].items()}
+    except (TypeError, ValueError):
+        raise ConfigError("tau_file", f"{path}: the keys of 'quantiles' must be layer numbers: "
+                                      f"{list(data['quantiles'])}") from None
     out = []
     for l in layers:
         if l not in table:
             raise ConfigError("tau_file", f"{path} has no quantiles for patched layer {l} (it has {sorted(table)})")
-        qs = {float(k.lstrip("p")) / (100.0 if str(k).startswith("p") else 1.0): v for k, v in table[l].items()}
+        if not isinstance(table[l], dict):
+            raise ConfigError("tau_file", f"{path}: the quantiles of layer {l} must be a mapping like {{p90: τ}}")
+        try:
+            qs = {float(str(k).lstrip("p")) / (100.0 if str(k).startswith("p") else 1.0): v
+                  for k, v in table[l].items()}
+        except ValueError:
+            raise ConfigError("tau_file", f"{path}: layer {l} has a quantile key that is not 'pNN' or a number: "
+                                          f"{list(table[l])}") from None
         match = [v for k, v in qs.items() if abs(k - q) < 1e-9]
         if not match:
             raise ConfigError("tau_q", f"{q} is not among the quantiles of {path} for layer {l}: {sorted(qs)}")
-        out.append(_finite("tau_file", match[0]))
+        v = match[0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError("tau_file", f"{path}: the {q} quantile of layer {l} is {v!r}; τ must be a finite "
+                                          "number > 0 (rewrite the file with `telltale calibrate`)")
+        out.append(float(v))
     return out
 
 
@@ -310,16 +344,28 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
         return _coerce(k, allowed[k][0], merged.get(k, allowed[k][0]))
 
     layers = parse_layers(merged.get("layers", "auto"), num_layers)
+    if merged.get("tau_mode") is None and merged.get("tau_file") is not None:
+        merged["tau_mode"] = "calibrated"  # tau_file= alone: the intent is unambiguous
     mode = str(get("tau_mode") or "request").lower()
     if mode not in TAU_MODES:
         raise ConfigError("tau_mode", f"must be one of {TAU_MODES}, got {mode!r}")
+    # a τ setting of another mode is an error, not silently ignored; a preset's value is dropped only
+    # when --model_args itself chose the mode
+    for key, own_mode, hint in (("tau", "fixed", "tau_mode=fixed"),
+                                ("tau_file", "calibrated", "tau_mode=calibrated (or drop tau_mode)"),
+                                ("tau_q", "calibrated", "tau_mode=calibrated,tau_file=FILE")):
+        if mode != own_mode and merged.get(key) is not None:
+            if key in args or "tau_mode" not in args:
+                raise ConfigError(key, f"given but tau_mode={mode}: {key} is used by tau_mode={own_mode} only; "
+                                       f"use {hint} or remove {key}")
+            merged.pop(key)
     tau_values = None
     tau_q = None
     tau_file = merged.get("tau_file")
     if mode == "fixed":
         if merged.get("tau") is None:
             raise ConfigError("tau", "tau_mode=fixed needs tau=<number | JSON | file>")
-        tau_values = parse_fixed_tau(merged["tau"], layers)
+        tau_values = parse_fixed_tau(merged["tau"], layers, num_layers)
     elif mode == "calibrated":
         if not tau_file and preset and isinstance(preset.get("calibration"), dict):
             tau_file = preset["_path"]  # a file written by `telltale calibrate` is its own preset
@@ -330,15 +376,17 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
             raise ConfigError("tau_q", f"must be in (0, 1), got {tau_q}")
         tau_values = calibrated_tau(tau_file, tau_q, layers)
         tau_file = str(Path(tau_file).expanduser().resolve())
-    else:
-        if merged.get("tau") is not None:
-            raise ConfigError("tau", f"given but tau_mode={mode}; use tau_mode=fixed")
     iqr_k = get("iqr_k")
     if iqr_k < 0:
         raise ConfigError("iqr_k", "must be >= 0")
     min_iqr = get("min_iqr")
     if min_iqr < 0:
         raise ConfigError("min_iqr", "must be >= 0")
+    tau_floor = merged.get("tau_floor")
+    if tau_floor is not None:
+        tau_floor = _finite("tau_floor", tau_floor)
+        if tau_floor < 0:
+            raise ConfigError("tau_floor", f"must be >= 0, got {merged['tau_floor']!r}")
     warmup = merged.get("warmup")
     if warmup is None:
         warmup = default_warmup(method, mode)
@@ -356,7 +404,7 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     cfg = TelltaleConfig(
         method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
         tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
-        tau_floor=get("tau_floor"), warmup=warmup, record_tokens=bool(get("record_tokens")),
+        tau_floor=tau_floor, warmup=warmup, record_tokens=bool(get("record_tokens")),
         stats_path=merged.get("stats_path"), params=params, seed=int(seed),
     )
     validate_params(cfg)

@@ -36,6 +36,12 @@ prompts pooled; ``--thinking default`` unless given) and writes a YAML (or ``.js
 
 Use it as ``tau_mode=calibrated,tau_file=FILE,tau_q=0.95`` or as a preset, ``config=FILE`` (the
 preset's own ``calibration`` section is then the τ file; ``tau_q`` 0.9 unless given).
+
+Every argument (quantiles, ``--tau-q``, ``--layers``, ``--trace-layer``, ``--trace-sample``, the JSON
+flags, the model's config, whether ``--out`` can be written) is checked before the engine starts.
+Right after generation the raw collection is saved (``<out>/collection.npz`` for ``profile``,
+``<out minus suffix>.collection.npz`` for ``calibrate``) before any later step that could fail;
+``--collection FILE`` recomputes the outputs from such a file without generating again.
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -160,9 +168,12 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
             layers: str = "all", warmup: int | None = None, max_tokens: int | None = None,
             temperature: float | None = None, include_path: str | None = None, metadata: dict | None = None,
             chat_template: bool = True, engine_args: dict | None = None, seed: int = 0,
-            trust_remote_code: bool = False) -> dict[str, Any]:
+            trust_remote_code: bool = False,
+            before_engine: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
     """Generate the task's prompts through the ``norms`` observer; returns ``{"meta", "samples"}``
-    where every sample holds its per-token ``norm`` and ``tau`` arrays ([T, L], NaN = warm-up)."""
+    where every sample holds its per-token ``norm`` and ``tau`` arrays ([T, L], NaN = warm-up).
+    ``before_engine(prompts)`` runs once the prompts are built, before the engine (checks that
+    need the prompt list)."""
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -180,6 +191,8 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
                             chat_template=chat_template)
     if not prompts:
         raise SystemExit(f"telltale: no generation prompts from tasks {tasks}")
+    if before_engine is not None:
+        before_engine(prompts)
     kw = dict(model=model, seed=seed, trust_remote_code=trust_remote_code)
     kw.update(engine_args or {})
     kw.update(engine_kwargs(cfg, arch, kw.pop("hf_overrides", None)))
@@ -323,8 +336,9 @@ def write_calibration(data: dict, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def _common_args(ap: argparse.ArgumentParser, thinking_default: str) -> None:
-    ap.add_argument("--model", required=True, help="model path or Hugging Face id")
-    ap.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups (generate_until)")
+    ap.add_argument("--model", default=None, help="model path or Hugging Face id (required unless --collection)")
+    ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups (generate_until; "
+                                                   "required unless --collection)")
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task")
     ap.add_argument("--include_path", "--include-path", dest="include_path", default=None,
                     help="extra lm-eval task directory")
@@ -342,41 +356,219 @@ def _common_args(ap: argparse.ArgumentParser, thinking_default: str) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    ap.add_argument("--engine-args", default=None, help="more vLLM LLM(...) arguments as JSON")
+    ap.add_argument("--engine-args", default=None, help="more vLLM LLM(...) arguments as a JSON object")
+    ap.add_argument("--collection", default=None, metavar="FILE",
+                    help="reuse the generations an earlier run saved (its *.collection.npz / collection.npz): "
+                         "no engine, --model/--tasks and the generation flags are not used")
 
 
-def _collect_from(a) -> dict:
-    eng = json.loads(a.engine_args) if a.engine_args else {}
+def _json_object(ap: argparse.ArgumentParser, flag: str, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        ap.error(f"{flag}: malformed JSON {value!r}: {e.msg} at column {e.colno} "
+                 f"(a JSON object, e.g. {flag} '{{\"enforce_eager\": true}}')")
+    if not isinstance(obj, dict):
+        ap.error(f"{flag}: expected a JSON object {{...}}, got {value!r}")
+    return obj
+
+
+def _unwritable(path: Path, is_dir: bool) -> str | None:
+    """Why ``path`` cannot be written as a directory (``is_dir``) or a file, or None."""
+    p = path.expanduser().absolute()
+    if p.exists():
+        if is_dir and not p.is_dir():
+            return f"{p} exists and is not a directory"
+        if not is_dir and p.is_dir():
+            return f"{p} is a directory; give a file name"
+        d = p if is_dir else p.parent
+        if not os.access(d, os.W_OK | os.X_OK) or not os.access(p, os.W_OK):
+            return f"{p} is not writable"
+        return None
+    anc = p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot create {p}: {anc} is a file, not a directory"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"cannot create {p}: {anc} is not writable"
+    return None
+
+
+def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
+    """Every check that needs no engine, before one starts (``ap.error`` → exit 2 naming the flag).
+    Returns {"engine_args", "metadata", "layers" (None with --collection)}."""
+    from ..config import ConfigError, parse_layers
+    from ..vllm import UnsupportedModelError, inspect_model
+
+    for flag, v, lo in (("--limit", a.limit, 1), ("--max-tokens", a.max_tokens, 1), ("--warmup", a.warmup, 0),
+                        ("--max-model-len", a.max_model_len, 1), ("--kv-cache-memory-bytes", a.kv_cache_memory_bytes, 1)):
+        if v is not None and v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
+    if a.temperature is not None and not (math.isfinite(a.temperature) and a.temperature >= 0):
+        ap.error(f"--temperature must be a number >= 0, got {a.temperature}")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
+        ap.error(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
+    out = {"engine_args": _json_object(ap, "--engine-args", a.engine_args) or {},
+           "metadata": _json_object(ap, "--metadata", a.metadata), "layers": None}
+    if a.collection is not None:
+        f = Path(a.collection).expanduser()
+        if not f.is_file():
+            ap.error(f"--collection {a.collection}: file not found")
+        if a.model or a.tasks:
+            print("telltale: --collection given: --model/--tasks and the generation flags are not used",
+                  file=sys.stderr)
+        return out
+    missing = [f for f, v in (("--model", a.model), ("--tasks", a.tasks)) if not v]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)} (or --collection FILE)")
+    if not [t for t in a.tasks.split(",") if t.strip()]:
+        ap.error(f"--tasks: no task names in {a.tasks!r}")
+    try:
+        _arch, n_layers = inspect_model(a.model, trust_remote_code=a.trust_remote_code)
+    except UnsupportedModelError as e:
+        ap.error(f"--model: {e}")
+    try:
+        out["layers"] = parse_layers(f"0-{n_layers - 1}" if a.layers == "all" else a.layers, n_layers)
+    except ConfigError as e:
+        ap.error(f"--layers {a.layers}: {e}")
+    return out
+
+
+def _collect_from(a, checked: dict, before_engine: Callable[[list[dict]], None] | None = None) -> dict:
+    eng = dict(checked["engine_args"])
     for k in ("max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_memory_bytes"):
         v = getattr(a, k)
         if v is not None:
             eng[k] = v
-    return collect(a.model, [t for t in a.tasks.split(",") if t], limit=a.limit, thinking=a.thinking,
+    return collect(a.model, [t.strip() for t in a.tasks.split(",") if t.strip()], limit=a.limit, thinking=a.thinking,
                    layers=a.layers, warmup=a.warmup, max_tokens=a.max_tokens, temperature=a.temperature,
-                   include_path=a.include_path, metadata=json.loads(a.metadata) if a.metadata else None,
+                   include_path=a.include_path, metadata=checked["metadata"],
                    chat_template=not a.no_chat_template, engine_args=eng, seed=a.seed,
-                   trust_remote_code=a.trust_remote_code)
+                   trust_remote_code=a.trust_remote_code, before_engine=before_engine)
+
+
+# --------------------------------------------------------------------------------------------
+# the raw collection on disk (written right after generation, before anything that could fail)
+# --------------------------------------------------------------------------------------------
+
+COLLECTION_FORMAT = "telltale-collection-1"
+
+
+def save_collection(col: dict, path: str | Path) -> Path:
+    """``{"meta", "samples"}`` as one ``.npz`` (no pickles): a JSON head plus norm/τ arrays per sample."""
+    path = Path(path)
+    arrays, samples = {}, []
+    for i, smp in enumerate(col["samples"]):
+        arrays[f"norm_{i}"] = np.asarray(smp["norm"], dtype=np.float64)
+        arrays[f"tau_{i}"] = np.asarray(smp["tau"], dtype=np.float64)
+        samples.append({k: v for k, v in smp.items() if k not in ("norm", "tau")})
+    head = json.dumps({"format": COLLECTION_FORMAT, "meta": col["meta"], "samples": samples})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, head=np.array(head), **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_collection(path: str | Path) -> dict:
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as z:
+            head = json.loads(str(z["head"]))
+            if head.get("format") != COLLECTION_FORMAT:
+                raise ValueError(f"not a {COLLECTION_FORMAT} file")
+            samples = [{**smp, "norm": z[f"norm_{i}"], "tau": z[f"tau_{i}"]} for i, smp in enumerate(head["samples"])]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"telltale: --collection {path}: cannot read it ({e}); give a collection.npz written by "
+                         "`telltale profile` or `telltale calibrate`") from None
+    return {"meta": head["meta"], "samples": samples}
+
+
+def _save_first(prog: str, col: dict, path: Path) -> Path:
+    """Save the collection before any later step; if ``path`` cannot be written, the temp directory."""
+    try:
+        return save_collection(col, path)
+    except OSError as e:
+        fallback = Path(tempfile.mkdtemp(prefix="telltale-")) / path.name
+        print(f"{prog}: warning: cannot write {path} ({e}); saving the generations to {fallback}", file=sys.stderr)
+        return save_collection(col, fallback)
+
+
+def _late_step(prog: str, saved: Path | None, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    """Run a step after generation; on failure, say where the generations are and how to reuse them."""
+    try:
+        return True, fn()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 — reported with the way back, never a lost run
+        msg = e.code if isinstance(e, SystemExit) else f"{e.__class__.__name__}: {e}"
+        msg = str(msg).removeprefix("telltale: ")
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        if saved is not None:
+            print(f"{prog}: the generations are saved in {saved}; rerun with --collection {saved} "
+                  "to finish without generating again", file=sys.stderr)
+        return False, None
+
+
+def _doc_keys(items: list[dict]) -> list[tuple]:
+    keys: list[tuple] = []
+    for x in items:
+        k = (x["task"], x["doc_id"])
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def _check_trace(ap, a, layers: list[int], n_docs: int | None) -> None:
+    if a.trace_sample < 0:
+        ap.error(f"--trace-sample must be >= 0, got {a.trace_sample}")
+    if a.trace_layer is not None and a.trace_layer not in layers:
+        ap.error(f"--trace-layer {a.trace_layer} is not among the recorded layers {layers} (see --layers)")
+    if n_docs is not None and a.trace_sample >= n_docs:
+        ap.error(f"--trace-sample {a.trace_sample} out of range: the tasks give {n_docs} documents "
+                 f"(0..{n_docs - 1})")
 
 
 def main_profile(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="telltale profile", description="Per-layer norm distributions of generated "
                                  "tokens (vllm-norms observer), thinking on/off; JSON + PNG plots.")
     _common_args(ap, "auto")
-    ap.add_argument("--out", default="telltale_profile", help="output directory (profile.json, *.png)")
+    ap.add_argument("--out", default="telltale_profile", help="output directory (profile.json, *.png, and "
+                                                               "collection.npz: the raw generations)")
     ap.add_argument("--trace-layer", type=int, default=None, help="layer of the token-wise trace plot "
                                                                   "(default: the deepest default patched layer)")
     ap.add_argument("--trace-sample", type=int, default=0, help="which document (in prompt order) to trace")
     a = ap.parse_args(argv)
-    col = _collect_from(a)
-    prof = summarize_profile(col, a.trace_layer, a.trace_sample)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(prof, indent=1) + "\n")
-    p1 = plot_layers(prof, out / "profile_layers.png")
-    p2 = plot_trace(prof, out / "profile_trace.png")
+    prog = "telltale profile"
+    checked = _validate(ap, a)
+    out = Path(a.out).expanduser()
+    why = _unwritable(out, is_dir=True)
+    if why:
+        ap.error(f"--out {a.out}: {why}")
+    saved = None
+    if a.collection is not None:
+        col = load_collection(a.collection)
+        _check_trace(ap, a, col["meta"]["layers"], len(_doc_keys(col["samples"])))
+    else:
+        _check_trace(ap, a, checked["layers"], None)
+        col = _collect_from(a, checked, lambda prompts: _check_trace(ap, a, checked["layers"], len(_doc_keys(prompts))))
+        saved = _save_first(prog, col, out / "collection.npz")
+
+    def finish():
+        prof = summarize_profile(col, a.trace_layer, a.trace_sample)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(prof, indent=1) + "\n")
+        return prof, plot_layers(prof, out / "profile_layers.png"), plot_trace(prof, out / "profile_trace.png")
+
+    ok, res = _late_step(prog, saved, finish)
+    if not ok:
+        return 1
+    prof, p1, p2 = res
     for m, st in prof["modes"].items():
-        print(f"telltale profile: {m}: {st['n_samples']} samples, {st['n_tokens']} generated tokens", file=sys.stderr)
-    print(f"telltale profile: wrote {out / 'profile.json'}, {p1}, {p2}", file=sys.stderr)
+        print(f"{prog}: {m}: {st['n_samples']} samples, {st['n_tokens']} generated tokens", file=sys.stderr)
+    print(f"{prog}: wrote {out / 'profile.json'}, {p1}, {p2}" + (f" (generations: {saved})" if saved else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -384,17 +576,47 @@ def main_calibrate(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="telltale calibrate", description="Per-layer norm quantiles of generated "
                                  "tokens, written as a tau_mode=calibrated file (also a config= preset).")
     _common_args(ap, "default")
-    ap.add_argument("--out", required=True, help="output file (.yaml, or .json)")
+    ap.add_argument("--out", required=True, help="output file (.yaml, or .json); the raw generations go next to it "
+                                                 "as <name>.collection.npz")
     ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in CALIB_QUANTILES),
                     help="comma-separated quantiles in (0, 1)")
-    ap.add_argument("--tau-q", type=float, default=0.9, help="the quantile the file selects when used as config=")
+    ap.add_argument("--tau-q", type=float, default=0.9, help="the quantile the file selects when used as config= "
+                                                             "(one of --quantiles)")
     a = ap.parse_args(argv)
-    qs = tuple(float(x) for x in a.quantiles.split(",") if x.strip())
+    prog = "telltale calibrate"
+    try:
+        qs = tuple(float(x) for x in a.quantiles.split(",") if x.strip())
+    except ValueError:
+        ap.error(f"--quantiles {a.quantiles!r}: comma-separated numbers in (0, 1), e.g. 0.5,0.9,0.95")
     if not qs or not all(0 < q < 1 for q in qs):
-        ap.error("--quantiles must be numbers in (0, 1)")
-    col = _collect_from(a)
-    data = calibration_data(col, qs, a.tau_q)
-    p = write_calibration(data, a.out)
-    print(f"telltale calibrate: {data['calibration']['n_samples']} samples, layers "
-          f"{min(data['calibration']['quantiles'])}..{max(data['calibration']['quantiles'])}; wrote {p}", file=sys.stderr)
+        ap.error(f"--quantiles {a.quantiles!r}: every quantile must be in (0, 1)")
+    if not 0 < a.tau_q < 1:
+        ap.error(f"--tau-q must be in (0, 1), got {a.tau_q}")
+    if not any(abs(q - a.tau_q) < 1e-9 for q in qs):
+        ap.error(f"--tau-q {a.tau_q:g} must be one of --quantiles {','.join(f'{q:g}' for q in qs)}")
+    checked = _validate(ap, a)
+    out = Path(a.out).expanduser()
+    side = out.with_name(out.stem + ".collection.npz") if out.suffix else out.with_name(out.name + ".collection.npz")
+    for path, flag in ((out, "--out"), (side, "--out (its .collection.npz)")):
+        why = _unwritable(path, is_dir=False)
+        if why:
+            ap.error(f"{flag} {a.out}: {why}")
+    saved = None
+    if a.collection is not None:
+        col = load_collection(a.collection)
+    else:
+        col = _collect_from(a, checked)
+        saved = _save_first(prog, col, side)
+
+    def finish():
+        data = calibration_data(col, qs, a.tau_q)
+        return data, write_calibration(data, out)
+
+    ok, res = _late_step(prog, saved, finish)
+    if not ok:
+        return 1
+    data, p = res
+    print(f"{prog}: {data['calibration']['n_samples']} samples, layers "
+          f"{min(data['calibration']['quantiles'])}..{max(data['calibration']['quantiles'])}; wrote {p}"
+          + (f" (generations: {saved})" if saved else ""), file=sys.stderr)
     return 0

@@ -294,9 +294,24 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="repeat index (tasks with repeats)")
     ap.add_argument("--layer", type=int, default=None, help="initial layer (default: the deepest recorded)")
     ap.add_argument("--model", default=None, help="tokenizer to decode tokens (default: the run's pretrained)")
-    ap.add_argument("--out", required=True, help="page.html, or a directory: one page per sample + index.html")
+    ap.add_argument("--out", required=True, help="page.html (an existing page is overwritten), or a directory: one "
+                                                 "page per sample + index.html (pages of the same names are replaced)")
     a = ap.parse_args(argv)
     from .runs import NoResultsError
+
+    out = Path(a.out).expanduser()
+    single = out.suffix.lower() in (".html", ".htm")
+    if single and out.is_dir():
+        ap.error(f"--out {a.out}: an existing directory with a .html name; give a file name for one page, or "
+                 "another directory for one page per sample")
+    if not single and out.exists() and not out.is_dir():
+        ap.error(f"--out {a.out}: an existing file; one page needs a .html/.htm name (overwritten), one page per "
+                 "sample needs a directory")
+    anc = out.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        ap.error(f"--out {a.out}: cannot create it, {anc} is a file")
 
     try:
         sidecar, res, res_path = locate(a.run)
@@ -320,7 +335,6 @@ def main(argv=None) -> int:
 
     margs = parse_model_args(((res or {}).get("config") or {}).get("model_args"))
     tok = load_tokenizer(a.model or margs.get("tokenizer") or margs.get("pretrained"))
-    out = Path(a.out)
     cache: dict[str, dict] = {}
 
     def page(r: dict) -> str:
@@ -330,7 +344,7 @@ def main(argv=None) -> int:
         return render_page(sample_data(r, res, tok, cache[t].get(r.get("doc_id"))), a.layer)
 
     try:
-        if out.suffix.lower() in (".html", ".htm"):
+        if single:
             r = traced[0]
             if len(traced) > 1:
                 print(f"telltale view: {len(traced)} samples match; showing {r.get('task')} doc {r.get('doc_id')} "
@@ -355,5 +369,9 @@ def main(argv=None) -> int:
         print(f"telltale view: wrote {len(links)} pages and {out / 'index.html'}", file=sys.stderr)
     except ValueError as e:
         print(f"telltale view: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"telltale view: error: cannot write --out {a.out}: {e.strerror or e} ({e.filename or out})",
+              file=sys.stderr)
         return 2
     return 0

@@ -36,15 +36,41 @@ class UnsupportedModelError(ValueError):
 def inspect_model(pretrained: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, int]:
     """(architecture, num_hidden_layers) from the model's config, without building an engine."""
     p = Path(pretrained).expanduser()
-    if (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
+    # a local path rather than a Hugging Face id ("name" or "namespace/name")
+    looks_like_path = (pretrained.startswith(("/", "./", "../", "~", ".\\", "..\\")) or pretrained in (".", "..")
+                       or pretrained.count("/") > 1 or (os.sep != "/" and os.sep in pretrained))
+    if p.exists() or looks_like_path:
+        if not p.is_dir():
+            what = "is a file, not a model directory" if p.exists() else "no such directory"
+            raise UnsupportedModelError(
+                f"telltale: pretrained={pretrained!r}: {what} ({p.absolute()}); give the directory that holds the "
+                "model's config.json, or a Hugging Face id such as Qwen/Qwen3-1.7B")
+        f = p / "config.json"
+        if not f.is_file():
+            raise UnsupportedModelError(f"telltale: pretrained={pretrained!r}: {p.absolute()} has no config.json "
+                                        "(is it the model directory?)")
+        try:
+            cfg = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise UnsupportedModelError(f"telltale: cannot parse {f.absolute()}: {e.msg} at line {e.lineno} column "
+                                        f"{e.colno}; fix or re-download the model's config.json") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UnsupportedModelError(f"telltale: cannot read {f.absolute()}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise UnsupportedModelError(f"telltale: {f.absolute()} is not a JSON object")
     else:
         from transformers import AutoConfig
 
         try:
             cfg = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code).to_dict()
         except Exception as e:  # noqa: BLE001
-            raise UnsupportedModelError(f"telltale: cannot read the config of {pretrained!r}: {e}") from e
+            offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+                          for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+            tried = ("the local Hugging Face cache (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)" if offline
+                     else "the Hugging Face Hub and its local cache")
+            raise UnsupportedModelError(
+                f"telltale: cannot read the config of pretrained={pretrained!r}: it is not a local directory, and "
+                f"{tried} gave: {e}") from e
     text = cfg.get("text_config") or {}
     archs = cfg.get("architectures") or text.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)

@@ -114,3 +114,151 @@ def test_unsupported_architecture_names_supported(tmp_path):
     with pytest.raises(UnsupportedModelError) as e:
         VLLMNorms(pretrained=str(tmp_path))
     assert "Qwen3ForCausalLM" in str(e.value) and "LlamaForCausalLM" in str(e.value)
+
+
+# -- issue 14 item 6: settings that were silently ignored ------------------------------------------
+
+def _calib_file(tmp_path, quantiles=None):
+    f = tmp_path / "cal.yaml"
+    f.write_text(yaml.safe_dump({"calibration": {"quantiles": quantiles or {4: {"p50": 1.0, "p90": 2.0},
+                                                                              5: {"p50": 3.0, "p90": 4.0}}}}))
+    return f
+
+
+def test_tau_file_alone_implies_calibrated(tmp_path):
+    f = _calib_file(tmp_path)
+    cfg = resolve("norms", {"layers": "4-5", "tau_file": str(f)}, 8)
+    assert cfg.tau_mode == "calibrated" and cfg.tau_values == [2.0, 4.0] and cfg.tau_q == 0.9
+    assert resolve("norms", {"layers": "4-5", "tau_file": str(f), "tau_q": 0.5}, 8).tau_values == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("args,key", [
+    ({"tau_mode": "request", "tau_file": "CAL"}, "tau_file"),
+    ({"tau_mode": "global", "tau_file": "CAL", "tau_q": 0.5}, "tau_file"),
+    ({"tau_mode": "fixed", "tau": 3, "tau_file": "CAL"}, "tau_file"),
+    ({"tau_q": 0.5}, "tau_q"),                                   # request mode by default
+    ({"tau_mode": "fixed", "tau": 3, "tau_q": 0.5}, "tau_q"),
+    ({"tau_file": "CAL", "tau": 3}, "tau"),                      # tau_file implies calibrated: tau is not used
+    ({"tau": 3}, "tau"),
+])
+def test_tau_settings_of_another_mode_are_errors(tmp_path, args, key):
+    f = _calib_file(tmp_path)
+    args = {k: (str(f) if v == "CAL" else v) for k, v in {"layers": "4-5", **args}.items()}
+    with pytest.raises(ConfigError) as e:
+        resolve("norms", args, 8)
+    assert e.value.key == key and "given but tau_mode=" in str(e.value)
+
+
+def test_preset_tau_settings_yield_to_an_explicit_mode(tmp_path):
+    """A calibration file used as a preset carries tau_mode/tau_q; tau_mode= in model_args overrides both."""
+    f = tmp_path / "cal.yaml"
+    f.write_text(yaml.safe_dump({"num_layers": 8, "telltale": {"tau_mode": "calibrated", "tau_q": 0.9},
+                                 "calibration": {"quantiles": {6: {"p90": 2.0}}}}))
+    assert resolve("norms", {}, 8, preset=load_preset(str(f))).tau_values == [2.0]
+    cfg = resolve("norms", {"tau_mode": "request"}, 8, preset=load_preset(str(f)))
+    assert cfg.tau_mode == "request" and cfg.tau_q is None and cfg.tau_values is None
+
+
+@pytest.mark.parametrize("tau,msg", [
+    ('{"4": 1, "5": 2, "40": 3}', "layer 40 does not exist: the model has 8 layers"),
+    ('{"4": 1, "5": 2, "-1": 3}', "layer -1 does not exist"),
+    ('{"4": 1, "5": 2, "6": 3}', "layer 6 is not patched (patched: [4, 5]); remove it or add it to layers="),
+    ('{"4": 1, "5": -2}', "τ for layer 5 must be > 0"),
+    ('{"4": 1, "5": 0}', "τ for layer 5 must be > 0"),
+    ("[1, -2]", "τ for layer 5 must be > 0"),
+    ("-3", "must be > 0"),
+    (0, "must be > 0"),
+    ("nan", "not finite"),
+    ('{"4": 1, "5": "inf"}', "not finite"),
+])
+def test_fixed_tau_unknown_layers_and_non_positive_values(tau, msg):
+    with pytest.raises(ConfigError) as e:
+        resolve("norms", {"layers": "4-5", "tau_mode": "fixed", "tau": tau}, 8)
+    assert e.value.key == "tau" and msg in str(e.value)
+
+
+def test_fixed_tau_file_checked_like_inline(tmp_path):
+    f = tmp_path / "taus.yaml"
+    f.write_text("4: 1.5\n5: 2.5\n6: 3.5\n")
+    with pytest.raises(ConfigError, match="layer 6 is not patched") as e:
+        resolve("norms", {"layers": "4-5", "tau_mode": "fixed", "tau": str(f)}, 8)
+    assert e.value.key == "tau"
+    assert resolve("norms", {"layers": "4-6", "tau_mode": "fixed", "tau": str(f)}, 8).tau_values == [1.5, 2.5, 3.5]
+    f.write_text("4: 1.5\n5: -2.5\n")
+    with pytest.raises(ConfigError, match="layer 5 must be > 0"):
+        resolve("norms", {"layers": "4-5", "tau_mode": "fixed", "tau": str(f)}, 8)
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), "x"])
+def test_calibrated_tau_must_be_positive(tmp_path, value):
+    f = _calib_file(tmp_path, {4: {"p90": 2.0}, 5: {"p90": value}})
+    with pytest.raises(ConfigError) as e:
+        resolve("norms", {"layers": "4-5", "tau_file": str(f)}, 8)
+    assert e.value.key == "tau_file" and "layer 5" in str(e.value) and str(f) in str(e.value)
+
+
+def test_calibration_with_numeric_quantile_keys(tmp_path):
+    f = _calib_file(tmp_path, {4: {0.9: 2.0}, 5: {0.9: 4.0}})  # YAML float keys, not "p90"
+    assert resolve("norms", {"layers": "4-5", "tau_file": str(f)}, 8).tau_values == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("value", [-1, "-0.5", "abc", "nan"])
+def test_tau_floor_checked(value):
+    with pytest.raises(ConfigError) as e:
+        resolve("norms", {"tau_floor": value}, 8)
+    assert e.value.key == "tau_floor"
+    assert resolve("norms", {"tau_floor": "2.5"}, 8).tau_floor == 2.5
+
+
+# -- issue 14 item 8: errors that name the path / value and what to do ----------------------------
+
+def test_empty_layer_range_says_so():
+    with pytest.raises(ConfigError) as e:
+        parse_layers("5-2", 8)
+    assert e.value.key == "layers" and "empty range 5-2: the first layer must not exceed the last" in str(e.value)
+    assert parse_layers("2-5", 8) == [2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="cannot parse"):
+        parse_layers("2-x", 8)
+
+
+@pytest.mark.parametrize("pretrained", ["/nonexistent", "/nonexistent/model", "./no-such-model", "a/b/c", "~/no-such-dir-xyz"])
+def test_inspect_model_missing_local_path(pretrained):
+    from lm_eval_telltale.vllm import UnsupportedModelError, inspect_model
+
+    with pytest.raises(UnsupportedModelError) as e:
+        inspect_model(pretrained)
+    msg = str(e.value)
+    assert f"pretrained={pretrained!r}" in msg and "no such directory" in msg
+    assert "alphanumeric" not in msg and "Repo id" not in msg
+
+
+def test_inspect_model_hub_id_offline_says_what_was_tried(monkeypatch):
+    from lm_eval_telltale.vllm import UnsupportedModelError, inspect_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnsupportedModelError) as e:
+        inspect_model("no-such-org/no-such-model-xyz")
+    msg = str(e.value)
+    assert "pretrained='no-such-org/no-such-model-xyz'" in msg and "not a local directory" in msg
+    assert "Hugging Face cache" in msg
+
+
+def test_inspect_model_malformed_config_json(tmp_path):
+    from lm_eval_telltale.vllm import UnsupportedModelError, inspect_model
+
+    (tmp_path / "config.json").write_text('{\n  "architectures": ["Qwen3ForCausalLM"],\n  "num_hidden_layers": 8,,\n}')
+    with pytest.raises(UnsupportedModelError) as e:
+        inspect_model(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(e.value) and "line 3 column" in str(e.value)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(UnsupportedModelError, match="has no config.json"):
+        inspect_model(str(tmp_path))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UnsupportedModelError, match="is a file, not a model directory"):
+        inspect_model(str(tmp_path / "f"))
+
+
+def test_inspect_model_reads_a_local_directory(tiny_model_dir):
+    from lm_eval_telltale.vllm import inspect_model
+
+    assert inspect_model(str(tiny_model_dir)) == ("Qwen3ForCausalLM", 8)

@@ -123,3 +123,124 @@ def test_cli_profile_and_calibrate(tiny_model_dir, local_task_dir, tmp_path):
     cal = load_calibration(f)
     assert cal["thinking"] == ["non-thinking"] and sorted(cal["quantiles"]) == list(range(8))
     assert resolve("norms", {}, 8, preset=load_preset(str(f))).tau_values == [cal["quantiles"][6]["p90"]]
+
+
+# -- issue 14 item 7: every argument checked before an engine starts; collected data saved first ------
+
+def _no_engine(monkeypatch):
+    """Any attempt to generate fails the test (the checks must come first)."""
+    import lm_eval_telltale.tools.profile as prof
+
+    def boom(*a, **k):
+        raise AssertionError("generation started before the arguments were checked")
+
+    monkeypatch.setattr(prof, "collect", boom)
+
+
+def _args(tiny_model_dir, local_task_dir, *extra):
+    return ["--model", str(tiny_model_dir), "--tasks", "telltale_local", "--include_path", str(local_task_dir),
+            "--limit", "2", "--max-tokens", "12", "--warmup", "4", *extra]
+
+
+@pytest.mark.parametrize("cmd,extra,flag", [
+    ("calibrate", ["--tau-q", "0.6"], "--tau-q 0.6 must be one of --quantiles"),
+    ("calibrate", ["--tau-q", "1.5"], "--tau-q must be in (0, 1)"),
+    ("calibrate", ["--quantiles", "0.5,abc"], "--quantiles"),
+    ("calibrate", ["--quantiles", "0,0.9"], "--quantiles"),
+    ("calibrate", ["--out", "DIR"], "is a directory"),
+    ("calibrate", ["--out", "FILE/cal.yaml"], "is a file, not a directory"),
+    ("profile", ["--layers", "4-6", "--trace-layer", "3"], "--trace-layer 3 is not among the recorded layers"),
+    ("profile", ["--trace-layer", "8"], "--trace-layer 8"),
+    ("profile", ["--trace-sample", "-1"], "--trace-sample must be >= 0"),
+    ("profile", ["--out", "FILE"], "exists and is not a directory"),
+    ("profile", ["--out", "FILE/sub"], "is a file, not a directory"),
+    ("profile", ["--layers", "5-2"], "empty range 5-2: the first layer must not exceed the last"),
+    ("profile", ["--engine-args", '{"max_num_seqs": 4,}'], "--engine-args: malformed JSON"),
+    ("profile", ["--engine-args", "[1]"], "--engine-args: expected a JSON object"),
+    ("calibrate", ["--metadata", "{bad"], "--metadata: malformed JSON"),
+    ("profile", ["--limit", "0"], "--limit must be >= 1"),
+    ("profile", ["--model", "/nonexistent"], "pretrained='/nonexistent': no such directory"),
+])
+def test_cli_checks_everything_before_generating(tiny_model_dir, local_task_dir, tmp_path, monkeypatch, capsys,
+                                                 cmd, extra, flag):
+    from lm_eval_telltale.tools.profile import main_calibrate, main_profile
+
+    _no_engine(monkeypatch)
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "DIR").mkdir()
+    extra = [str(tmp_path / x) if x in ("DIR", "FILE", "FILE/cal.yaml", "FILE/sub") else x for x in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / ("cal.yaml" if cmd == "calibrate" else "prof"))]
+    argv = _args(tiny_model_dir, local_task_dir, *out, *extra)
+    if "--model" in extra:
+        argv = argv[2:]
+    with pytest.raises(SystemExit) as e:
+        (main_calibrate if cmd == "calibrate" else main_profile)(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_trace_sample_beyond_the_documents_fails_before_the_engine(tiny_model_dir, local_task_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    import vllm
+
+    from lm_eval_telltale.tools.profile import main_profile
+
+    def boom(*a, **k):
+        raise AssertionError("engine built")
+
+    monkeypatch.setattr(vllm, "LLM", boom)
+    with pytest.raises(SystemExit) as e:  # the prompts exist (2 documents), the engine does not
+        main_profile(_args(tiny_model_dir, local_task_dir, "--trace-sample", "2", "--out", str(tmp_path / "p")))
+    assert e.value.code == 2 and "--trace-sample 2 out of range: the tasks give 2 documents (0..1)" in capsys.readouterr().err
+
+
+def test_collection_file_round_trip(collection, tmp_path):
+    from lm_eval_telltale.tools.profile import load_collection, save_collection
+
+    back = load_collection(save_collection(collection, tmp_path / "c.npz"))
+    assert back["meta"] == json.loads(json.dumps(collection["meta"]))
+    assert len(back["samples"]) == len(collection["samples"])
+    for a, b in zip(collection["samples"], back["samples"]):
+        np.testing.assert_array_equal(a["norm"], b["norm"])
+        np.testing.assert_array_equal(a["tau"], b["tau"])
+        assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
+
+
+def test_late_failure_keeps_the_generations(collection, tiny_model_dir, local_task_dir, tmp_path, monkeypatch, capsys):
+    """A step after generation fails: the generations are on disk first, the message names them, and
+    --collection finishes the job without generating again."""
+    import lm_eval_telltale.tools.profile as prof
+
+    calls = []
+    monkeypatch.setattr(prof, "collect", lambda *a, **k: calls.append(1) or collection)
+    real = prof.calibration_data
+    monkeypatch.setattr(prof, "calibration_data", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    out = tmp_path / "cal.yaml"
+    assert prof.main_calibrate(_args(tiny_model_dir, local_task_dir, "--out", str(out))) == 1
+    err = capsys.readouterr().err
+    saved = tmp_path / "cal.collection.npz"
+    assert calls == [1] and saved.is_file() and not out.exists()
+    assert "disk on fire" in err and f"--collection {saved}" in err
+    monkeypatch.setattr(prof, "calibration_data", real)
+    _no_engine(monkeypatch)
+    assert prof.main_calibrate(["--collection", str(saved), "--out", str(out)]) == 0
+    assert load_calibration(out)["quantiles"] == load_calibration(write_cal(real(collection), tmp_path))["quantiles"]
+
+    # profile: the plots fail after profile.json; collection.npz is there, --collection redoes the plots
+    monkeypatch.setattr(prof, "collect", lambda *a, **k: collection)
+    real_plot = prof.plot_trace
+    monkeypatch.setattr(prof, "plot_trace", lambda *a, **k: (_ for _ in ()).throw(OSError("no space left")))
+    d = tmp_path / "prof"
+    assert prof.main_profile(_args(tiny_model_dir, local_task_dir, "--out", str(d))) == 1
+    assert "no space left" in capsys.readouterr().err and (d / "collection.npz").is_file()
+    monkeypatch.setattr(prof, "plot_trace", real_plot)
+    _no_engine(monkeypatch)
+    assert prof.main_profile(["--collection", str(d / "collection.npz"), "--out", str(d), "--trace-layer", "5"]) == 0
+    assert json.loads((d / "profile.json").read_text())["trace"]["layer"] == 5
+    _check_png(d / "profile_trace.png")
+
+
+def write_cal(data, tmp_path):
+    from lm_eval_telltale.tools.profile import write_calibration
+
+    return write_calibration(data, tmp_path / "expected.yaml")

@@ -175,3 +175,46 @@ def test_view_real_run_in_browser(tiny_model_dir, local_task_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(f.name for f in (tmp_path / "pages").iterdir()) == [
         "index.html", "telltale_local_doc0_r0.html", "telltale_local_doc1_r0.html"]
+
+
+# -- issue 14 item 8: --out that exists (or cannot exist) is a clear decision, never a traceback -------
+
+def _sidecar(tok, tmp_path) -> Path:
+    f = tmp_path / "telltale_alrr_x.jsonl"
+    f.write_text(json.dumps(_row(tok, "ok <think>hm</think> 7")) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("out,msg", [
+    ("FILE", "an existing file; one page needs a .html/.htm name"),
+    ("DIR.html", "an existing directory with a .html name"),
+    ("FILE/page.html", "cannot create it"),
+    ("FILE/pages", "cannot create it"),
+])
+def test_view_out_conflicts_are_clear_errors(tok, tiny_model_dir, tmp_path, capsys, out, msg):
+    from lm_eval_telltale.tools.view import main
+
+    (tmp_path / "FILE").write_text("not a page")
+    (tmp_path / "DIR.html").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([str(_sidecar(tok, tmp_path)), "--model", str(tiny_model_dir), "--out", str(tmp_path / out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and msg in err and "Traceback" not in err
+    assert (tmp_path / "FILE").read_text() == "not a page"
+
+
+def test_view_out_overwrites_a_previous_page(tok, tiny_model_dir, tmp_path):
+    from lm_eval_telltale.tools.view import main
+
+    sc = _sidecar(tok, tmp_path)
+    page = tmp_path / "page.html"
+    page.write_text("old page")
+    assert main([str(sc), "--model", str(tiny_model_dir), "--out", str(page)]) == 0
+    assert 'id="tt-data"' in page.read_text()
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "index.html").write_text("old index")
+    assert main([str(sc), "--model", str(tiny_model_dir), "--out", str(pages)]) == 0
+    assert sorted(f.name for f in pages.iterdir()) == ["index.html", "t_doc0_r0.html"]
+    assert "old index" not in (pages / "index.html").read_text()
