@@ -1,23 +1,32 @@
-"""The per-sample JSONL sidecar and the run summary recorded in lm-eval's results JSON.
+"""The per-answer JSONL sidecar: its writer, the one reader, and the run summary recorded in
+lm-eval's results JSON.
 
 One JSON line per generated answer::
 
-    {"task", "doc_id", "repeat", "method", "tag", "n_prompt_tokens", "n_generated_tokens",
-     "finish_reason", "response" (lm-eval's post-processed text), "raw_output" (full text, thinking
-     included), "n_decode_tokens", "layers": {"<layer>": {count, mean, max, A, B, C, D, late_sum,
-     tau_first, tau_last, tau_mean, tau_ready, [suppressed, recursed, accepted, injected, banked],
-     [the method's own statistics, e.g. ERSS: inject_positions, inject_cos, inject_vnorm,
-     inject_rejected, bank_max, bank_last]}},
+    {"task", "doc_id" (the id lm-eval writes in its samples file, also under --samples),
+     "doc_hash" (lm-eval's doc_hash of the document: joins by content), "repeat", "method", "tag",
+     "n_prompt_tokens", "n_generated_tokens", "finish_reason", "response" (lm-eval's post-processed
+     text), "raw_output" (full text, thinking included), "n_decode_tokens",
+     "layers": {"<layer>": {count, mean, max, A, B, C, D, late_sum, tau_first, tau_last, tau_mean,
+     tau_ready, [suppressed, recursed, accepted, injected, banked], [the method's own statistics,
+     e.g. ERSS: inject_positions, inject_cos, inject_vnorm, inject_rejected, bank_max, bank_last]}},
      ["tokens": {position, norm, tau, event[, norm_out][, the method's columns]}, "token_ids"]
      (record_tokens=true)}
 
-Lines are appended and flushed after every ``generate_until`` call, so nothing is lost when a run
-dies later. Join to lm-eval's samples on (task, doc_id, repeat).
+**Durability.** A row is appended as soon as its answer is finished (the model types collect the
+statistics of finished answers while generation goes on), as one whole line per ``write`` call,
+flushed to the operating system at once and fsync'ed at most every ``fsync_s`` seconds and when a
+``generate_until`` call ends. So after Ctrl-C or a kill, every answer finished before the last
+flush is a valid line; at most the line being written is torn, and the reader skips it with a
+warning. The writer repairs a torn tail before appending. Join to lm-eval's samples on
+(task, doc_id, repeat).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,18 +34,38 @@ from .core.stats import EVENT_NAMES
 
 
 class SidecarWriter:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fsync_s: float = 10.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.count = 0
+        self.fsync_s = float(fsync_s)
+        self._last_sync = time.monotonic()
+        self._dirty = False
 
     def write(self, rows: list[dict[str, Any]]) -> None:
+        """Append whole lines (one ``write`` call), flushed at once, fsync'ed at the cadence."""
         if not rows:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with self.path.open("a+b") as f:
+            if f.tell() > 0:  # a torn tail (a process killed mid-line) must not swallow this row
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode("utf-8"))
+            f.flush()
+            self._dirty = True
+            if time.monotonic() - self._last_sync >= self.fsync_s:
+                os.fsync(f.fileno())
+                self._last_sync, self._dirty = time.monotonic(), False
         self.count += len(rows)
+
+    def sync(self) -> None:
+        """fsync what was written (end of a generate_until call)."""
+        if self._dirty and self.path.exists():
+            with self.path.open("rb") as f:
+                os.fsync(f.fileno())
+        self._last_sync, self._dirty = time.monotonic(), False
 
 
 def read_sidecar(path: str | Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:

@@ -5,21 +5,29 @@ Like lm-eval's ``steered`` model, each type is the stock backend plus a small su
 - ``__init__`` takes the telltale model_args out of the arguments (they would otherwise reach
   ``LLM(...)`` and be rejected), validates them against the model's config — before any engine is
   built — and adds the engine arguments from :func:`lm_eval_telltale.vllm.engine_kwargs`;
-- ``_model_generate`` tags every request, generates, then collects the per-request statistics from
-  the worker;
-- ``generate_until`` joins those statistics to lm-eval's instances (task, doc_id) and appends
-  them to the JSONL sidecar;
+- ``generate_until`` first lays out a plan: every lm-eval Instance by its prompt tokens, with its
+  repeat, the doc id lm-eval writes (the true one under ``--samples``), its ``doc_hash`` and its
+  stop sequences — so each answer can be written the moment it is finished;
+- ``_model_generate`` tags every request, queues them (``LLM.enqueue``) and steps the engine
+  itself (``LLMEngine.step``); finished answers are collected from the worker in small batches
+  (at most every ``FLUSH_S`` seconds) and appended to the JSONL sidecar at once, so a crash or
+  Ctrl-C loses no finished answer (:mod:`lm_eval_telltale.sidecar`);
 - ``get_model_info`` puts the resolved config and a run summary into lm-eval's results JSON.
+
+One *unit* is one answer lm-eval asked for: one tagged vLLM request here, N candidates for
+``vllm-lrs`` (:mod:`lm_eval_telltale.harness.lrs`).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import itertools
 import json
 import logging
-import sys
+import time
 from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +39,13 @@ from ..core.rng import seed_from
 from ..sidecar import RunSummary, SidecarWriter
 from ..vllm import engine_kwargs, inspect_model
 from ..vllm.runtime import TAG_KEY
+from . import argv
 
 logger = logging.getLogger("lm_eval_telltale")
 
-
-def _output_path_from_argv(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a in ("--output_path", "-o") and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--output_path="):
-            return a.split("=", 1)[1]
-    return None
+#: finished answers are collected from the worker and written at most this often (seconds; the
+#: interval grows when a collection takes long, so that it stays a small share of the run)
+FLUSH_S = 0.5
 
 
 def default_stats_path(pretrained: str, method: str, output_path: str | None) -> Path | None:
@@ -56,6 +60,72 @@ def default_stats_path(pretrained: str, method: str, output_path: str | None) ->
     if out.suffix == ".json":
         return out.parent / f"telltale_{method}_{stamp}.jsonl"
     return out / sanitize_model_name(pretrained) / f"telltale_{method}_{stamp}.jsonl"
+
+
+@dataclass
+class Answer:
+    """One answer lm-eval asked for, as the sidecar joins it: the Instance, its repeat, the doc id
+    lm-eval writes in its samples file, lm-eval's ``doc_hash`` of the document and the stop
+    sequences lm-eval post-processes the text with."""
+
+    inst: Any
+    repeat: int
+    doc_id: Any
+    doc_hash: str
+    until: list[str]
+
+
+class Plan:
+    """The Instances of one ``generate_until`` call by prompt tokens, in request order, made before
+    any generation: each generated request takes its Answer by its prompt (identical prompts — the
+    repeats of one document — are taken in order, as lm-eval's stable sort keeps them)."""
+
+    def __init__(self, lm: "TelltaleVLLM", requests):
+        from lm_eval.utils import handle_non_serializable, hash_string
+
+        wanted = argv.samples() or {}
+        eos = lm._tt_eos()
+        self.by_prompt: dict[tuple, deque[Answer]] = defaultdict(deque)
+        repeats: dict[tuple, int] = defaultdict(int)
+        encodings = lm.tok_encode([inst.args[0] for inst in requests]) if requests else []
+        for inst, toks in zip(requests, encodings):
+            key = (inst.task_name, inst.doc_id)
+            rep = repeats[key]
+            repeats[key] += 1
+            # lm-eval renumbers the docs selected by --samples 0..k-1 and writes indices[doc_id]
+            idx = wanted.get(inst.task_name)
+            doc_id = idx[inst.doc_id] if isinstance(idx, list) and isinstance(inst.doc_id, int) \
+                and 0 <= inst.doc_id < len(idx) else inst.doc_id
+            gk = copy.deepcopy(inst.args[1]) if len(inst.args) > 1 and isinstance(inst.args[1], dict) else {}
+            _, until, _ = lm.modify_gen_kwargs(gk, eos=eos, default_max_gen_toks=lm.max_gen_toks)
+            doc_hash = hash_string(json.dumps(inst.doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+            self.by_prompt[tuple(toks)].append(Answer(inst, rep, doc_id, doc_hash, list(until)))
+
+    def take(self, prompt) -> Answer | None:
+        key = tuple(prompt)
+        q = self.by_prompt.get(key)
+        if not q:  # lm-eval truncated the prompt to fit max_model_len: a suffix (or prefix) of a planned one
+            n = len(key)
+            q = next((v for k, v in self.by_prompt.items() if v and len(k) > n and (k[-n:] == key or k[:n] == key)),
+                     None)
+        return q.popleft() if q else None
+
+
+@dataclass
+class Unit:
+    """One answer in generation: its tagged requests (one, or LRS's N candidates) and results."""
+
+    prompt: list[int]
+    answer: Answer | None
+    tags: list[str]
+    params: list
+    outputs: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, dict | None] = field(default_factory=dict)
+    chosen: Any = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outputs) == len(self.tags)
 
 
 class TelltaleVLLM(VLLM):
@@ -79,7 +149,7 @@ class TelltaleVLLM(VLLM):
         cfg = resolve(self.METHOD, tt_args, n_layers, seed=seed, preset=preset)
         self._tt_preset = preset
         self._tt_configure(cfg, kwargs)
-        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, _output_path_from_argv(sys.argv))
+        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, argv.output_path())
         cfg.stats_path = str(Path(stats_path).expanduser().resolve()) if stats_path else None
         user_ov = kwargs.pop("hf_overrides", None)
         if isinstance(user_ov, str):
@@ -93,7 +163,8 @@ class TelltaleVLLM(VLLM):
         self.tt_cfg: TelltaleConfig = cfg
         self._tt_arch = arch
         self._tt_counter = itertools.count()
-        self._tt_pending: list[dict[str, Any]] = []
+        self._tt_plan: Plan | None = None
+        self._tt_quiet = False
         self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
         self._tt_summary = RunSummary(cfg)
         super().__init__(pretrained=pretrained, **kwargs)
@@ -147,70 +218,145 @@ class TelltaleVLLM(VLLM):
         sp.extra_args = extra
         return sp, tag
 
-    def _tt_collect(self, tags: list[str]) -> dict[str, dict]:
-        res = self.model.collective_rpc("telltale_collect", args=(tags,))
-        recs = res[0] if res else []
-        return {r["tag"]: r for r in recs}
+    def _tt_eos(self) -> str:
+        """The EOS string lm-eval's vLLM backend adds to the stop sequences (same rule)."""
+        eos = self.tokenizer.decode(self.eot_token_id)
+        if not eos and getattr(self.tokenizer, "eos_token", None):
+            eos = self.tokenizer.eos_token
+        return eos
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._tt_plan = Plan(self, requests)
+        self._tt_quiet = disable_tqdm
+        try:
+            return super().generate_until(requests, disable_tqdm)
+        finally:
+            self._tt_plan = None
+            if self._tt_writer is not None:
+                self._tt_writer.sync()
 
     def _model_generate(self, requests, generate=False, sampling_params=None):
-        if not generate or sampling_params is None or self.data_parallel_size > 1:
+        if not generate or sampling_params is None:  # log-likelihood requests: nothing to record
             out = super()._model_generate(requests, generate=generate, sampling_params=sampling_params)
             if self.data_parallel_size == 1:
                 self.model.collective_rpc("telltale_discard")
             return out
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(requests)
+        plan = getattr(self, "_tt_plan", None)
         seen: dict = {}
-        tagged = [self._tt_tag(p, sp, seen) for p, sp in zip(requests, sampling_params)]
-        outputs = super()._model_generate(requests, generate=True, sampling_params=[sp for sp, _ in tagged])
-        stats = self._tt_collect([t for _, t in tagged])
-        for prompt, (_sp, tag), out in zip(requests, tagged, outputs):
-            self._tt_pending.append({"prompt": tuple(prompt), "tag": tag, "output": out, "stats": stats.get(tag)})
-        return outputs
+        units = [self._tt_unit(list(p), sp, plan.take(p) if plan is not None else None, seen)
+                 for p, sp in zip(requests, sampling_params)]
+        if self.data_parallel_size > 1:
+            return super()._model_generate(requests, generate=True, sampling_params=[u.params[0] for u in units])
+        self._tt_run(units)
+        return [u.chosen for u in units]
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        self._tt_pending = []
-        texts = super().generate_until(requests, disable_tqdm)
-        self._tt_join(requests, texts)
-        return texts
+    def _tt_unit(self, prompt: list[int], sp, answer: Answer | None, seen: dict) -> Unit:
+        """One answer = one tagged request (``vllm-lrs`` makes N)."""
+        sp, tag = self._tt_tag(prompt, sp, seen)
+        return Unit(prompt, answer, [tag], [sp])
 
-    def _tt_join(self, requests, texts) -> None:
-        by_prompt: dict[tuple, deque] = defaultdict(deque)
-        for rec in self._tt_pending:
-            by_prompt[rec["prompt"]].append(rec)
-        self._tt_pending = []
-        repeats: dict[tuple, int] = defaultdict(int)
+    def _tt_run(self, units: list[Unit]) -> None:
+        """Queue every request of ``units``, step the engine, and write each answer's row as soon
+        as its unit is finished (statistics collected in batches, at most every FLUSH_S)."""
+        from tqdm.auto import tqdm
+        from vllm import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        llm = self.model
+        engine = llm.llm_engine
+        owner: dict[str, tuple[Unit, str]] = {}
+        try:  # the tag is the request id: the engine's outputs name the candidate they belong to
+            for u in units:
+                for tag, sp in zip(u.tags, u.params):
+                    sp.output_kind = RequestOutputKind.FINAL_ONLY
+                    engine.add_request(tag, TokensPrompt(prompt_token_ids=u.prompt), sp, lora_request=self.lora_request)
+                    owner[tag] = (u, tag)
+        except Exception:
+            if owner:
+                engine.abort_request(list(owner))
+            raise
+        pbar = tqdm(total=len(units), desc=f"vllm-{self.METHOD}: answers", unit="answer",
+                    disable=True if getattr(self, "_tt_quiet", False) else None)
+        done: list = []
+        last, interval = time.monotonic(), FLUSH_S
+        finished_cleanly = False
+        try:
+            while engine.has_unfinished_requests():
+                done.extend(o for o in engine.step() if o.finished)
+                if done and time.monotonic() - last >= interval:
+                    t0 = time.monotonic()
+                    self._tt_finish(done, owner, pbar)
+                    done, last = [], time.monotonic()
+                    # collecting costs O(rows held by the worker): keep it under ~2 % of the run
+                    interval = max(FLUSH_S, 50.0 * (last - t0))
+            finished_cleanly = True
+        finally:
+            if done:
+                try:  # after an interrupt, still save what finished (a short timeout: never hang)
+                    self._tt_finish(done, owner, pbar, timeout=None if finished_cleanly else 10.0)
+                except Exception as e:  # noqa: BLE001
+                    if finished_cleanly:
+                        raise
+                    logger.warning("telltale: %d finished answers could not be saved after the interruption: %s",
+                                   len(done), e)
+            pbar.close()
+
+    def _tt_finish(self, outs: list, owner: dict, pbar, timeout: float | None = None) -> None:
+        pairs = [(owner.pop(o.request_id), o) for o in outs]
+        stats = self._tt_collect([tag for (_u, tag), _o in pairs],
+                                 [len(o.outputs[0].token_ids) for _, o in pairs], timeout)
         rows = []
-        for inst, text in zip(requests, texts):
-            toks = tuple(self.tok_encode(inst.args[0]))
-            q = by_prompt.get(toks)
-            if not q:  # the backend left-truncated the prompt: find the record whose prompt is a suffix
-                q = next((v for k, v in by_prompt.items() if v and len(k) < len(toks) and toks[-len(k):] == k), None)
-            if not q:
-                logger.warning("telltale: no statistics for %s doc %s (cached response?)", inst.task_name, inst.doc_id)
-                continue
-            rec = q.popleft()
-            key = (inst.task_name, inst.doc_id)
-            rows.append(self._tt_row(inst, repeats[key], text, rec))
-            repeats[key] += 1
+        for (u, tag), o in pairs:
+            u.outputs[tag], u.stats[tag] = o, stats.get(tag)
+            if u.complete:
+                row = self._tt_answer(u)
+                pbar.update(1)
+                if row is not None:
+                    rows.append(row)
         for row in rows:
             self._tt_summary.add(row)
         if self._tt_writer is not None:
             self._tt_writer.write(rows)
 
-    def _tt_row(self, inst, repeat: int, text: str, rec: dict) -> dict[str, Any]:
-        out = rec["output"].outputs[0]
-        stats = rec["stats"] or {}
+    def _tt_collect(self, tags: list[str], lengths: list[int], timeout: float | None = None) -> dict[str, dict]:
+        """The worker's statistics of these finished requests; ``lengths`` (generated tokens) let
+        the worker drop any row past an answer's end (a forward the engine ran for a request that
+        had already stopped, e.g. under async scheduling)."""
+        res = self.model.collective_rpc("telltale_collect", timeout=timeout, args=(tags, lengths))
+        recs = res[0] if res else []
+        return {r["tag"]: r for r in recs}
+
+    def _tt_answer(self, u: Unit) -> dict[str, Any] | None:
+        """The unit is finished: choose what lm-eval gets (``u.chosen``) and build its row."""
+        tag = u.tags[0]
+        u.chosen = u.outputs[tag]
+        if u.answer is None:
+            logger.warning("telltale: an answer could not be joined to lm-eval's documents (its prompt matches "
+                           "no planned request); its statistics are not written")
+            return None
+        return self._tt_row(u.answer, tag, u.prompt, u.chosen, u.stats[tag] or {})
+
+    def _tt_row(self, ans: Answer, tag: str, prompt: list[int], output, stats: dict) -> dict[str, Any]:
+        out = output.outputs[0]
         row = {
-            "task": inst.task_name, "doc_id": inst.doc_id, "repeat": repeat, "method": self.METHOD,
-            "tag": rec["tag"], "n_prompt_tokens": len(rec["prompt"]), "n_generated_tokens": len(out.token_ids),
-            "finish_reason": out.finish_reason, "response": text, "raw_output": out.text,
+            "task": ans.inst.task_name, "doc_id": ans.doc_id, "doc_hash": ans.doc_hash, "repeat": ans.repeat,
+            "method": self.METHOD, "tag": tag, "n_prompt_tokens": len(prompt), "n_generated_tokens": len(out.token_ids),
+            "finish_reason": out.finish_reason, "response": self._tt_response(ans, out.text), "raw_output": out.text,
             "n_decode_tokens": stats.get("n_decode_tokens", 0), "layers": stats.get("layers", {}),
         }
         if "tokens" in stats:
             row["tokens"] = stats["tokens"]
             row["token_ids"] = list(out.token_ids)
         return row
+
+    def _tt_response(self, ans: Answer, text: str) -> str:
+        """What lm-eval scores: its own post-processing with the same stop sequences."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        return postprocess_generated_text(text, ans.until, self.think_end_token)
 
     # -- results JSON ---------------------------------------------------------------------------
     def get_model_info(self) -> dict:

@@ -15,21 +15,12 @@ the first candidate, and the sidecar says so).
 from __future__ import annotations
 
 import logging
-import sys
 from functools import lru_cache
 from typing import Any
 
+from .argv import argv_value
+
 logger = logging.getLogger("lm_eval_telltale")
-
-
-def _argv_value(flag: str) -> str | None:
-    argv = sys.argv
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 @lru_cache(maxsize=4)
@@ -108,7 +99,7 @@ def scorer_for(task_name: str) -> TaskScorer | None:
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
 
-        tm = _task_manager(_argv_value("--include_path"))
+        tm = _task_manager(argv_value("--include_path"))
         entry = tm.task_index.get(task_name)
         if entry is None or not entry.yaml_path:
             raise LookupError(f"task {task_name!r} not found in lm-eval's index")
@@ -116,4 +107,35 @@ def scorer_for(task_name: str) -> TaskScorer | None:
     except Exception as e:  # noqa: BLE001
         logger.warning("telltale: cannot score candidates of %s with the task's scorer (%s); "
                        "maj falls back to the first candidate and correctness is not recorded", task_name, e)
+        return None
+
+
+def task_generation_kwargs(names: list[str]) -> list[dict[str, Any]] | None:
+    """The ``generation_kwargs`` of every leaf task under ``names`` (groups expanded through their
+    YAML's ``task`` list), read from lm-eval's task index without loading any dataset; None when
+    any name cannot be resolved that way (the caller then cannot decide early)."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        tm = _task_manager(argv_value("--include_path"))
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+
+        def visit(name: str, depth: int = 0) -> bool:
+            if name in seen:
+                return True
+            seen.add(name)
+            entry = tm.task_index.get(name)
+            if entry is None or not entry.yaml_path or depth > 8:
+                return False
+            cfg = load_yaml(entry.yaml_path, resolve_func=False)
+            subs = cfg.get("task")
+            if isinstance(subs, list):  # a group
+                return all(visit(t if isinstance(t, str) else t.get("task"), depth + 1) for t in subs)
+            out.append(dict(cfg.get("generation_kwargs") or {}))
+            return True
+
+        return out if all(visit(n) for n in names) and out else None
+    except Exception as e:  # noqa: BLE001 - an early check must never break a run
+        logger.debug("telltale: cannot read the tasks' generation_kwargs early: %s", e)
         return None

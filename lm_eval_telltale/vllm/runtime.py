@@ -58,6 +58,7 @@ class VllmRuntime:
         self.steps = 0
         self.begin_calls = 0
         self.resumed = 0
+        self.dropped_after_end = 0  # rows of forwards run after an answer had ended
         self._log: list[dict[str, torch.Tensor]] = []
         self._infos: dict[int, SlotInfo] = {}       # serial -> info, until collected
         self._finished: set[int] = set()
@@ -198,15 +199,33 @@ class VllmRuntime:
         bounds = list(start[1:]) + [len(sub["serial"])]
         return {int(s): {k: v[a:b] for k, v in sub.items()} for s, a, b in zip(uniq, start, bounds)}
 
-    def collect(self, tags: list[str] | None = None) -> list[dict[str, Any]]:
+    def collect(self, tags: list[str] | None = None, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         """Summaries for requests with these caller tags (None: every finished request).
-        Collected requests are forgotten (their slot is released if still held)."""
+        Collected requests are forgotten (their slot is released if still held).
+
+        ``lengths`` (one per tag): the number of tokens the request generated. A generated token is
+        fed back only while the answer goes on, so the last fed position is prompt_len + length − 2;
+        rows past it come from a forward the engine ran after the request had stopped (async
+        scheduling plans a step before the previous step's stop token is known; a stop string is
+        found by the frontend after the engine went on) and are dropped."""
         if tags is None:
             chosen = [i for s, i in self._infos.items() if s in self._finished]
         else:
             want = set(tags)
             chosen = [i for i in self._infos.values() if i.tag in want]
+        last_fed = {}
+        if tags is not None and lengths is not None:
+            if len(lengths) != len(tags):
+                raise ValueError(f"telltale_collect: {len(tags)} tags but {len(lengths)} lengths")
+            n_out = dict(zip(tags, lengths))
+            last_fed = {i.serial: int(i.meta["prompt_len"]) + int(n_out[i.tag]) - 2 for i in chosen}
         rows = self._rows({i.serial for i in chosen})
+        for serial, limit in last_fed.items():
+            r = rows.get(serial)
+            if r is not None and r["position"].size and r["position"][-1] > limit:
+                keep = r["position"] <= limit
+                self.dropped_after_end += int((~keep).sum())
+                rows[serial] = {k: v[keep] for k, v in r.items()}
         out = []
         layers = self.cfg.layers
         L = len(layers)
@@ -252,6 +271,7 @@ class VllmRuntime:
             "steps": self.steps,
             "capacity": self.table.capacity,
             "resumed_after_preemption": self.resumed,
+            "dropped_after_end": self.dropped_after_end,
             "method": self.method.summary(),
         }
 

@@ -61,8 +61,8 @@ class TelltaleWorkerMixin:
         return out
 
     # -- RPC targets -------------------------------------------------------------------------
-    def telltale_collect(self, tags=None):
-        return [] if self._tt is None else self._tt.collect(tags)
+    def telltale_collect(self, tags=None, lengths=None):
+        return [] if self._tt is None else self._tt.collect(tags, lengths)
 
     def telltale_state(self):
         return None if self._tt is None else self._tt.state()
