@@ -39,11 +39,14 @@ COMMON_KEYS: dict[str, tuple[Any, str]] = {
     "iqr_k": (1.5, "τ = Q3 + iqr_k · max(IQR, min_iqr)"),
     "min_iqr": (1e-3, "lower bound of the IQR in the τ rule"),
     "tau_floor": (None, "optional lower bound of τ (>= 0)"),
-    "warmup": (None, "tokens (request mode) or decode steps (global mode) before any decision; "
-                     "default: 64 tokens in request mode; 500 steps (alrr, suppress) / 200 (erss) in global mode"),
+    "warmup": (None, "the request's own generated tokens (request, fixed, calibrated) or decode steps (global) "
+                     "before any decision; default (spec.default_warmup): 64 tokens in request mode, 500 steps "
+                     "(200 for erss) in global mode, none with a given τ"),
     "record_tokens": (False, "write per-token traces (norm, τ, events) into the sidecar for `telltale view`: "
                               "≈ 40 bytes of JSON per generated token and patched layer (more with a method's "
                               "extra columns), e.g. 16k tokens × 6 layers ≈ 4 MB per answer"),
+    "batch_invariant": (False, "vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; GPU only): a request's "
+                               "logits independent of the rest of the batch, at some speed cost"),
     "stats_path": (None, "sidecar JSONL path (default: next to lm-eval's --output_path)"),
 }
 
@@ -72,6 +75,7 @@ class TelltaleConfig:
     tau_floor: float | None = None
     warmup: int = 64
     record_tokens: bool = False
+    batch_invariant: bool = False
     stats_path: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # method knobs
     seed: int = 0
@@ -405,6 +409,7 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
         method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
         tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
         tau_floor=tau_floor, warmup=warmup, record_tokens=bool(get("record_tokens")),
+        batch_invariant=bool(get("batch_invariant")),
         stats_path=merged.get("stats_path"), params=params, seed=int(seed),
     )
     validate_params(cfg)

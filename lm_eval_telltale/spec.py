@@ -40,11 +40,14 @@ LRS_SELECTORS: tuple[str, ...] = (*LRS_SCORES, "maj", "conf", "random", "first")
 
 def default_warmup(method: str, tau_mode: str) -> int:
     """The warm-up before any decision when ``warmup=`` is not given: 64 of the request's own
-    generated tokens in ``request`` mode; in the other modes decode steps, as the reference code
-    counts them: 200 for ERSS, 500 for the others."""
+    generated tokens in ``request`` mode; in ``global`` mode decode steps, as the reference code
+    counts them: 200 for ERSS, 500 for the others; none with a given τ (``fixed``/``calibrated``,
+    where a ``warmup=`` counts the request's own generated tokens)."""
     if tau_mode == "request":
         return 64
-    return 200 if method == "erss" else 500
+    if tau_mode == "global":
+        return 200 if method == "erss" else 500
+    return 0
 
 
 def majority_index(answers: Sequence[Any]) -> int | None:

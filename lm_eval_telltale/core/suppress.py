@@ -6,8 +6,9 @@ next layer sees exactly the suppressed stream:
 
 - ``suppress_mode=high`` (default): tokens with n > τ_l. ``action=scale`` → f = ``scale`` (0.1);
   ``action=clamp`` → f = min(1, (τ/``clamp_div``)/n), i.e. ‖x'‖ ≤ τ/4.
-- ``suppress_mode=random``: every generated token/layer with probability ``p`` (0.05), from
-  counter-based draws seeded by the request (reproducible, independent of the batch).
+- ``suppress_mode=random``: every generated token/layer past the warm-up (τ defined) with
+  probability ``p`` (0.05), from counter-based draws seeded by the request (reproducible,
+  independent of the batch). The reference code's random mode also waits out the warm-up.
 - ``suppress_mode=matched``: random suppression at the rate the high-norm rule suppressed —
   per layer, from a reference run's sidecar (``match_stats=<sidecar.jsonl>``), from explicit
   rates (``match_rate=0.03`` or a JSON list per layer), or, with neither, online: the running
@@ -42,7 +43,7 @@ ACTIONS = ("scale", "clamp")
 class SuppressParams:
     suppress_mode: str = knob("high", "high | random | matched", lambda v: v in MODES,
                               "must be high, random or matched")
-    action: str = knob("scale", "scale (x' = scale·x) | clamp (‖x'‖ ≤ τ/clamp_div); high mode",
+    action: str = knob("scale", "scale (x' = scale·x) | clamp (‖x'‖ ≤ τ/clamp_div), in every suppress_mode",
                        lambda v: v in ACTIONS, "must be scale or clamp")
     scale: float = knob(0.1, "suppression factor for action=scale", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
     clamp_div: float = knob(4.0, "action=clamp bound: ‖x'‖ ≤ τ/clamp_div", lambda v: v > 0, "must be > 0")
@@ -133,12 +134,10 @@ class Suppress(Method):
                 newf = (step.new & torch.isfinite(tau)).to(torch.float32)
                 self.seen[j] += newf.sum()
                 self.above[j] += (newf * (n > tau).to(torch.float32)).sum()
-            mask = step.act & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)
-            if self.p.suppress_mode == "matched":
-                # the control draws from the tokens the high rule could have hit (τ defined, i.e.
-                # past warm-up), at the high run's rate per such token: same population, same rate
-                mask = mask & torch.isfinite(tau)
-        if self.p.action == "clamp" and self.p.suppress_mode == "high":
+            # the controls draw from the tokens the high rule could have hit (τ defined, i.e. past
+            # warm-up) — matched at the high run's rate per such token: same population, same rate
+            mask = step.act & torch.isfinite(tau) & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)
+        if self.p.action == "clamp":
             f = torch.clamp((tau / self.p.clamp_div) / n.clamp(min=1e-12), max=1.0)
         else:
             f = torch.full_like(n, self.p.scale)

@@ -8,9 +8,10 @@ Modes:
 - ``global``: one pair per layer shared by the engine, fed one sample per decode step = the mean
   norm over the step's decode tokens (the reference code; batch-size dependent by construction);
   warm-up counted in decode steps.
-- ``fixed``: τ_l given per layer.
+- ``fixed``: τ_l given per layer (no decision in a request's first ``warmup`` generated tokens;
+  default 0).
 - ``calibrated``: τ_l = the ``tau_q`` quantile of a calibration run (a file from ``telltale
-  calibrate``).
+  calibrate``); warm-up as in fixed mode.
 
 τ is NaN where no decision may be taken yet: every comparison with NaN is False, so the methods
 need no extra "ready" mask.
@@ -138,14 +139,16 @@ def iqr_tau(q1: torch.Tensor, q3: torch.Tensor, iqr_k: float, min_iqr: float, ta
 class Thresholds:
     """τ for every (slot, layer) of an engine, in one of the four modes.
 
-    ``tau_slots()`` → [S, L] (request mode) or a broadcast [1, L] (other modes), computed from
-    the state *before* the current step; ``update(...)`` feeds the step's decode-token norms.
+    ``tau_slots()`` → [S, L] (request mode; fixed/calibrated with a warm-up) or a broadcast [1, L]
+    (global; fixed/calibrated without one), computed from the state *before* the current step;
+    ``update(...)`` feeds the step's decode-token norms. In fixed/calibrated mode ``warmup`` counts
+    the request's own generated tokens (like request mode); its default there is 0.
     """
 
     MODES = TAU_MODES
 
     def __init__(self, mode: str, num_layers: int, capacity: int, *, iqr_k: float = 1.5, min_iqr: float = 1e-3,
-                 tau_floor: float | None = None, warmup: int = 64, tau_values: list[float] | None = None,
+                 tau_floor: float | None = None, warmup: int = 0, tau_values: list[float] | None = None,
                  device=None):
         if mode not in self.MODES:
             raise ValueError(f"tau_mode must be one of {self.MODES}, got {mode!r}")
@@ -156,22 +159,35 @@ class Thresholds:
             if tau_values is None or len(tau_values) != num_layers:
                 raise ValueError(f"tau_mode={mode} needs one τ per patched layer ({num_layers})")
             self._fixed = torch.tensor(tau_values, dtype=torch.float32, device=device)[None, :]
+            # with a warm-up, no decision before `warmup` of the request's own generated tokens
+            self.seen = torch.zeros(capacity, dtype=torch.int64, device=device) if self.warmup > 0 else None
         elif mode == "request":
             self.p2 = P2Quartiles((capacity, num_layers), device=device)
         else:
             self.p2 = P2Quartiles((num_layers,), device=device)
 
+    @property
+    def _counts_tokens(self) -> bool:
+        return self.mode in ("fixed", "calibrated") and self.seen is not None
+
     def resize(self, capacity: int) -> None:
         if self.mode == "request":
             self.p2.resize(capacity)
+        elif self._counts_tokens and capacity > self.seen.shape[0]:
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(capacity - self.seen.shape[0])])
 
     def reset_slot(self, slot: int) -> None:
         if self.mode == "request":
             self.p2.reset(slot)
+        elif self._counts_tokens:
+            self.seen[slot] = 0
 
     def tau_slots(self) -> torch.Tensor:
         if self.mode in ("fixed", "calibrated"):
-            return self._fixed
+            if not self._counts_tokens:
+                return self._fixed
+            ready = (self.seen >= self.warmup)[:, None]
+            return torch.where(ready, self._fixed, torch.full_like(self._fixed, float("nan")))
         q1, q3 = self.p2.quartiles()
         tau = iqr_tau(q1, q3, self.iqr_k, self.min_iqr, self.tau_floor)
         ready = self.p2.count >= max(self.warmup, 5)
@@ -194,3 +210,8 @@ class Thresholds:
             cnt = m.sum(0)  # [1] broadcast per layer
             mean = (norms.to(torch.float32) * m).sum(0) / cnt.clamp(min=1)
             self.p2.update(mean, (cnt > 0).expand(self.L))
+        elif self._counts_tokens:
+            S = self.seen.shape[0]
+            idx = torch.where(mask, slot, torch.full_like(slot, S))
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(1)]).index_add_(
+                0, idx, torch.ones_like(idx))[:S]

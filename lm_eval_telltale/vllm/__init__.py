@@ -24,8 +24,8 @@ from .plugin import ARCHITECTURES
 
 ROW_MIRROR = "lm_eval_telltale.vllm.rows:TelltaleRowMirror"
 WORKERS = {
-    "cpu": "lm_eval_telltale.vllm.worker.TelltaleCPUWorker",
-    "gpu": "lm_eval_telltale.vllm.worker.TelltaleGPUWorker",
+    "cpu": "lm_eval_telltale.vllm.worker_cpu.TelltaleCPUWorker",
+    "gpu": "lm_eval_telltale.vllm.worker_gpu.TelltaleGPUWorker",
 }
 
 
@@ -90,6 +90,25 @@ def worker_cls() -> str:
     return WORKERS["cpu" if current_platform.is_cpu() else "gpu"]
 
 
+def _set_vllm_env(name: str, value: str, why: str) -> None:
+    """Set a vLLM environment switch for the engines this process builds. vLLM freezes its
+    environment once an engine has started in this process (in-process engines): then a value
+    that differs can no longer take effect, and this fails loudly instead of silently."""
+    cur = os.environ.get(name)
+    if cur is not None and cur != value:
+        raise UnsupportedModelError(f"telltale: {name}={cur} is set, but {why} (needs {name}={value})")
+    os.environ[name] = value
+    from vllm import envs
+
+    if getattr(envs, "_is_envs_cache_enabled", lambda: False)():
+        frozen = getattr(envs, name)
+        as_str = str(int(frozen)) if isinstance(frozen, bool) else ("" if frozen is None else str(frozen))
+        if as_str != value:
+            raise UnsupportedModelError(
+                f"telltale: an engine already started in this process froze vLLM's environment with {name}={frozen}; "
+                f"{why}. Start the telltale engine in a fresh process (or set {name}={value} before the first one)")
+
+
 def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``LLM(**kwargs)`` additions for a Telltale method.
 
@@ -98,7 +117,16 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
     - ``worker_cls`` and ``logits_processors``: lifecycle and row-order wiring;
     - ``enforce_eager=True``: plain Python hooks are traced away by torch.compile/CUDA graphs;
     - ``enable_prefix_caching=False``: cached blocks would skip the forward of prompt tokens and
-      could carry K/V computed under another request's intervention.
+      could carry K/V computed under another request's intervention;
+    - ``async_scheduling=False``: with it (vLLM's GPU default) the engine plans step N+1 before it
+      knows that step N sampled a stop token, so a stopped request takes one more forward. Its
+      rows are dropped at collection, but the engine-wide streams (``tau_mode=global``, online
+      matched suppression) would have seen them; a synchronous step keeps every statistic exact.
+      Pass ``async_scheduling=True`` yourself to trade that for speed.
+
+    Environment: the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``: the hooks follow its
+    persistent batch) and, with ``cfg.batch_invariant``, vLLM's batch-invariant kernels
+    (``VLLM_BATCH_INVARIANT=1``).
     """
     if architecture not in ARCHITECTURES:
         raise UnsupportedModelError(f"telltale: unsupported architecture {architecture!r}; supported: "
@@ -106,12 +134,21 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
     ov = dict(hf_overrides or {})
     ov["architectures"] = [ARCHITECTURES[architecture]]
     ov["telltale"] = cfg.to_dict()
-    # vLLM >= 0.32 defaults to Model Runner V2 on GPU; the hooks follow the V1 runner's batch.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    _set_vllm_env("VLLM_USE_V2_MODEL_RUNNER", "0",
+                  "the telltale hooks follow the V1 model runner's persistent batch (Model Runner V2 is not supported)")
+    if cfg.batch_invariant:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise UnsupportedModelError(
+                "telltale: batch_invariant=true: vLLM's batch-invariant kernels need Triton and are not available on "
+                "the CPU engine (where a request's float32 results are already independent of the batch)")
+        _set_vllm_env("VLLM_BATCH_INVARIANT", "1", "batch_invariant=true asks for vLLM's batch-invariant kernels")
     return {
         "hf_overrides": ov,
         "worker_cls": worker_cls(),
         "logits_processors": [ROW_MIRROR],
         "enforce_eager": True,
         "enable_prefix_caching": False,
+        "async_scheduling": False,
     }

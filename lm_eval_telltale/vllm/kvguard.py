@@ -6,6 +6,11 @@ layer of a KV-cache group shares ONE slot-mapping tensor, so it must never be mo
 we remove this layer's dict entry for the duration of the call and put it back in ``finally``.
 The re-run's attention still reads K/V from the cache — i.e. pass-0 keys/values for the current
 tokens (cache-read semantics, documented in docs/methods.md §2).
+
+That holds only for attention backends whose KV write is that separate op
+(``forward_includes_kv_cache_update = False``: CPU, FlashAttention, FlashInfer, Triton, Flex).
+A backend that writes K/V inside its own forward would let the re-run overwrite the cache
+silently; :func:`check_separable_kv_write` refuses such a layer when the model is built.
 """
 
 from __future__ import annotations
@@ -15,13 +20,29 @@ from contextlib import contextmanager
 import torch
 
 
-def attention_layer_names(layer: torch.nn.Module) -> list[str]:
-    names = []
-    for m in layer.modules():
-        ln = getattr(m, "layer_name", None)
-        if isinstance(ln, str) and hasattr(m, "kv_cache"):
-            names.append(ln)
-    return names
+def attention_modules(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """vLLM ``Attention`` modules inside ``layer`` (the ones that own a KV cache)."""
+    return [m for m in layer.modules() if isinstance(getattr(m, "layer_name", None), str) and hasattr(m, "kv_cache")]
+
+
+def check_separable_kv_write(layer: torch.nn.Module, where: str) -> None:
+    """Raise when an attention module of ``layer`` uses a backend that writes K/V inside its
+    forward (ALRR's re-run could not keep the cache at its pass-0 keys/values there)."""
+    mods = attention_modules(layer)
+    if not mods:
+        raise ValueError(f"telltale: no attention layer found inside {where} ({type(layer).__name__})")
+    for m in mods:
+        if getattr(m, "kv_sharing_target_layer_name", None) is not None:
+            continue  # shares another layer's cache: it writes nothing itself
+        backend = getattr(m, "attn_backend", None)
+        if backend is None or not getattr(backend, "forward_includes_kv_cache_update", True):
+            continue
+        name = backend.get_name() if hasattr(backend, "get_name") else getattr(backend, "__name__", str(backend))
+        raise ValueError(
+            f"telltale: vllm-alrr re-runs {where} with its KV-cache write suppressed, which needs an attention "
+            f"backend whose KV write is a separate op; {m.layer_name} uses {name}, which writes K/V inside its "
+            "forward, so the re-run would overwrite the cache. Choose another backend, e.g. "
+            "--model_args ...,attention_backend=FLASH_ATTN (or TRITON_ATTN, FLASHINFER)")
 
 
 @contextmanager
@@ -30,7 +51,7 @@ def no_kv_write(layer: torch.nn.Module):
 
     names = getattr(layer, "_tt_attn_names", None)
     if names is None:
-        names = attention_layer_names(layer)
+        names = [m.layer_name for m in attention_modules(layer)]
         if not names:
             raise RuntimeError(f"telltale: no attention layer found inside {type(layer).__name__}")
         layer._tt_attn_names = names

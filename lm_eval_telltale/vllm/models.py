@@ -20,7 +20,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import TelltaleConfig
-from .kvguard import no_kv_write
+from .kvguard import check_separable_kv_write, no_kv_write
 
 
 class TelltaleModelMixin:
@@ -44,6 +44,8 @@ class TelltaleModelMixin:
             if not lo <= l < hi:
                 raise ValueError(f"telltale: patched layer {l} is not on this pipeline stage [{lo}, {hi})")
             layer = inner.layers[l]
+            if self.telltale_cfg.method == "alrr":
+                check_separable_kv_write(layer, f"model.layers.{l}")
             self._tt_handles.append(layer.register_forward_hook(partial(self._tt_layer_hook, j), with_kwargs=True))
             self.telltale_hook_names.append(f"model.layers.{l}")
 

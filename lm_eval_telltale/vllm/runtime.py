@@ -41,9 +41,10 @@ class HookWiringError(RuntimeError):
 
 
 class VllmRuntime:
-    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device):
+    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner):
         self.cfg = cfg
         self.device = device
+        self.runner = runner  # vLLM's V1 model runner: query_start_loc and num_reqs of each step
         sched = vllm_config.scheduler_config
         cap = max(8, 2 * int(getattr(sched, "max_num_seqs", 64) or 64))
         if getattr(vllm_config, "speculative_config", None) is not None:
@@ -127,14 +128,13 @@ class VllmRuntime:
     def begin_step(self, positions: torch.Tensor) -> None:
         from vllm.forward_context import get_forward_context
 
-        attn = get_forward_context().attn_metadata
-        if isinstance(attn, list):  # ubatching
+        if isinstance(get_forward_context().attn_metadata, list):  # ubatching
             raise HookWiringError("telltale: micro-batching (list attention metadata) is not supported")
-        if not attn:
-            raise HookWiringError("telltale: a real step ran without attention metadata")
-        md = next(iter(attn.values()))
-        qsl = md.query_start_loc
-        rows = int(qsl.shape[0]) - 1
+        # token → row: the runner's query_start_loc for this step (every attention backend's
+        # metadata is built from it; FlashInfer's does not carry it)
+        runner = self.runner
+        rows = int(runner.input_batch.num_reqs)
+        qsl = runner.query_start_loc.gpu[: rows + 1]
         if rows != self.num_rows:
             raise HookWiringError(f"telltale: row mirror out of sync ({self.num_rows} mirrored rows, {rows} in the step)")
         rs = self.row_slot[:rows]

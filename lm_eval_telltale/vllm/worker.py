@@ -1,4 +1,5 @@
-"""Telltale worker classes (``worker_cls``): the stock CPU / GPU workers plus
+"""The Telltale worker mixin: what the ``worker_cls`` classes (``worker_cpu.TelltaleCPUWorker``,
+``worker_gpu.TelltaleGPUWorker``) add to the stock CPU / GPU workers:
 
 - tagging of new requests and release of finished/aborted ones (from the scheduler output,
   before the runner runs);
@@ -6,16 +7,21 @@
   piece is missing (wrong model runner, logits processor not installed, ...);
 - a per-step check that every hook fired;
 - ``collective_rpc`` targets: ``telltale_collect``, ``telltale_state``, ``telltale_discard``.
+
+The two concrete classes live in their own modules because importing vLLM's CPU worker replaces
+parts of ``torch.cuda`` (streams, events, pinned memory) process-wide: a GPU worker must never
+import it.
 """
 
 from __future__ import annotations
 
-from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_worker import Worker
+import logging
 
 from .models import TelltaleModelMixin
 from .rows import TelltaleRowMirror
 from .runtime import HookWiringError, VllmRuntime
+
+logger = logging.getLogger("lm_eval_telltale")
 
 
 class TelltaleWorkerMixin:
@@ -42,7 +48,10 @@ class TelltaleWorkerMixin:
             raise HookWiringError("telltale: the row-mirror logits processor is not installed "
                                   "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
         device = next(model.parameters()).device
-        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device)
+        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device, runner)
+        if getattr(self.vllm_config.scheduler_config, "async_scheduling", False):
+            logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
+                           "are dropped at collection, but tau_mode=global and online matched suppression see them")
         model.telltale_attach(self._tt)
         mirrors[0].attach(self._tt)
 
@@ -70,11 +79,3 @@ class TelltaleWorkerMixin:
     def telltale_discard(self):
         if self._tt is not None:
             self._tt.discard()
-
-
-class TelltaleCPUWorker(TelltaleWorkerMixin, CPUWorker):
-    pass
-
-
-class TelltaleGPUWorker(TelltaleWorkerMixin, Worker):
-    pass

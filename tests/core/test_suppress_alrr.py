@@ -175,3 +175,35 @@ def test_alrr_alpha_and_iterations():
     h2, _ = core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
     # 5 → 6.25 → 7.8 → 9.8: three accepted iterations below blowup·τ = 12 for token 0
     assert len(calls) == 3 and torch.allclose(h2[0], 1.25 ** 3 * H[0])
+
+
+def _suppressed_positions(method_args, positions, tau=0.5):
+    """Feed one request token by token (positions from 2, prompt_len 2); the positions suppressed."""
+    core, tab, infos = make_core("suppress", method_args, tau=tau)
+    out = []
+    for pos in positions:
+        begin(core, tab, infos, [[pos]])
+        core.layer(0, H[1:2].clone(), R[1:2].clone())
+        rec = core.end()
+        if int(rec["event"][0, 0]) & EV_SUPPRESSED:
+            out.append(pos)
+    return out
+
+
+def test_fixed_tau_warmup_counts_the_requests_own_tokens():
+    """warmup= with a fixed τ is applied (it was silently ignored): no decision before the
+    request's warmup-th generated token; the default with a given τ is no warm-up."""
+    assert resolve("suppress", {"layers": "3", "tau_mode": "fixed", "tau": 1.0}, 8).warmup == 0
+    assert _suppressed_positions({}, range(2, 8)) == list(range(2, 8))
+    assert _suppressed_positions({"warmup": 3}, range(2, 8)) == list(range(5, 8))
+
+
+def test_random_control_waits_out_the_warmup_and_honours_clamp():
+    """random mode draws only among tokens past the warm-up (the high rule's population, as in the
+    reference code), and action=clamp applies to the controls too (it was silently ignored)."""
+    assert _suppressed_positions({"suppress_mode": "random", "p": 1.0, "warmup": 4}, range(2, 10)) == list(range(6, 10))
+    core, tab, infos = make_core("suppress", {"suppress_mode": "random", "p": 1.0, "action": "clamp",
+                                              "clamp_div": 4.0}, tau=4.0)
+    begin(core, tab, infos, [[2]])
+    h2, r2 = core.layer(0, H[1:2].clone(), R[1:2].clone())
+    assert torch.linalg.vector_norm(h2 + r2).item() == pytest.approx(1.0, rel=1e-5)  # τ/4, not 0.1·x

@@ -1,0 +1,131 @@
+"""The GPU path, made safe on the CPU engine: async scheduling's extra step, the KV-write guard for
+ALRR, the GPU worker's imports, and the engine settings the model types force."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rpc, worker
+from vllm import SamplingParams
+
+from lm_eval_telltale.config import resolve
+from lm_eval_telltale.core.step import build_step
+from lm_eval_telltale.vllm import UnsupportedModelError, engine_kwargs
+
+LAYERS = "4-6"
+
+
+def _sp(n, tag):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args={"telltale_tag": tag})
+
+
+def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
+    """What async scheduling does after a request sampled its stop token: one more decode row for
+    it, fed with that token (position prompt_len + n_out − 1), through every patched layer."""
+    core = rt.core
+    step = build_step(rt.table, torch.tensor([0, 1]), torch.tensor([slot]), torch.tensor([position]))
+    core.begin(step)
+    for j in range(len(rt.cfg.layers)):
+        core.layer(j, torch.full((1, hidden), 3.0), torch.ones(1, hidden))
+    rt.end_step()
+
+
+@pytest.mark.engine
+def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_model_dir):
+    llm = engines.make(tiny_model_dir, "norms", {"layers": LAYERS, "warmup": 4})
+    prompt = {"prompt_token_ids": list(range(5, 25))}
+    llm.generate([prompt], _sp(12, "ref"), use_tqdm=False)
+    ref = rpc(llm, "telltale_collect", ["ref"], [12])[0]
+    out = llm.generate([prompt], _sp(12, "a"), use_tqdm=False)[0]
+    n_out = len(out.outputs[0].token_ids)
+    rt = worker(llm)._tt
+    info = next(i for i in rt._infos.values() if i.tag == "a")
+    assert info.key in rt.table.by_key  # the engine has not reported it finished yet (in-process lag)
+    _extra_forward(rt, info.slot, 20 + n_out - 1, 128)
+    got = rpc(llm, "telltale_collect", ["a"], [n_out])[0]
+    assert got["n_decode_tokens"] == n_out - 1 == ref["n_decode_tokens"]
+    assert got["layers"] == ref["layers"]  # same prompt, greedy: the extra row left no trace
+    assert rpc(llm, "telltale_state")["dropped_after_end"] == 1
+    # control: without the answer's length the extra row would be counted
+    llm.generate([prompt], _sp(12, "b"), use_tqdm=False)
+    info = next(i for i in rt._infos.values() if i.tag == "b")
+    _extra_forward(rt, info.slot, 20 + n_out - 1, 128)
+    assert rpc(llm, "telltale_collect", ["b"])[0]["n_decode_tokens"] == n_out
+    engines.close(llm)
+
+
+def test_engine_settings_forced_by_the_model_types():
+    cfg = resolve("norms", {"layers": LAYERS}, 8)
+    kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
+    assert kw["async_scheduling"] is False
+    assert kw["worker_cls"] == "lm_eval_telltale.vllm.worker_cpu.TelltaleCPUWorker"
+    # the V1 runner: a user's VLLM_USE_V2_MODEL_RUNNER=1 is a clear error, not an obscure one later
+    import os
+
+    old = os.environ["VLLM_USE_V2_MODEL_RUNNER"]
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    try:
+        with pytest.raises(UnsupportedModelError, match="V1 model runner"):
+            engine_kwargs(cfg, "Qwen3ForCausalLM")
+    finally:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = old
+    # vLLM's batch-invariant kernels need Triton: refused on the CPU engine, with the reason
+    with pytest.raises(UnsupportedModelError, match="batch_invariant"):
+        engine_kwargs(resolve("norms", {"layers": LAYERS, "batch_invariant": True}, 8), "Qwen3ForCausalLM")
+
+
+def test_gpu_worker_never_imports_the_cpu_worker():
+    """Importing vLLM's CPU worker replaces torch.cuda streams/events process-wide; the GPU
+    worker_cls module must not pull it in."""
+    code = ("import sys, torch\n"
+            "import lm_eval_telltale.vllm.worker_gpu as w\n"
+            "assert 'vllm.v1.worker.cpu_worker' not in sys.modules, 'cpu worker imported'\n"
+            "assert torch.cuda.Stream.__name__ == 'Stream', torch.cuda.Stream\n"
+            "print(w.TelltaleGPUWorker.__mro__[1].__name__)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "TelltaleWorkerMixin"
+
+
+class _Backend:
+    forward_includes_kv_cache_update = True
+
+    @staticmethod
+    def get_name():
+        return "WRITES_IN_FORWARD"
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, backend, shared=None):
+        super().__init__()
+        self.layer_name, self.kv_cache, self.attn_backend = "model.layers.3.self_attn.attn", torch.tensor([]), backend
+        self.kv_sharing_target_layer_name = shared
+
+
+def test_kv_guard_refuses_a_backend_that_writes_in_its_forward():
+    from lm_eval_telltale.vllm.kvguard import check_separable_kv_write
+
+    layer = torch.nn.Sequential(_Attn(_Backend))
+    with pytest.raises(ValueError, match="WRITES_IN_FORWARD") as e:
+        check_separable_kv_write(layer, "model.layers.3")
+    assert "attention_backend=" in str(e.value)
+    _Backend.forward_includes_kv_cache_update = False
+    try:
+        check_separable_kv_write(layer, "model.layers.3")  # a separate KV-write op: fine
+    finally:
+        _Backend.forward_includes_kv_cache_update = True
+    check_separable_kv_write(torch.nn.Sequential(_Attn(_Backend, shared="model.layers.1.self_attn.attn")), "x")
+
+
+@pytest.mark.engine
+def test_alrr_engine_is_refused_on_such_a_backend(engines, tiny_model_dir, monkeypatch):
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    monkeypatch.setattr(CPUAttentionBackend, "forward_includes_kv_cache_update", True)
+    with pytest.raises(Exception) as e:
+        engines.make(tiny_model_dir, "alrr", {"layers": LAYERS})
+    assert "writes K/V inside its" in str(e.value) or "writes K/V inside its" in repr(e.value.__cause__)
+
