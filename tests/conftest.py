@@ -21,6 +21,9 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 # in-process engines freeze vLLM's environment at the first start: the V1 runner for all of them
 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+# compiled engines: torch's own inductor cache, shared by every configuration (vLLM's cache is one per
+# configuration: each telltale setting would compile its identical graph again, ~45 s on 2 cores)
+os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lm_eval_telltale.tasksupport.scoring import BBH_KINDS  # noqa: E402  (after the offline switches)
@@ -62,11 +65,14 @@ class Engines:
     def __init__(self):
         self.live = []
 
-    def make(self, model_dir, method: str | None = "norms", tt_args: dict | None = None, **llm_kw):
+    def make(self, model_dir, method: str | None = "norms", tt_args: dict | None = None, *, compiled: bool = False,
+             **llm_kw):
+        """An in-process engine: eager by default (fast to build); ``compiled=True`` is vLLM's default
+        on this CPU (torch.compile with inductor)."""
         from vllm import LLM
 
         kw = dict(model=str(model_dir), kv_cache_memory_bytes=KV_BYTES, max_model_len=1024, seed=0, dtype="float32",
-                  enforce_eager=True)
+                  enforce_eager=not compiled)
         if method is not None:
             from lm_eval_telltale.config import resolve
             from lm_eval_telltale.vllm import engine_kwargs, inspect_model

@@ -37,7 +37,7 @@ from lm_eval.models.vllm_causallms import VLLM
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
 from ..core.rng import seed_from
 from ..sidecar import RunSummary, SidecarWriter
-from ..vllm import engine_kwargs, inspect_model
+from ..vllm import engine_kwargs, inspect_model, modifies_kv
 from ..vllm.runtime import TAG_KEY
 from . import argv
 
@@ -157,13 +157,27 @@ class TelltaleVLLM(VLLM):
                 user_ov = json.loads(user_ov)
             except json.JSONDecodeError:
                 raise ConfigError("hf_overrides", f"not JSON: {user_ov!r}") from None
-        kwargs.update(engine_kwargs(cfg, arch, user_ov))
+        cc = kwargs.pop("compilation_config", None)
+        if isinstance(cc, str):
+            try:
+                cc = json.loads(cc)
+            except json.JSONDecodeError:
+                raise ConfigError("compilation_config", f"not JSON: {cc!r}") from None
+        if isinstance(cc, int):
+            cc = {"mode": cc}
+        # every request gets its own cache_salt (_tt_run): prefix caching is safe for every method
+        ek = engine_kwargs(cfg, arch, user_ov, compilation=cc, salted_requests=True)
+        for k, v in ek.items():
+            if k in ("async_scheduling", "enable_prefix_caching") and kwargs.get(k) is not None:
+                continue  # the user's explicit choice wins (the worker warns about async scheduling)
+            kwargs[k] = v
         if kwargs.get("batch_size", 1) in (1, "1"):
             logger.warning("telltale: batch_size=1 sends requests to vLLM one at a time; use --batch_size auto")
         self.tt_cfg: TelltaleConfig = cfg
         self._tt_arch = arch
         self._tt_counter = itertools.count()
         self._tt_plan: Plan | None = None
+        self._tt_modifies = modifies_kv(cfg)
         self._tt_quiet = False
         self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
         self._tt_summary = RunSummary(cfg)
@@ -180,12 +194,6 @@ class TelltaleVLLM(VLLM):
 
     @staticmethod
     def _tt_check_engine_args(kwargs: dict[str, Any]) -> None:
-        if kwargs.get("enforce_eager") is False or str(kwargs.get("enforce_eager")).lower() == "false":
-            raise ConfigError("enforce_eager", "telltale model types run eagerly: torch.compile/CUDA graphs would "
-                                               "trace the Python hooks away")
-        if kwargs.get("enable_prefix_caching"):
-            raise ConfigError("enable_prefix_caching", "telltale model types disable prefix caching (cached blocks "
-                                                       "skip the forward and may hold K/V from another intervention)")
         if kwargs.get("speculative_config"):
             raise ConfigError("speculative_config", "speculative decoding is not supported by telltale model types")
 
@@ -268,11 +276,15 @@ class TelltaleVLLM(VLLM):
         llm = self.model
         engine = llm.llm_engine
         owner: dict[str, tuple[Unit, str]] = {}
+        salt = self._tt_modifies
         try:  # the tag is the request id: the engine's outputs name the candidate they belong to
             for u in units:
                 for tag, sp in zip(u.tags, u.params):
                     sp.output_kind = RequestOutputKind.FINAL_ONLY
-                    engine.add_request(tag, TokensPrompt(prompt_token_ids=u.prompt), sp, lora_request=self.lora_request)
+                    prompt = TokensPrompt(prompt_token_ids=u.prompt)
+                    if salt:  # a block cached by this request is reused only by this request
+                        prompt["cache_salt"] = tag
+                    engine.add_request(tag, prompt, sp, lora_request=self.lora_request)
                     owner[tag] = (u, tag)
         except Exception:
             if owner:

@@ -109,15 +109,56 @@ def _set_vllm_env(name: str, value: str, why: str) -> None:
                 f"{why}. Start the telltale engine in a fresh process (or set {name}={value} before the first one)")
 
 
-def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def modifies_kv(cfg: TelltaleConfig) -> bool:
+    """Whether the method can change the hidden states of generated tokens (and so their K/V)."""
+    from ..core.methods import method_module
+
+    return bool(method_module(cfg.method).METHOD.modifies)
+
+
+def compilation_config(user: dict | None = None) -> dict | None:
+    """vLLM's compilation settings for the telltale hooks. CPU (inductor, no CUDA graphs): vLLM's
+    defaults as they are — the hook op is opaque to torch.compile. GPU: piecewise CUDA graphs with
+    ``telltale::post_layer`` among the splitting ops (vLLM's own defaults kept), so the op runs
+    eagerly between the captured pieces; FULL graphs would replay without running any Python."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return user
+    from vllm.config import CompilationConfig
+
+    from .ops import OP_NAME
+
+    cc = dict(user or {})
+    split = list(cc.get("splitting_ops") or [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
+                                              "vllm::unified_mla_kv_cache_update"])
+    if OP_NAME not in split:
+        split.append(OP_NAME)
+    cc["splitting_ops"] = split
+    mode = str(cc.get("cudagraph_mode") or "PIECEWISE").upper().replace("CUDAGRAPHMODE.", "")
+    if mode.startswith("FULL"):
+        raise UnsupportedModelError(
+            f"telltale: compilation_config cudagraph_mode={mode}: FULL CUDA graphs replay without running the "
+            "telltale hooks; use PIECEWISE (the default of the telltale model types) or NONE")
+    cc["cudagraph_mode"] = mode
+    return cc
+
+
+def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str, Any] | None = None, *,
+                  compilation: dict | None = None, salted_requests: bool = False) -> dict[str, Any]:
     """``LLM(**kwargs)`` additions for a Telltale method.
 
     - ``hf_overrides``: the Telltale architecture and the resolved config (reaches every worker,
       lm-eval's data-parallel replicas included);
     - ``worker_cls`` and ``logits_processors``: lifecycle and row-order wiring;
-    - ``enforce_eager=True``: plain Python hooks are traced away by torch.compile/CUDA graphs;
-    - ``enable_prefix_caching=False``: cached blocks would skip the forward of prompt tokens and
-      could carry K/V computed under another request's intervention;
+    - compilation: vLLM's default (compiled; ``enforce_eager=True`` still works and gives the same
+      numbers on the CPU engine); on GPU ``compilation_config`` with piecewise CUDA graphs split at
+      the telltale op (:func:`compilation_config`; pass yours as ``compilation``);
+    - prefix caching: on for the observing methods (norms, LRS: nothing they do changes a K/V);
+      for the methods that change hidden states only when ``salted_requests`` — the caller gives
+      every request its own ``cache_salt`` (the lm-eval model types do), so no request reuses
+      blocks computed under another request's intervention, while a preempted request still
+      resumes from its own — and off otherwise;
     - ``async_scheduling=False``: with it (vLLM's GPU default) the engine plans step N+1 before it
       knows that step N sampled a stop token, so a stopped request takes one more forward. Its
       rows are dropped at collection, but the engine-wide streams (``tau_mode=global``, online
@@ -144,11 +185,15 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
                 "telltale: batch_invariant=true: vLLM's batch-invariant kernels need Triton and are not available on "
                 "the CPU engine (where a request's float32 results are already independent of the batch)")
         _set_vllm_env("VLLM_BATCH_INVARIANT", "1", "batch_invariant=true asks for vLLM's batch-invariant kernels")
-    return {
+    kw: dict[str, Any] = {
         "hf_overrides": ov,
         "worker_cls": worker_cls(),
         "logits_processors": [ROW_MIRROR],
-        "enforce_eager": True,
-        "enable_prefix_caching": False,
         "async_scheduling": False,
     }
+    cc = compilation_config(compilation)
+    if cc is not None:
+        kw["compilation_config"] = cc
+    if modifies_kv(cfg) and not salted_requests:
+        kw["enable_prefix_caching"] = False
+    return kw

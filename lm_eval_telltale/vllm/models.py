@@ -4,23 +4,47 @@ Each class subclasses the stock ``*ForCausalLM`` (weights, names and loading unc
 construction in the worker, reads its settings from ``hf_config.telltale`` (carried there by
 ``hf_overrides``) and registers a ``torch`` forward hook on ``model.layers[l]`` for every patched
 layer l — stable hook sites named ``model.layers.<l>`` in the spirit of TransformerLens' hook
-points. The top-level ``forward`` builds the step's token → request map once; each layer hook
-hands (hidden_states, residual) to the core.
+points. The top-level ``forward`` (plain Python in every mode: vLLM compiles the inner ``*Model``)
+builds the step's token → request map once; each layer hook calls the opaque custom op
+``telltale::post_layer`` (:mod:`lm_eval_telltale.vllm.ops`), which hands (hidden_states,
+residual) to the core and writes the method's result back into them.
 
-The hooks are plain Python, so the engine must run eagerly (``enforce_eager=True``); the worker
-checks after every step that all of them fired and fails loudly otherwise.
+Because the hook's only work is that op, it survives torch.compile (the traced graph calls the op
+on every forward) and CUDA graphs (the op is a graph-splitting point: it runs eagerly between the
+captured pieces); in eager mode the same op runs as a plain call. The worker checks after every
+step that the model forward and every layer hook ran, and fails loudly otherwise.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import os
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import TelltaleConfig
-from .kvguard import check_separable_kv_write, no_kv_write
+from . import ops
+from .kvguard import check_separable_kv_write
+
+
+def _post_layer_hook(module, args, output):
+    """After a patched layer: the op reads and may rewrite (h, r) in place. Nothing else here, so
+    that torch.compile traces exactly one opaque call."""
+    h, r = output
+    ops.post_layer(h, r, module._tt_index)
+    return output
+
+
+def _plain_python_hook(module, args, output):
+    """Debug only (``TELLTALE_DEBUG_PLAIN_HOOKS=1``): the hook as plain Python that reads process
+    state — what torch.compile silently traces away. The per-step check must catch it."""
+    rt = ops.active()
+    if rt is None:
+        return None
+    h, r = output
+    rt.post_layer(module._tt_index, h, r)
+    return output
 
 
 class TelltaleModelMixin:
@@ -38,7 +62,9 @@ class TelltaleModelMixin:
         self._tt_runtime = None
         inner = self.model
         lo, hi = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(inner.layers))
+        hook = _plain_python_hook if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1" else _post_layer_hook
         self._tt_handles = []
+        self.telltale_layers = []        # the patched layer modules, in patched order (j)
         self.telltale_hook_names = []
         for j, l in enumerate(self.telltale_cfg.layers):
             if not lo <= l < hi:
@@ -46,7 +72,9 @@ class TelltaleModelMixin:
             layer = inner.layers[l]
             if self.telltale_cfg.method == "alrr":
                 check_separable_kv_write(layer, f"model.layers.{l}")
-            self._tt_handles.append(layer.register_forward_hook(partial(self._tt_layer_hook, j), with_kwargs=True))
+            layer._tt_index = j
+            self.telltale_layers.append(layer)
+            self._tt_handles.append(layer.register_forward_hook(hook))
             self.telltale_hook_names.append(f"model.layers.{l}")
 
     def telltale_attach(self, runtime) -> None:
@@ -61,21 +89,6 @@ class TelltaleModelMixin:
             return super().forward(input_ids, positions, *args, **kwargs)
         finally:
             rt.end_step()
-
-    def _tt_layer_hook(self, j, module, args, kwargs, output):
-        rt = self._tt_runtime
-        if rt is None or not rt.step_active:
-            return None
-        positions = args[0] if args else kwargs["positions"]
-        extra = {k: v for k, v in kwargs.items() if k not in ("positions", "hidden_states", "residual")}
-        h, r = output
-
-        def rerun(h_in, r_in):
-            # the same layer again on (h_in, r_in), with the KV-cache write of this layer suppressed
-            with no_kv_write(module):
-                return module.forward(positions, h_in, r_in, **extra)
-
-        return rt.layer(j, h, r, rerun)
 
 
 def _check_wiring(vllm_config) -> None:

@@ -29,6 +29,8 @@ from ..core.rng import seed_from
 from ..core.state import SlotInfo
 from ..core.stats import summarize
 from ..core.step import build_step
+from . import ops
+from .kvguard import no_kv_write
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -41,10 +43,12 @@ class HookWiringError(RuntimeError):
 
 
 class VllmRuntime:
-    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner):
+    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers):
         self.cfg = cfg
         self.device = device
         self.runner = runner  # vLLM's V1 model runner: query_start_loc and num_reqs of each step
+        self.layers = list(layers)  # the patched layer modules (ALRR re-runs them)
+        self._positions = None
         sched = vllm_config.scheduler_config
         cap = max(8, 2 * int(getattr(sched, "max_num_seqs", 64) or 64))
         if getattr(vllm_config, "speculative_config", None) is not None:
@@ -143,6 +147,8 @@ class VllmRuntime:
         row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
         step = build_step(self.table, qsl, row_slot, positions)
         self.core.begin(step)
+        self._positions = positions
+        ops.activate(self)
         self.begin_calls += 1
         if self.method.wants_logits and rows:
             # a row's sampled token is kept iff its last fed position reaches the prompt's end
@@ -160,10 +166,25 @@ class VllmRuntime:
             raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
         self.method.observe_logits(slots, logits, keep)
 
-    def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.core.layer(j, h, r, rerun)
+    def post_layer(self, j: int, h: torch.Tensor, r: torch.Tensor) -> None:
+        """The body of ``telltale::post_layer`` after patched layer ``j``: the core's decision and
+        the method's tensor operation, written back into (h, r) in place."""
+        layer, positions = self.layers[j], self._positions
+
+        def rerun(h_in, r_in):
+            # the same layer again on (h_in, r_in), with its KV-cache write suppressed
+            with no_kv_write(layer):
+                return layer.forward(positions, h_in, r_in)
+
+        h2, r2 = self.core.layer(j, h, r, rerun)
+        if h2 is not h:
+            h.copy_(h2)
+        if r2 is not r:
+            r.copy_(r2)
 
     def end_step(self) -> None:
+        ops.deactivate()
+        self._positions = None
         rec = self.core.end()
         if rec["serial"].numel():
             self._log.append(rec)
@@ -177,8 +198,9 @@ class VllmRuntime:
         if self.begin_calls != 1 or calls != len(self.cfg.layers):
             raise HookWiringError(
                 f"telltale: hooks did not fire as wired in this step (model forward hook ran {self.begin_calls}x, "
-                f"{calls} of {len(self.cfg.layers)} layer hooks). This happens under torch.compile/CUDA graphs "
-                "(use enforce_eager=True) or with a model runner the plugin does not support.")
+                f"{calls} of {len(self.cfg.layers)} layer hooks). A hook was traced away by torch.compile or skipped "
+                "by a FULL CUDA graph (the telltale op must be a splitting op with piecewise graphs), or the model "
+                "runner is not one the plugin supports; enforce_eager=True runs without compilation.")
 
     def reset_step_counters(self) -> None:
         self.begin_calls = 0

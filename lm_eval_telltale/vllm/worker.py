@@ -48,7 +48,7 @@ class TelltaleWorkerMixin:
             raise HookWiringError("telltale: the row-mirror logits processor is not installed "
                                   "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
         device = next(model.parameters()).device
-        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device, runner)
+        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device, runner, model.telltale_layers)
         if getattr(self.vllm_config.scheduler_config, "async_scheduling", False):
             logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
                            "are dropped at collection, but tau_mode=global and online matched suppression see them")

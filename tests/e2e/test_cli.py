@@ -3,7 +3,8 @@
 One parametrised end-to-end test covers every model type: a run on the local task, the results
 JSON's ``config.telltale``, one sidecar row per document joined to lm-eval's doc ids, the method's
 intervention counter, and — where a method could silently do nothing — a control run that must
-differ (or, for ``vllm-norms``, must equal stock ``vllm``).
+differ (or, for ``vllm-norms``, must equal stock ``vllm``). These runs use vLLM's default on this
+CPU: compiled (torch.compile with inductor), on both sides of every comparison.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ _ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
 #: control: (model type, model_args, "equal" | "differ"): the control's responses must equal /
 #: differ from the method's (a method that silently did nothing fails "differ").
 CASES = {
-    "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "enforce_eager=True", "equal"), _check_norms),
+    "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "", "equal"), _check_norms),
     "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "", "differ"), None),
     "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0", None, 4, "accepted", None, None),
     "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected", ("vllm-erss", _ERSS + ",p_inject=0", "differ"), _check_erss),
@@ -161,7 +162,7 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
     env = {**os.environ}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,max_num_seqs=2,"
-             "layers=4-6,warmup=4,stats_path=" + str(out / "side.jsonl"))
+             "enforce_eager=True,layers=4-6,warmup=4,stats_path=" + str(out / "side.jsonl"))
     log = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen([LM_EVAL, "--model", "vllm-norms", "--model_args", margs, "--tasks", "telltale_long",
                              "--include_path", str(task), "--batch_size", "auto", "--output_path", str(out)],
@@ -208,7 +209,7 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
 def test_samples_flag_keeps_the_true_doc_ids(tiny_model_dir, local_task_dir, tmp_path):
     """With --samples, lm-eval renumbers the selected docs internally but writes the true ids in its
     samples file; the sidecar carries the same ids and lm-eval's doc_hash, so both joins hold."""
-    margs = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,layers=4-6"
+    margs = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,enforce_eager=True,layers=4-6"
     p = run([LM_EVAL, "--model", "vllm-norms", "--model_args", margs, "--tasks", "telltale_local",
              "--include_path", str(local_task_dir), "--samples", '{"telltale_local": [3, 7, 10]}',
              "--batch_size", "auto", "--log_samples", "--output_path", str(tmp_path)])

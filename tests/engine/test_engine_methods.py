@@ -110,13 +110,14 @@ def _kv(attn):
     return kv.clone()
 
 
-@pytest.mark.parametrize("guard", [True, False])
-def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_dir, reference, monkeypatch, guard):
+@pytest.mark.parametrize("guard,compiled", [(True, False), (False, False), (True, True)])
+def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_dir, reference, monkeypatch, guard,
+                                                         compiled):
     import contextlib
 
-    import lm_eval_telltale.vllm.models as models
+    import lm_eval_telltale.vllm.runtime as runtime
 
-    real = models.no_kv_write
+    real = runtime.no_kv_write
     checks = []
 
     @contextlib.contextmanager
@@ -127,8 +128,8 @@ def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_di
             yield
         checks.append(bool((_kv(attn) == before).all()))
 
-    monkeypatch.setattr(models, "no_kv_write", snapshot)
-    llm = engines.make(tiny_model_dir, "alrr", {"layers": LAYERS, "warmup": 4, "growth_eps": 0.0})
+    monkeypatch.setattr(runtime, "no_kv_write", snapshot)
+    llm = engines.make(tiny_model_dir, "alrr", {"layers": LAYERS, "warmup": 4, "growth_eps": 0.0}, compiled=compiled)
     outs, recs = run(llm, _prompts(8), 40, "k")
     engines.close(llm)
     assert checks and count(recs, "accepted") > 0
@@ -139,13 +140,15 @@ def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_di
         assert not all(checks)   # control: without the guard the snapshot test does see writes
 
 
-@pytest.mark.parametrize("method,args", [
-    ("alrr", {"warmup": 4, "growth_eps": 0.0}),
-    ("suppress", {"warmup": 4}),
-    ("suppress", {"suppress_mode": "random", "p": 0.1, "warmup": 4}),
+@pytest.mark.parametrize("method,args,compiled", [
+    ("alrr", {"warmup": 4, "growth_eps": 0.0}, False),
+    ("suppress", {"warmup": 4}, False),
+    ("suppress", {"suppress_mode": "random", "p": 0.1, "warmup": 4}, False),
+    ("alrr", {"warmup": 4, "growth_eps": 0.0}, True),
+    ("suppress", {"suppress_mode": "random", "p": 0.1, "warmup": 4}, True),
 ])
-def test_decisions_are_per_request(engines, tiny_model_dir, method, args):
-    llm = engines.make(tiny_model_dir, method, {"layers": LAYERS, **args})
+def test_decisions_are_per_request(engines, tiny_model_dir, method, args, compiled):
+    llm = engines.make(tiny_model_dir, method, {"layers": LAYERS, **args}, compiled=compiled)
     prompts = _prompts(8)
     outs, recs = run(llm, prompts, 32, "batch")
     name = "accepted" if method == "alrr" else "suppressed"

@@ -49,12 +49,14 @@ def _traces(llm, prompts, budgets, tags):
                 np.array(recs[t]["tokens"]["tau"], dtype=float)) for t in tags}
 
 
-@pytest.fixture(scope="module")
-def mixed_engine(engines, tiny_model_dir):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def mixed_engine(engines, tiny_model_dir, request):
     # chunked prefill with a small token budget forces mixed prefill+decode steps; fewer seqs
-    # than requests makes requests join and leave (rows condensed and reordered)
+    # than requests makes requests join and leave (rows condensed and reordered); in eager mode and
+    # compiled (torch.compile + inductor, vLLM's default here: the hooks are opaque custom ops)
     llm = engines.make(tiny_model_dir, "norms", {"layers": "3;5;6", "warmup": 3, "record_tokens": True},
-                       max_num_seqs=4, max_num_batched_tokens=32, enable_chunked_prefill=True)
+                       max_num_seqs=4, max_num_batched_tokens=32, enable_chunked_prefill=True,
+                       compiled=request.param == "compiled")
     yield llm
     engines.close(llm)
 
@@ -137,6 +139,24 @@ def test_a_hook_that_does_not_fire_is_caught(engines, tiny_model_dir):
     model._tt_handles[1].remove()  # as if torch.compile had traced the hook away
     with pytest.raises(Exception) as e:
         llm.generate(_prompts([8]), [_sp(4, "x")], use_tqdm=False)
+    chain = [e.value, e.value.__cause__, e.value.__context__]
+    assert any(isinstance(x, HookWiringError) or "did not fire" in str(x) for x in chain if x is not None)
+    engines.close(llm)
+
+
+def test_a_hook_traced_away_by_torch_compile_is_caught(engines, tiny_model_dir, monkeypatch):
+    """The hook as plain Python that reads process state (TELLTALE_DEBUG_PLAIN_HOOKS=1) works eagerly
+    but is traced away by torch.compile: the per-step check must fail loudly, not record nothing."""
+    from lm_eval_telltale.vllm.runtime import HookWiringError
+
+    monkeypatch.setenv("TELLTALE_DEBUG_PLAIN_HOOKS", "1")
+    llm = engines.make(tiny_model_dir, "norms", {"layers": "4-6"})  # eager: the plain hooks run
+    llm.generate(_prompts([8]), [_sp(4, "e")], use_tqdm=False)
+    assert rpc(llm, "telltale_collect", ["e"])[0]["n_decode_tokens"] == 3
+    engines.close(llm)
+    llm = engines.make(tiny_model_dir, "norms", {"layers": "4-6"}, compiled=True)
+    with pytest.raises(Exception) as e:
+        llm.generate(_prompts([8]), [_sp(4, "c")], use_tqdm=False)
     chain = [e.value, e.value.__cause__, e.value.__context__]
     assert any(isinstance(x, HookWiringError) or "did not fire" in str(x) for x in chain if x is not None)
     engines.close(llm)

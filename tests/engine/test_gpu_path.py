@@ -129,3 +129,66 @@ def test_alrr_engine_is_refused_on_such_a_backend(engines, tiny_model_dir, monke
         engines.make(tiny_model_dir, "alrr", {"layers": LAYERS})
     assert "writes K/V inside its" in str(e.value) or "writes K/V inside its" in repr(e.value.__cause__)
 
+
+
+def _same_prompt_requests(llm, prompt, tags, salts=None, seeds=(11, 12, 13, 14)):
+    from vllm import TokensPrompt
+
+    ps = []
+    for i, _t in enumerate(tags):
+        p = TokensPrompt(prompt_token_ids=prompt)
+        if salts:
+            p["cache_salt"] = salts[i]
+        ps.append(p)
+    sps = [SamplingParams(max_tokens=24, temperature=0.8, seed=s, ignore_eos=True, extra_args={"telltale_tag": t})
+           for s, t in zip(seeds, tags)]
+    outs = llm.generate(ps, sps, use_tqdm=False)
+    stats = {r["tag"]: r["layers"] for r in rpc(llm, "telltale_collect", tags)}
+    return outs, [o.outputs[0].token_ids for o in outs], [stats[t] for t in tags]
+
+
+@pytest.mark.engine
+def test_lrs_candidates_share_the_prompt_through_the_prefix_cache(engines, tiny_model_dir):
+    """An observing method leaves prefix caching on: 4 candidates of one prompt compute it once, and
+    tokens and statistics equal a run without the cache (norms to float32 rounding)."""
+    prompt = [(7 * j) % 250 + 3 for j in range(300)]
+    tags = ["c0", "c1", "c2", "c3"]
+    llm = engines.make(tiny_model_dir, "lrs", {"layers": LAYERS, "warmup": 4}, enable_chunked_prefill=False,
+                       max_num_batched_tokens=1024)
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    outs, toks, stats = _same_prompt_requests(llm, prompt, tags)
+    engines.close(llm)
+    cached = [o.num_cached_tokens for o in outs]
+    assert cached[0] == 0 and all(c >= 256 for c in cached[1:]), cached  # the prompt computed once
+    llm = engines.make(tiny_model_dir, "lrs", {"layers": LAYERS, "warmup": 4}, enable_chunked_prefill=False,
+                       max_num_batched_tokens=1024, enable_prefix_caching=False)
+    outs2, toks2, stats2 = _same_prompt_requests(llm, prompt, tags)
+    engines.close(llm)
+    assert all(o.num_cached_tokens == 0 for o in outs2)
+    assert toks == toks2
+    # the prompt's K/V is the same computation, but over a different number of query rows (a cache
+    # hit leaves only the last partial block to compute), which changes float32 summation order
+    for a, b in zip(stats, stats2):
+        for layer in a:
+            for k in ("count", "C", "tau_ready"):
+                assert a[layer][k] == b[layer][k]
+            for k in ("mean", "max", "A", "late_sum"):
+                assert a[layer][k] == pytest.approx(b[layer][k], rel=1e-5)
+
+
+@pytest.mark.engine
+def test_salted_requests_never_share_blocks_of_a_modifying_method(engines, tiny_model_dir):
+    """A method that changes hidden states runs with prefix caching only when every request has its
+    own cache_salt (the lm-eval model types salt each request with its tag): no block crosses."""
+    from lm_eval_telltale.vllm import engine_kwargs
+
+    cfg = resolve("suppress", {"layers": LAYERS}, 8)
+    assert engine_kwargs(cfg, "Qwen3ForCausalLM")["enable_prefix_caching"] is False  # unsalted callers
+    assert "enable_prefix_caching" not in engine_kwargs(cfg, "Qwen3ForCausalLM", salted_requests=True)
+    prompt = [(5 * j) % 250 + 3 for j in range(300)]
+    llm = engines.make(tiny_model_dir, "suppress", {"layers": LAYERS, "warmup": 4}, enable_prefix_caching=True)
+    outs, _, _ = _same_prompt_requests(llm, prompt, ["s0", "s1"], salts=["s0", "s1"], seeds=(1, 2))
+    assert [o.num_cached_tokens for o in outs] == [0, 0]
+    outs, _, _ = _same_prompt_requests(llm, prompt, ["u0", "u1"], seeds=(1, 2))  # control: unsalted share
+    assert outs[1].num_cached_tokens >= 256
+    engines.close(llm)

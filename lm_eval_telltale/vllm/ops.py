@@ -1,0 +1,61 @@
+"""The opaque custom op through which every patched layer reaches the core.
+
+``telltale::post_layer(h, r, j)`` is a registered ``torch.library`` custom op with declared
+mutations of ``h`` and ``r`` — the mechanism vLLM uses for attention. torch.compile cannot see
+inside it, so the traced graph calls it on every forward instead of tracing its Python away (a
+plain Python hook that reads process state would be baked in as a no-op), and it cannot be
+dead-code-eliminated (it mutates its inputs). On GPU it is one of
+``compilation_config.splitting_ops`` (:data:`OP_NAME`), so piecewise CUDA graphs capture the pieces
+between patched layers and this op — with its data-dependent, per-request work — runs eagerly
+between them. In eager mode it is an ordinary call to the same Python, so both modes compute the
+same thing.
+
+The op acts only while a real step runs: the runtime of that step is *active* (set by
+``begin_step``, cleared by ``end_step``; one step runs at a time in a worker process). During
+vLLM's dummy, profiling and CUDA-graph capture runs nothing is active and the op does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OP_NAME = "telltale::post_layer"
+
+_ACTIVE = None  # the VllmRuntime whose step is running in this process
+
+
+def activate(runtime) -> None:
+    global _ACTIVE
+    _ACTIVE = runtime
+
+
+def deactivate() -> None:
+    global _ACTIVE
+    _ACTIVE = None
+
+
+def active():
+    return _ACTIVE
+
+
+@torch.compiler.disable
+def _run(rt, j: int, h: torch.Tensor, r: torch.Tensor) -> None:
+    # called from inside compiled code: keep torch.compile from tracing what the op runs (the
+    # method's tensor work, ALRR's eager re-run of the layer)
+    rt.post_layer(j, h, r)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("h", "r"))
+def _post_layer(h: torch.Tensor, r: torch.Tensor, j: int) -> None:
+    rt = _ACTIVE
+    if rt is not None:
+        _run(rt, j, h, r)
+
+
+@_post_layer.register_fake
+def _post_layer_fake(h: torch.Tensor, r: torch.Tensor, j: int) -> None:
+    return None
+
+
+#: the op as the hooks call it (an OpOverloadPacket: one node in a traced graph)
+post_layer = torch.ops.telltale.post_layer
