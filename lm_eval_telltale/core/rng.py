@@ -34,3 +34,29 @@ def seed_from(*parts: object) -> int:
     """A stable 32-bit seed from arbitrary values (engine seed, request tag, ...)."""
     s = "\x1f".join(repr(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(s, digest_size=4).digest(), "little")
+
+
+# -- a request's seed: the same formula on every engine (docs/methods.md §0, "Random draws") ----
+
+def prompt_identity(prompt_ids) -> int:
+    """The identity of a request that brought none: its prompt tokens (never its batch row)."""
+    return hash(tuple(prompt_ids))
+
+
+def request_identity(prompt_ids, occurrence: int) -> int:
+    """The identity the lm-eval model types give a request: its prompt and the occurrence of that
+    prompt within the call (the repeats of one document draw different numbers)."""
+    return seed_from(prompt_identity(prompt_ids), occurrence)
+
+
+def request_seed(engine_seed: int, identity: object, sampling_seed: int | None) -> int:
+    """The 32-bit seed of a request's counter-based draws (:func:`uniform`): the engine seed, the
+    request's identity (:func:`request_identity`, or :func:`prompt_identity` when the caller gave
+    none) and its own sampling seed. Every adapter seeds its requests here, so seeded random
+    suppression and ERSS draw the same numbers on vLLM and on transformers."""
+    return seed_from(engine_seed, identity, sampling_seed)
+
+
+def candidate_seed(engine_seed: int, prompt_ids, occurrence: int, k: int, sampling_seed: int | None) -> int:
+    """LRS: the sampling seed of candidate ``k`` of the ``occurrence``-th request with this prompt."""
+    return seed_from(engine_seed, prompt_identity(prompt_ids), occurrence, k, sampling_seed)

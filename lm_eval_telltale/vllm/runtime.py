@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..config import TelltaleConfig
+from ..core.collect import empty_rows, request_record, take_rows, trim_rows
 from ..core.engine import build_core
-from ..core.rng import seed_from
+from ..core.rng import prompt_identity, request_seed
 from ..core.state import SlotInfo
-from ..core.stats import summarize
 from ..core.step import build_step
 from . import ops
 from .kvguard import no_kv_write
@@ -112,10 +112,10 @@ class VllmRuntime:
                 self.resumed += 1  # back after preemption: keeps its slot and state
             tag = extra.get(TAG_KEY)
             # the request's identity for random draws: caller's seed, else its prompt — never its row
-            seed_part = extra.get("telltale_seed", hash(tuple(prompt_ids)))
+            identity = extra.get("telltale_seed", prompt_identity(prompt_ids))
             info = self.table.acquire(
                 rid, prompt_len=len(prompt_ids),
-                seed=seed_from(self.engine_seed, seed_part, getattr(params, "seed", None)),
+                seed=request_seed(self.engine_seed, identity, getattr(params, "seed", None)),
                 tag=tag, meta={"prompt_len": len(prompt_ids)}, enabled=bool(extra.get("telltale_enable", True)),
             )
             self._infos.setdefault(info.serial, info)
@@ -208,18 +208,8 @@ class VllmRuntime:
 
     # -- driver RPCs -----------------------------------------------------------------------------
     def _rows(self, serials: set[int]) -> dict[int, dict[str, np.ndarray]]:
-        if not self._log or not serials:
-            return {}
-        cat = {k: torch.cat([r[k] for r in self._log]).numpy() for k in self._log[0]}
-        want = np.isin(cat["serial"], np.fromiter(serials, dtype=np.int64))
-        keep = ~want
-        self._log = [{k: torch.from_numpy(v[keep]) for k, v in cat.items()}] if keep.any() else []
-        sub = {k: v[want] for k, v in cat.items()}
-        order = np.lexsort((sub["position"], sub["serial"]))
-        sub = {k: v[order] for k, v in sub.items()}
-        uniq, start = np.unique(sub["serial"], return_index=True)
-        bounds = list(start[1:]) + [len(sub["serial"])]
-        return {int(s): {k: v[a:b] for k, v in sub.items()} for s, a, b in zip(uniq, start, bounds)}
+        rows, self._log = take_rows(self._log, serials)
+        return rows
 
     def collect(self, tags: list[str] | None = None, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         """Summaries for requests with these caller tags (None: every finished request).
@@ -244,42 +234,18 @@ class VllmRuntime:
         rows = self._rows({i.serial for i in chosen})
         for serial, limit in last_fed.items():
             r = rows.get(serial)
-            if r is not None and r["position"].size and r["position"][-1] > limit:
-                keep = r["position"] <= limit
-                self.dropped_after_end += int((~keep).sum())
-                rows[serial] = {k: v[keep] for k, v in r.items()}
+            if r is not None:
+                rows[serial], dropped = trim_rows(r, limit)
+                self.dropped_after_end += dropped
         out = []
         layers = self.cfg.layers
-        L = len(layers)
         for info in chosen:
             r = rows.get(info.serial)
             if r is None:
-                r = {"position": np.zeros(0, np.int64), "norm": np.zeros((0, L), np.float32),
-                     "tau": np.zeros((0, L), np.float32), "event": np.zeros((0, L), np.int16),
-                     **{c: np.zeros((0, L), np.float32) for c in self.method.columns}}
+                r = empty_rows(len(layers), self.method.columns)
             if info.key in self.table.by_key:
                 self._snapshot(info)
-            rec = {
-                "tag": info.tag, "request_id": info.key, "prompt_len": info.meta.get("prompt_len"),
-                "n_decode_tokens": int(r["norm"].shape[0]),
-                "layers": summarize(r["norm"], r["tau"], r["event"], layers),
-            }
-            rec.update({k: v for k, v in info.meta.items() if k not in ("prompt_len", "_read")})
-            cols = {c: r[c] for c in self.method.columns if c in r}
-            for l, extra in self.method.summarize_columns(r["position"], cols, r["event"], layers).items():
-                rec["layers"].setdefault(l, {}).update(extra)
-            if self.cfg.record_tokens:
-                rec["tokens"] = {
-                    "position": r["position"].tolist(),
-                    "norm": np.round(r["norm"], 5).tolist(),
-                    "tau": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in r["tau"]],
-                    "event": r["event"].tolist(),
-                }
-                if "norm_out" in r:
-                    rec["tokens"]["norm_out"] = np.round(r["norm_out"], 5).tolist()
-                for c, v in cols.items():  # the method's columns; NaN (nothing recorded) → null
-                    rec["tokens"][c] = [[None if not np.isfinite(x) else round(float(x), 5) for x in row] for row in v]
-            out.append(rec)
+            out.append(request_record(info, r, layers, self.method, self.cfg.record_tokens))
             self._infos.pop(info.serial, None)
             self._finished.discard(info.serial)
             self.table.release(info.key)
