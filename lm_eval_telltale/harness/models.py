@@ -15,31 +15,26 @@ Like lm-eval's ``steered`` model, each type is the stock backend plus a small su
 - ``get_model_info`` puts the resolved config and a run summary into lm-eval's results JSON.
 
 One *unit* is one answer lm-eval asked for: one tagged vLLM request here, N candidates for
-``vllm-lrs`` (:mod:`lm_eval_telltale.harness.lrs`).
+``vllm-lrs`` (:mod:`lm_eval_telltale.harness.lrs`). What does not depend on the engine — the
+settings, the plan, the sidecar row, the results-JSON block — is in
+:mod:`lm_eval_telltale.harness.common`, shared with the ``hf-*`` types.
 """
 
 from __future__ import annotations
 
-import copy
-import datetime as _dt
-import itertools
 import json
 import logging
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
-from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
-from ..core.rng import seed_from
-from ..sidecar import RunSummary, SidecarWriter
-from ..vllm import engine_kwargs, inspect_model, modifies_kv
+from ..config import ConfigError, all_keys
+from ..core.rng import request_identity
+from ..vllm import engine_kwargs, modifies_kv
 from ..vllm.runtime import TAG_KEY
-from . import argv
+from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -48,109 +43,17 @@ logger = logging.getLogger("lm_eval_telltale")
 FLUSH_S = 0.5
 
 
-def default_stats_path(pretrained: str, method: str, output_path: str | None) -> Path | None:
-    """Next to lm-eval's own files: ``<output_path>/<model_name_sanitized>/telltale_<method>_<time>.jsonl``
-    (lm-eval's layout for a directory ``--output_path``; its parent for a ``.json`` path)."""
-    if not output_path:
-        return None
-    from lm_eval.utils import sanitize_model_name
-
-    stamp = _dt.datetime.now().isoformat().replace(":", "-")
-    out = Path(output_path).expanduser()
-    if out.suffix == ".json":
-        return out.parent / f"telltale_{method}_{stamp}.jsonl"
-    return out / sanitize_model_name(pretrained) / f"telltale_{method}_{stamp}.jsonl"
-
-
-@dataclass
-class Answer:
-    """One answer lm-eval asked for, as the sidecar joins it: the Instance, its repeat, the doc id
-    lm-eval writes in its samples file, lm-eval's ``doc_hash`` of the document and the stop
-    sequences lm-eval post-processes the text with."""
-
-    inst: Any
-    repeat: int
-    doc_id: Any
-    doc_hash: str
-    until: list[str]
-
-
-class Plan:
-    """The Instances of one ``generate_until`` call by prompt tokens, in request order, made before
-    any generation: each generated request takes its Answer by its prompt (identical prompts — the
-    repeats of one document — are taken in order, as lm-eval's stable sort keeps them)."""
-
-    def __init__(self, lm: "TelltaleVLLM", requests):
-        from lm_eval.utils import handle_non_serializable, hash_string
-
-        wanted = argv.samples() or {}
-        eos = lm._tt_eos()
-        self.by_prompt: dict[tuple, deque[Answer]] = defaultdict(deque)
-        repeats: dict[tuple, int] = defaultdict(int)
-        encodings = lm.tok_encode([inst.args[0] for inst in requests]) if requests else []
-        for inst, toks in zip(requests, encodings):
-            key = (inst.task_name, inst.doc_id)
-            rep = repeats[key]
-            repeats[key] += 1
-            # lm-eval renumbers the docs selected by --samples 0..k-1 and writes indices[doc_id]
-            idx = wanted.get(inst.task_name)
-            doc_id = idx[inst.doc_id] if isinstance(idx, list) and isinstance(inst.doc_id, int) \
-                and 0 <= inst.doc_id < len(idx) else inst.doc_id
-            gk = copy.deepcopy(inst.args[1]) if len(inst.args) > 1 and isinstance(inst.args[1], dict) else {}
-            _, until, _ = lm.modify_gen_kwargs(gk, eos=eos, default_max_gen_toks=lm.max_gen_toks)
-            doc_hash = hash_string(json.dumps(inst.doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
-            self.by_prompt[tuple(toks)].append(Answer(inst, rep, doc_id, doc_hash, list(until)))
-
-    def take(self, prompt) -> Answer | None:
-        key = tuple(prompt)
-        q = self.by_prompt.get(key)
-        if not q:  # lm-eval truncated the prompt to fit max_model_len: a suffix (or prefix) of a planned one
-            n = len(key)
-            q = next((v for k, v in self.by_prompt.items() if v and len(k) > n and (k[-n:] == key or k[:n] == key)),
-                     None)
-        return q.popleft() if q else None
-
-
-@dataclass
-class Unit:
-    """One answer in generation: its tagged requests (one, or LRS's N candidates) and results."""
-
-    prompt: list[int]
-    answer: Answer | None
-    tags: list[str]
-    params: list
-    outputs: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, dict | None] = field(default_factory=dict)
-    chosen: Any = None
-
-    @property
-    def complete(self) -> bool:
-        return len(self.outputs) == len(self.tags)
-
-
-class TelltaleVLLM(VLLM):
+class TelltaleVLLM(TelltaleLM, VLLM):
     METHOD = "norms"
+    ENGINE = "vllm"
 
     def __init__(self, pretrained: str, **kwargs: Any):
-        tt_args = {k: kwargs.pop(k) for k in list(kwargs) if k in all_keys(self.METHOD)}
-        preset = load_preset(str(tt_args.pop("config"))) if tt_args.get("config") is not None else None
-        tt_args.pop("config", None)
-        if preset:
-            for k in PRESET_PASSTHROUGH:
-                if k in preset and kwargs.get(k) is None:
-                    kwargs[k] = preset[k]
+        tt_args, preset = self._tt_take_args(kwargs)
         self._tt_check_engine_args(kwargs)
         self._tt_check_unknown(kwargs)
-        arch, n_layers = inspect_model(pretrained, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
-        if preset and preset.get("num_layers") not in (None, n_layers):
-            raise ConfigError("config", f"preset {preset['_path']} is for a {preset['num_layers']}-layer model, "
-                                        f"{pretrained!r} has {n_layers}")
-        seed = int(kwargs.get("seed", 1234) or 0)
-        cfg = resolve(self.METHOD, tt_args, n_layers, seed=seed, preset=preset)
-        self._tt_preset = preset
+        cfg, arch = self._tt_resolve(pretrained, kwargs, tt_args, preset, seed=int(kwargs.get("seed", 1234) or 0))
         self._tt_configure(cfg, kwargs)
-        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, argv.output_path())
-        cfg.stats_path = str(Path(stats_path).expanduser().resolve()) if stats_path else None
+        self._tt_set_stats_path(cfg, pretrained)
         user_ov = kwargs.pop("hf_overrides", None)
         if isinstance(user_ov, str):
             try:
@@ -173,14 +76,8 @@ class TelltaleVLLM(VLLM):
             kwargs[k] = v
         if kwargs.get("batch_size", 1) in (1, "1"):
             logger.warning("telltale: batch_size=1 sends requests to vLLM one at a time; use --batch_size auto")
-        self.tt_cfg: TelltaleConfig = cfg
-        self._tt_arch = arch
-        self._tt_counter = itertools.count()
-        self._tt_plan: Plan | None = None
+        self._tt_init_state(cfg, arch)
         self._tt_modifies = modifies_kv(cfg)
-        self._tt_quiet = False
-        self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
-        self._tt_summary = RunSummary(cfg)
         super().__init__(pretrained=pretrained, **kwargs)
         if self.data_parallel_size > 1:
             logger.warning("telltale: data_parallel_size>1 — the method runs in every replica, but per-sample "
@@ -189,7 +86,7 @@ class TelltaleVLLM(VLLM):
             logger.warning("telltale: no --output_path and no stats_path=: per-sample statistics are not written")
 
     # -- hooks for subclasses -------------------------------------------------------------------
-    def _tt_configure(self, cfg: TelltaleConfig, kwargs: dict[str, Any]) -> None:
+    def _tt_configure(self, cfg, kwargs: dict[str, Any]) -> None:
         """Method types adjust engine arguments here (called before the engine exists)."""
 
     @staticmethod
@@ -222,7 +119,7 @@ class TelltaleVLLM(VLLM):
         # the request's identity for random draws: its prompt and occurrence, not its batch position
         extra = dict(sp.extra_args or {})
         extra[TAG_KEY] = tag
-        extra["telltale_seed"] = seed_from(hash(key), k)
+        extra["telltale_seed"] = request_identity(key, k)
         sp.extra_args = extra
         return sp, tag
 
@@ -232,6 +129,13 @@ class TelltaleVLLM(VLLM):
         if not eos and getattr(self.tokenizer, "eos_token", None):
             eos = self.tokenizer.eos_token
         return eos
+
+    def _tt_encode(self, strings: list[str]) -> list[list[int]]:
+        return self.tok_encode(strings)
+
+    def _tt_until(self, gen_kwargs: dict) -> list[str]:
+        _, until, _ = self.modify_gen_kwargs(gen_kwargs, eos=self._tt_eos(), default_max_gen_toks=self.max_gen_toks)
+        return until
 
     # -- generation -----------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -328,10 +232,7 @@ class TelltaleVLLM(VLLM):
                 pbar.update(1)
                 if row is not None:
                     rows.append(row)
-        for row in rows:
-            self._tt_summary.add(row)
-        if self._tt_writer is not None:
-            self._tt_writer.write(rows)
+        self._tt_emit(rows)
 
     def _tt_collect(self, tags: list[str], lengths: list[int], timeout: float | None = None) -> dict[str, dict]:
         """The worker's statistics of these finished requests; ``lengths`` (generated tokens) let
@@ -340,50 +241,6 @@ class TelltaleVLLM(VLLM):
         res = self.model.collective_rpc("telltale_collect", timeout=timeout, args=(tags, lengths))
         recs = res[0] if res else []
         return {r["tag"]: r for r in recs}
-
-    def _tt_answer(self, u: Unit) -> dict[str, Any] | None:
-        """The unit is finished: choose what lm-eval gets (``u.chosen``) and build its row."""
-        tag = u.tags[0]
-        u.chosen = u.outputs[tag]
-        if u.answer is None:
-            logger.warning("telltale: an answer could not be joined to lm-eval's documents (its prompt matches "
-                           "no planned request); its statistics are not written")
-            return None
-        return self._tt_row(u.answer, tag, u.prompt, u.chosen, u.stats[tag] or {})
-
-    def _tt_row(self, ans: Answer, tag: str, prompt: list[int], output, stats: dict) -> dict[str, Any]:
-        out = output.outputs[0]
-        row = {
-            "task": ans.inst.task_name, "doc_id": ans.doc_id, "doc_hash": ans.doc_hash, "repeat": ans.repeat,
-            "method": self.METHOD, "tag": tag, "n_prompt_tokens": len(prompt), "n_generated_tokens": len(out.token_ids),
-            "finish_reason": out.finish_reason, "response": self._tt_response(ans, out.text), "raw_output": out.text,
-            "n_decode_tokens": stats.get("n_decode_tokens", 0), "layers": stats.get("layers", {}),
-        }
-        if "tokens" in stats:
-            row["tokens"] = stats["tokens"]
-            row["token_ids"] = list(out.token_ids)
-        return row
-
-    def _tt_response(self, ans: Answer, text: str) -> str:
-        """What lm-eval scores: its own post-processing with the same stop sequences."""
-        from lm_eval.models.utils import postprocess_generated_text
-
-        return postprocess_generated_text(text, ans.until, self.think_end_token)
-
-    # -- results JSON ---------------------------------------------------------------------------
-    def get_model_info(self) -> dict:
-        base = super().get_model_info() if hasattr(super(), "get_model_info") else {}
-        info = {
-            "method": self.METHOD,
-            "model_type": f"vllm-{self.METHOD}",
-            "architecture": self._tt_arch,
-            "config": self.tt_cfg.to_dict(),
-            "preset": self._tt_preset.get("_path") if self._tt_preset else None,
-            "stats_path": self.tt_cfg.stats_path,
-            "summary": self._tt_summary.to_dict(),
-        }
-        return {**base, "telltale": info}
-
 
 @register_model("vllm-norms")
 class VLLMNorms(TelltaleVLLM):

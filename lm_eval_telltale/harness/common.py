@@ -1,0 +1,322 @@
+"""What every telltale lm-eval model type shares, whatever engine generates: the telltale
+model_args and their validation, the plan that joins each generated answer to lm-eval's
+documents, the sidecar row of an answer, the ``config.telltale`` block of the results JSON, and
+LRS's selection among N candidates. Nothing here imports an engine (vLLM or transformers): the
+``vllm-*`` types (:mod:`lm_eval_telltale.harness.models`, :mod:`lm_eval_telltale.harness.lrs`) and
+the ``hf-*`` types (:mod:`lm_eval_telltale.hf.harness`) both build on it.
+
+An engine's model type provides: ``ENGINE`` (the model-type prefix), ``_tt_encode(strings)`` (prompt
+tokens as its ``generate_until`` will send them), ``_tt_until(gen_kwargs)`` (the stop sequences lm-eval
+post-processes its text with) and answers as vLLM-shaped outputs (``output.outputs[0]`` with
+``text``, ``token_ids``, ``finish_reason``).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import itertools
+import json
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
+from ..core.lrs import SCORES, argmax_pick, pick_all, score
+from ..sidecar import RunSummary, SidecarWriter
+from . import argv
+from .taskscore import scorer_for, task_generation_kwargs
+
+logger = logging.getLogger("lm_eval_telltale")
+
+
+def default_stats_path(pretrained: str, method: str, output_path: str | None) -> Path | None:
+    """Next to lm-eval's own files: ``<output_path>/<model_name_sanitized>/telltale_<method>_<time>.jsonl``
+    (lm-eval's layout for a directory ``--output_path``; its parent for a ``.json`` path)."""
+    if not output_path:
+        return None
+    from lm_eval.utils import sanitize_model_name
+
+    stamp = _dt.datetime.now().isoformat().replace(":", "-")
+    out = Path(output_path).expanduser()
+    if out.suffix == ".json":
+        return out.parent / f"telltale_{method}_{stamp}.jsonl"
+    return out / sanitize_model_name(pretrained) / f"telltale_{method}_{stamp}.jsonl"
+
+
+@dataclass
+class Answer:
+    """One answer lm-eval asked for, as the sidecar joins it: the Instance, its repeat, the doc id
+    lm-eval writes in its samples file, lm-eval's ``doc_hash`` of the document and the stop
+    sequences lm-eval post-processes the text with."""
+
+    inst: Any
+    repeat: int
+    doc_id: Any
+    doc_hash: str
+    until: list[str]
+
+
+class Plan:
+    """The Instances of one ``generate_until`` call by prompt tokens, in request order, made before
+    any generation: each generated request takes its Answer by its prompt (identical prompts — the
+    repeats of one document — are taken in order, as lm-eval's stable sort keeps them)."""
+
+    def __init__(self, lm: "TelltaleLM", requests):
+        from lm_eval.utils import handle_non_serializable, hash_string
+
+        wanted = argv.samples() or {}
+        self.by_prompt: dict[tuple, deque[Answer]] = defaultdict(deque)
+        repeats: dict[tuple, int] = defaultdict(int)
+        encodings = lm._tt_encode([inst.args[0] for inst in requests]) if requests else []
+        for inst, toks in zip(requests, encodings):
+            key = (inst.task_name, inst.doc_id)
+            rep = repeats[key]
+            repeats[key] += 1
+            # lm-eval renumbers the docs selected by --samples 0..k-1 and writes indices[doc_id]
+            idx = wanted.get(inst.task_name)
+            doc_id = idx[inst.doc_id] if isinstance(idx, list) and isinstance(inst.doc_id, int) \
+                and 0 <= inst.doc_id < len(idx) else inst.doc_id
+            gk = copy.deepcopy(inst.args[1]) if len(inst.args) > 1 and isinstance(inst.args[1], dict) else {}
+            until = lm._tt_until(gk)
+            doc_hash = hash_string(json.dumps(inst.doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+            self.by_prompt[tuple(toks)].append(Answer(inst, rep, doc_id, doc_hash, list(until)))
+
+    def take(self, prompt) -> Answer | None:
+        key = tuple(prompt)
+        q = self.by_prompt.get(key)
+        if not q:  # lm-eval truncated the prompt to fit max_model_len: a suffix (or prefix) of a planned one
+            n = len(key)
+            q = next((v for k, v in self.by_prompt.items() if v and len(k) > n and (k[-n:] == key or k[:n] == key)),
+                     None)
+        return q.popleft() if q else None
+
+
+@dataclass
+class Unit:
+    """One answer in generation: its tagged requests (one, or LRS's N candidates) and results."""
+
+    prompt: list[int]
+    answer: Answer | None
+    tags: list[str]
+    params: list
+    outputs: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, dict | None] = field(default_factory=dict)
+    chosen: Any = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outputs) == len(self.tags)
+
+
+class TelltaleLM:
+    """The engine-independent part of a telltale model type (a mixin before the engine's lm-eval
+    class): settings, sidecar rows, run summary, results-JSON block."""
+
+    METHOD = "norms"
+    #: the model-type prefix: ``vllm-alrr``, ``hf-alrr``
+    ENGINE = "vllm"
+
+    @classmethod
+    def _tt_model_type(cls) -> str:
+        return f"{cls.ENGINE}-{cls.METHOD}"
+
+    # -- settings (before any engine) -------------------------------------------------------------
+    def _tt_take_args(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Take the telltale keys out of ``kwargs`` (they would otherwise reach the engine) and load
+        the preset (``config=``); the preset's engine-level keys fill ``kwargs`` where unset."""
+        tt_args = {k: kwargs.pop(k) for k in list(kwargs) if k in all_keys(self.METHOD)}
+        preset = load_preset(str(tt_args.pop("config"))) if tt_args.get("config") is not None else None
+        tt_args.pop("config", None)
+        if preset:
+            for k in PRESET_PASSTHROUGH:
+                if k in preset and kwargs.get(k) is None:
+                    kwargs[k] = preset[k]
+        return tt_args, preset
+
+    def _tt_resolve(self, pretrained: str, kwargs: dict[str, Any], tt_args: dict[str, Any],
+                    preset: dict[str, Any] | None, seed: int) -> tuple[TelltaleConfig, str]:
+        """The model's architecture and layer count from its config, then the validated settings."""
+        from ..vllm import inspect_model  # reads config.json only; imports nothing of vLLM
+
+        arch, n_layers = inspect_model(pretrained, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+        if preset and preset.get("num_layers") not in (None, n_layers):
+            raise ConfigError("config", f"preset {preset['_path']} is for a {preset['num_layers']}-layer model, "
+                                        f"{pretrained!r} has {n_layers}")
+        cfg = resolve(self.METHOD, tt_args, n_layers, seed=seed, preset=preset)
+        self._tt_preset = preset
+        return cfg, arch
+
+    def _tt_set_stats_path(self, cfg: TelltaleConfig, pretrained: str) -> None:
+        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, argv.output_path())
+        cfg.stats_path = str(Path(stats_path).expanduser().resolve()) if stats_path else None
+
+    def _tt_init_state(self, cfg: TelltaleConfig, arch: str) -> None:
+        self.tt_cfg: TelltaleConfig = cfg
+        self._tt_arch = arch
+        self._tt_counter = itertools.count()
+        self._tt_plan: Plan | None = None
+        self._tt_quiet = False
+        self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
+        self._tt_summary = RunSummary(cfg)
+
+    # -- engine hooks --------------------------------------------------------------------------------
+    def _tt_encode(self, strings: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _tt_until(self, gen_kwargs: dict) -> list[str]:
+        raise NotImplementedError
+
+    # -- answers ------------------------------------------------------------------------------------
+    def _tt_emit(self, rows: list[dict[str, Any]]) -> None:
+        """Finished answers' rows: into the run summary and appended to the sidecar at once."""
+        for row in rows:
+            self._tt_summary.add(row)
+        if self._tt_writer is not None:
+            self._tt_writer.write(rows)
+
+    def _tt_answer(self, u: Unit) -> dict[str, Any] | None:
+        """The unit is finished: choose what lm-eval gets (``u.chosen``) and build its row."""
+        tag = u.tags[0]
+        u.chosen = u.outputs[tag]
+        if u.answer is None:
+            logger.warning("telltale: an answer could not be joined to lm-eval's documents (its prompt matches "
+                           "no planned request); its statistics are not written")
+            return None
+        return self._tt_row(u.answer, tag, u.prompt, u.chosen, u.stats[tag] or {})
+
+    def _tt_row(self, ans: Answer, tag: str, prompt: list[int], output, stats: dict) -> dict[str, Any]:
+        out = output.outputs[0]
+        row = {
+            "task": ans.inst.task_name, "doc_id": ans.doc_id, "doc_hash": ans.doc_hash, "repeat": ans.repeat,
+            "method": self.METHOD, "tag": tag, "n_prompt_tokens": len(prompt), "n_generated_tokens": len(out.token_ids),
+            "finish_reason": out.finish_reason, "response": self._tt_response(ans, out.text), "raw_output": out.text,
+            "n_decode_tokens": stats.get("n_decode_tokens", 0), "layers": stats.get("layers", {}),
+        }
+        if "tokens" in stats:
+            row["tokens"] = stats["tokens"]
+            row["token_ids"] = list(out.token_ids)
+        return row
+
+    def _tt_response(self, ans: Answer, text: str) -> str:
+        """What lm-eval scores: its own post-processing with the same stop sequences."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        return postprocess_generated_text(text, ans.until, self.think_end_token)
+
+    # -- results JSON ---------------------------------------------------------------------------------
+    def get_model_info(self) -> dict:
+        base = super().get_model_info() if hasattr(super(), "get_model_info") else {}
+        info = {
+            "method": self.METHOD,
+            "model_type": self._tt_model_type(),
+            "architecture": self._tt_arch,
+            "config": self.tt_cfg.to_dict(),
+            "preset": self._tt_preset.get("_path") if self._tt_preset else None,
+            "stats_path": self.tt_cfg.stats_path,
+            "summary": self._tt_summary.to_dict(),
+        }
+        return {**base, "telltale": info}
+
+
+# -- LRS: N candidates per answer, the returned one and every selector's pick ----------------------
+
+def greedy(gen_kwargs: dict) -> bool:
+    """Whether lm-eval's vLLM backend would decode these generation kwargs greedily (its rule:
+    temperature 0, or do_sample=False without a temperature)."""
+    t = gen_kwargs.get("temperature")
+    if t is not None:
+        try:
+            return float(t) < 1e-5
+        except (TypeError, ValueError):
+            return False
+    return str(gen_kwargs.get("do_sample", "")).lower() in ("false", "0")
+
+
+class LrsSelection:
+    """The engine-independent part of the LRS model types (a mixin before the engine's telltale
+    type): the greedy-decoding check, each candidate's record, the returned pick and every
+    selector's (docs/methods.md §4), and the selectors' accuracies in the results JSON. The engine
+    type makes the N candidates of a unit (``_tt_unit``) and sets their sampling."""
+
+    def __init__(self, pretrained: str, **kwargs: Any):
+        super().__init__(pretrained, **kwargs)
+        self._tt_selector_acc: dict[str, list[float]] = {}
+
+    def _tt_greedy_error(self, n: int) -> ConfigError:
+        return ConfigError(
+            "n_candidates",
+            f"{self._tt_model_type()} samples {n} candidates per prompt, but the task asks for greedy decoding "
+            "(identical candidates). Pass e.g. --gen_kwargs temperature=0.6,top_p=0.95,do_sample=True, or a preset "
+            "with a sampling section (config=qwen3-8b), or n_candidates=1.")
+
+    def _tt_check_sampling_early(self, cfg) -> None:
+        """The lm_eval command line names the tasks and --gen_kwargs before any engine starts: when
+        every task would decode greedily and no preset supplies sampling, fail now, not after the
+        engine was built. (Under the Python API this cannot be known yet; the check at generation
+        time stays.)"""
+        n = cfg.params["n_candidates"]
+        if n <= 1 or (getattr(self, "_tt_preset", None) or {}).get("sampling"):
+            return
+        cli = argv.gen_kwargs()
+        if "temperature" in cli or "do_sample" in cli:
+            if greedy(cli):
+                raise self._tt_greedy_error(n)
+            return
+        names = argv.tasks()
+        per_task = task_generation_kwargs(names) if names else None
+        if per_task and all(greedy(gk) for gk in per_task):
+            raise self._tt_greedy_error(n)
+
+    def _tt_candidate(self, tag: str, output, stats: dict | None) -> dict[str, Any]:
+        out = output.outputs[0]
+        stats = stats or {}
+        think_end = getattr(self, "think_end_token", None)
+        complete = (think_end in out.text) if think_end else out.finish_reason == "stop"
+        layers = stats.get("layers", {})
+        return {
+            "tag": tag, "text": out.text, "n_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+            "complete": bool(complete), "truncated_thinking": bool(think_end) and not complete,
+            "layers": layers, "conf": stats.get("conf"), "conf_mean": stats.get("conf_mean"),
+            "scores": {**{name: score(layers, name) for name in SCORES}, "conf": stats.get("conf")},
+        }
+
+    def _tt_answer(self, u: Unit) -> dict[str, Any] | None:
+        p = self.tt_cfg.params
+        cands = [self._tt_candidate(tag, u.outputs[tag], u.stats[tag]) for tag in u.tags]
+        idx = argmax_pick([score(c["layers"], p["lrs_score"]) for c in cands], [c["complete"] for c in cands],
+                          p["prefer_complete"])
+        tag = u.tags[idx]
+        u.chosen = u.outputs[tag]
+        if u.answer is None:
+            logger.warning("telltale: an answer could not be joined to lm-eval's documents; not written")
+            return None
+        ans = u.answer
+        row = self._tt_row(ans, tag, u.prompt, u.chosen, u.stats[tag] or {})
+        inst = ans.inst
+        scorer = scorer_for(inst.task_name)
+        for c in cands:
+            c["response"] = self._tt_response(ans, c["text"])
+            c["answer"] = scorer.answer(inst.doc, c["response"]) if scorer else None
+            c["correct"] = scorer.correct(inst.doc, c["response"]) if scorer else None
+            c["layers"] = c.pop("layers")  # keep the big per-layer block last
+        picks = pick_all(cands, p["prefer_complete"], (self.tt_cfg.seed, inst.task_name, ans.doc_id, ans.repeat))
+        assert picks[p["lrs_score"]] == idx, "selector mismatch between generation and report"
+        row.update({"n_candidates": len(cands), "candidates": cands, "picks": picks, "chosen": p["lrs_score"],
+                    "chosen_index": idx, "scorer": "task" if scorer else None})
+        for sel, i in picks.items():
+            v = cands[i]["correct"]
+            if v is not None:
+                acc = self._tt_selector_acc.setdefault(sel, [0.0, 0])
+                acc[0] += v
+                acc[1] += 1
+        return row
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["telltale"]["summary"]["lrs_selectors"] = {
+            sel: {"accuracy": s / n, "n": n} for sel, (s, n) in self._tt_selector_acc.items() if n
+        }
+        return info
