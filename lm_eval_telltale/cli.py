@@ -9,6 +9,7 @@ Subcommands:
   profile      per-layer norm distributions of generated tokens (thinking on/off), JSON + PNG plots
   calibrate    per-layer norm quantiles as a file for ``tau_mode=calibrated`` / ``config=``
   view         self-contained HTML page: generated tokens shaded by the norm, τ crossings, interventions
+  bench        decode throughput of each model type vs stock vLLM (tokens/s, ratio, ALRR's compute limit)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ COMMANDS = {
     "profile": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_profile(argv),
     "calibrate": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_calibrate(argv),
     "view": lambda argv: __import__("lm_eval_telltale.tools.view", fromlist=["main"]).main(argv),
+    "bench": lambda argv: __import__("lm_eval_telltale.tools.bench", fromlist=["main"]).main(argv),
 }
 
 

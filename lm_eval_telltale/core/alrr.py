@@ -53,6 +53,10 @@ class Alrr(Method):
     def __init__(self, cfg, table, num_layers, device=None):
         super().__init__(cfg, table, num_layers, device)
         self.p = AlrrParams(**cfg.params)
+        # re-run work for `telltale bench`'s compute limit: (step, layer) re-run calls and the token
+        # rows they pushed through the layer — host ints from shapes and the existing skip test, no sync
+        self.rerun_calls = 0
+        self.rerun_rows = 0
 
     def apply(self, core, j, h, r, x, n, tau, rerun):
         step, p = core.step, self.p
@@ -64,6 +68,8 @@ class Alrr(Method):
         accepted_any = torch.zeros_like(active)
         for _ in range(p.max_extra_iters):
             h2, r2 = rerun(cur_h.clone(), cur_r.clone())
+            self.rerun_calls += 1
+            self.rerun_rows += int(cur_h.shape[0])
             n2 = residual_norm(h2, r2)[1]
             ok = active & (n2 > tau) & (n2 < p.blowup * tau) & ((n2 - cur_n) / (cur_n + 1e-6) >= p.growth_eps)
             if p.alpha != 1.0:
@@ -79,6 +85,10 @@ class Alrr(Method):
                 break
         events |= torch.where(accepted_any, EV_ACCEPTED, 0).to(torch.int16)
         return cur_h, cur_r, events
+
+    def summary(self) -> dict:
+        """Engine-lifetime totals of the re-run pass (``telltale_state``'s ``method``)."""
+        return {"rerun_calls": self.rerun_calls, "rerun_rows": self.rerun_rows}
 
 
 METHOD = Alrr

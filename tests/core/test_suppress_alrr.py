@@ -207,3 +207,27 @@ def test_random_control_waits_out_the_warmup_and_honours_clamp():
     begin(core, tab, infos, [[2]])
     h2, r2 = core.layer(0, H[1:2].clone(), R[1:2].clone())
     assert torch.linalg.vector_norm(h2 + r2).item() == pytest.approx(1.0, rel=1e-5)  # τ/4, not 0.1·x
+
+
+def test_alrr_counts_its_rerun_work_for_the_compute_limit():
+    """``summary()`` (``telltale_state``'s ``method``) counts (step, layer) re-run calls and the token
+    rows pushed through the layer again — every row of the step, not only the candidates."""
+    def step(core, tab, infos, rerun=True):
+        begin(core, tab, infos, [[2, 3, 4, 5]])
+        core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, []) if rerun else None)
+        core.end()
+
+    core, tab, infos = make_core("alrr", {}, tau=4.0)
+    assert core.method.summary() == {"rerun_calls": 0, "rerun_rows": 0}
+    step(core, tab, infos)                      # two candidates: one re-run of all 4 rows
+    step(core, tab, infos, rerun=False)         # no re-run function given: nothing run, nothing counted
+    assert core.method.summary() == {"rerun_calls": 1, "rerun_rows": 4}
+    core, tab, infos = make_core("alrr", {}, tau=100.0)
+    step(core, tab, infos)                      # no candidate: skipped by the (existing) skip test
+    assert core.method.summary() == {"rerun_calls": 0, "rerun_rows": 0}
+    core, tab, infos = make_core("alrr", {"skip_sync": False}, tau=100.0)
+    step(core, tab, infos)                      # skip_sync=false: always re-run, counted without a sync
+    assert core.method.summary() == {"rerun_calls": 1, "rerun_rows": 4}
+    core, tab, infos = make_core("alrr", {"max_extra_iters": 3, "growth_eps": 0.2, "blowup": 3.0}, tau=4.0)
+    step(core, tab, infos)                      # 3 accepted iterations (see test_alrr_alpha_and_iterations)
+    assert core.method.summary() == {"rerun_calls": 3, "rerun_rows": 12}

@@ -1,0 +1,142 @@
+"""``telltale bench``: its argument checks (before any engine), the report built from crafted cell
+results, and one quick real run (three cells, each a fresh engine in its own process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from lm_eval_telltale.tools import bench
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fail the test if the bench would start a cell (an engine)."""
+    def boom(*a, **k):
+        raise AssertionError(f"a cell was started: {a[:1]}")
+    monkeypatch.setattr(subprocess, "Popen", boom)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "vllm,bogus"], "--methods: unknown method(s) 'bogus'"),
+    (["--methods", "vllm-alrr"], "named without 'vllm-'"),
+    (["--methods", "alrr,alrr"], "alrr given twice"),
+    (["--batch-sizes", "1,x"], "--batch-sizes: 'x' is not a positive integer"),
+    (["--batch-sizes", "0,8"], "'0' is not a positive integer"),
+    (["--batch-sizes", "8,8"], "given twice"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--knobs", '{"alrr": {"growth_eps": "lots"}}'], "growth_eps"),
+    (["--knobs", '{"bogus": {}}'], "--knobs: unknown block 'bogus'"),
+    (["--knobs", '{"alrr": {"blowup": 0.5}}'], "blowup"),
+    (["--layers", "99"], "--knobs/--layers"),
+    (["--engine-args", "[1]"], "--engine-args: expected a JSON object"),
+    (["--engine-args", "{bad"], "--engine-args: malformed JSON"),
+    (["--model-name", "a b"], "--model-name"),
+])
+def test_bad_arguments_fail_before_any_engine(tiny_model_dir, no_engine, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", str(tiny_model_dir), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_is_required_and_must_exist(tmp_path, no_engine, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "vllm"])
+    assert "give exactly one of --model PATH and --tiny-mid DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tmp_path / "nope")])
+    assert "--model: telltale: pretrained=" in capsys.readouterr().err
+
+
+def test_plan_interleaves_repeats_and_adds_the_baselines(tiny_model_dir, tmp_path, no_engine, capsys):
+    rc = bench.main(["--model", str(tiny_model_dir), "--methods", "alrr,lrs", "--batch-sizes", "4,1", "--repeats", "2",
+                     "--out", str(tmp_path / "out"), "--plan"])
+    out = capsys.readouterr().out
+    assert rc == 0 and not (tmp_path / "out").exists()
+    assert "added the stock baseline cell(s) the ratios need: vllm, vllm-sampled" in out
+    cells = [l.split(": ", 1)[1] for l in out.splitlines() if "   cell " in l]
+    expect = [f"repeat {r}, batch {b}, {m}" for r in (1, 2) for b in (1, 4)
+              for m in ("vllm", "vllm-alrr", "vllm-lrs", "vllm (sampled, LRS's requests)")]
+    assert [c.rsplit(" (", 1)[0] for c in cells] == expect  # without "(N requests)"
+    assert "vllm-lrs (16 requests)" in out  # batch 4 × 4 candidates
+    # the same engine flags for every method at a batch size; max_num_seqs covers LRS's B × N requests
+    assert '"max_num_seqs": 16' in out and '"dtype": "float32"' in out and '"max_model_len": 320' in out
+
+
+def _cell(method, batch, repeat, tps, **kw):
+    return {"method": method, "batch": batch, "repeat": repeat, "ok": True, "tps": tps, "requests": batch,
+            "generated_tokens": 1000, "startup_s": 5.0, "warmup_s": 1.0, **kw}
+
+
+def test_report_ratio_spread_and_alrr_compute_limit(tmp_path):
+    cells = []
+    for r, (s, a, n, lrs, samp) in enumerate([(100, 80, 99, 45, 50), (110, 85, 108, 44, 40), (90, 75, 91, 40, 50)]):
+        cells += [_cell("vllm", 8, r, s), _cell("norms", 8, r, n, interventions={"above_tau": 10.0 + r}),
+                  _cell("alrr", 8, r, a, interventions={"recursed": 30.0, "accepted": 20.0 + r},
+                        alrr={"rerun_calls": 100, "rerun_rows": 2000 + 100 * r}),
+                  _cell("lrs", 8, r, lrs), _cell("vllm-sampled", 8, r, samp)]
+    cells.append({"method": "norms", "batch": 8, "repeat": 3, "ok": False, "error": "exit 1"})
+    meta = {"num_layers": 8, "cell_methods": ["vllm", "norms", "alrr", "lrs", "vllm-sampled"], "batch_sizes": [8],
+            "command": "telltale bench --model M", "model_name": "m", "repeats": 3}
+    rep = bench.build_report(cells, meta)
+    row = {r["method"]: r for r in rep["rows"]}
+    assert row["vllm"]["tps"] == {"median": 100, "min": 90, "max": 110, "values": [100, 110, 90]}
+    assert row["vllm"]["ratio"] is None and row["vllm"]["baseline"] is None
+    assert row["alrr"]["ratio"] == pytest.approx(80 / 100)
+    assert row["alrr"]["paired_ratios"] == pytest.approx([0.8, 85 / 110, 75 / 90])
+    # re-run rows per generated token: median(2.0, 2.1, 2.2) = 2.1 → limit = 8 / (8 + 2.1) of stock's median
+    assert row["alrr"]["rerun_rows_per_token"] == pytest.approx(2.1)
+    assert row["alrr"]["compute_limit_ratio"] == pytest.approx(8 / 10.1)
+    assert row["alrr"]["compute_limit_tps"] == pytest.approx(100 * 8 / 10.1)
+    assert row["alrr"]["interventions_per_1k"] == {"recursed": 30.0, "accepted": 21.0}
+    assert row["norms"]["repeats"] == 3 and row["norms"]["failed"] == 1
+    assert row["norms"]["ratio"] == pytest.approx(99 / 100)
+    assert row["lrs"]["baseline"] == "vllm-sampled" and row["lrs"]["ratio"] == pytest.approx(44 / 50)
+    md = bench.render_markdown(rep)
+    assert md.splitlines()[2:5] == ["```", "telltale bench --model M", "```"]
+    alrr_line = next(l for l in md.splitlines() if l.startswith("| vllm-alrr |"))
+    assert "| 0.800 (0.773–0.833) |" in alrr_line and "recursed 30.0, accepted 21.0" in alrr_line
+    assert "| 2.10 | 0.792 (79.2 tok/s) |" in alrr_line
+    assert "| vllm-norms (1 failed) | 8 |" in md
+    paths = bench.write_report(rep, tmp_path / "out", "m")
+    assert paths["png"].stat().st_size > 1000
+    assert json.loads(paths["json"].read_text())["rows"][2]["compute_limit_ratio"] == pytest.approx(8 / 10.1)
+
+
+@pytest.mark.engine
+def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
+    """Three real cells (stock, norms, ALRR) on the tiny model: every cell generated what it was
+    asked for, the ratios and ALRR's re-run counters reached the report, md/json/png written."""
+    out = tmp_path / "out"
+    rc = bench.main(["--model", str(tiny_model_dir), "--model-name", "tiny", "--methods", "vllm,norms,alrr", "--quick",
+                     "--eager", "--layers", "4-6", "--out", str(out), "--work", str(tmp_path / "w"),
+                     # τ = Q3 after 4 tokens and a wide band: ALRR has candidates within 16 tokens of a random model
+                     "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}, "alrr": {"blowup": 10}}'])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "tiny.json").read_text())
+    cells = {c["method"]: c for c in rep["cells"]}
+    assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["requests"] == 2 for c in cells.values())
+    assert cells["alrr"]["engine"]["enforce_eager"] and cells["alrr"]["engine"]["dtype"] == "float32"
+    assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["alrr"]["rerun_rows"] > 0
+    assert cells["norms"]["interventions"]["above_tau"] >= 0
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["norms"]["ratio"] > 0 and rows["alrr"]["ratio"] > 0
+    assert 0 < rows["alrr"]["compute_limit_ratio"] < 1
+    md = (out / "tiny.md").read_text()
+    assert "telltale bench --model" in md and "| vllm-alrr | 2 | 2 |" in md
+    assert (out / "tiny.png").stat().st_size > 1000
+
+
+def test_worker_results_are_merged_across_workers():
+    """Pipeline stages hold different layers (joined, re-runs summed); tensor-parallel ranks hold
+    copies (not double-counted)."""
+    stage0 = [{"tag": "t0", "n_decode_tokens": 5, "layers": {"4": {"count": 5}}}]
+    stage1 = [{"tag": "t0", "n_decode_tokens": 5, "layers": {"6": {"count": 5, "recursed": 1}}}]
+    assert bench._merge_records([stage0, stage1]) == [
+        {"tag": "t0", "n_decode_tokens": 5, "layers": {"4": {"count": 5}, "6": {"count": 5, "recursed": 1}}}]
+    states = [{"method": {"rerun_rows": 40}}, {"method": {"rerun_rows": 40}}, None]
+    assert bench._method_total(states, "rerun_rows", tp=2) == 40
+    assert bench._method_total(states, "rerun_rows", tp=1) == 80
