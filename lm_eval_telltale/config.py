@@ -56,6 +56,9 @@ def method_keys(method: str) -> dict[str, tuple[Any, str]]:
 
     return _keys(method)
 
+#: method knobs that hold one value per patched layer (cut per pipeline stage by ``for_layers``)
+PER_LAYER_PARAMS = ("match_rate",)
+
 #: keys a preset file may hold besides telltale keys (lm-eval VLLM arguments and documentation)
 PRESET_PASSTHROUGH = ("think_end_token", "enable_thinking", "max_model_len")
 PRESET_INFO = ("model", "architecture", "num_layers", "sampling", "telltale")
@@ -96,6 +99,17 @@ class TelltaleConfig:
 
     def knob(self, name: str) -> Any:
         return self.params[name]
+
+    def for_layers(self, layers: list[int]) -> "TelltaleConfig":
+        """The settings of one pipeline stage: the patched layers it owns (a subset of ``layers``),
+        with every per-layer value (τ values, a per-layer ``match_rate``) cut to them."""
+        idx = [self.layers.index(l) for l in layers]
+        params = dict(self.params)
+        for k, v in params.items():
+            if isinstance(v, list) and len(v) == len(self.layers) and k in PER_LAYER_PARAMS:
+                params[k] = [v[i] for i in idx]
+        tau = None if self.tau_values is None else [self.tau_values[i] for i in idx]
+        return dataclasses.replace(self, layers=list(layers), tau_values=tau, params=params)
 
 
 # --- parsing helpers --------------------------------------------------------------------------

@@ -33,6 +33,23 @@ from typing import Any, Callable
 from .core.stats import EVENT_NAMES
 
 
+def append_lines(path: str | Path, rows: list[dict[str, Any]], fsync: bool = False) -> None:
+    """Append ``rows`` as whole JSON lines in one write, flushed at once; a torn tail left by a
+    killed writer is closed first so it cannot swallow the new line."""
+    if not rows:
+        return
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with Path(path).open("a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode("utf-8"))
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
 class SidecarWriter:
     def __init__(self, path: str | Path, fsync_s: float = 10.0):
         self.path = Path(path)
@@ -46,18 +63,12 @@ class SidecarWriter:
         """Append whole lines (one ``write`` call), flushed at once, fsync'ed at the cadence."""
         if not rows:
             return
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with self.path.open("a+b") as f:
-            if f.tell() > 0:  # a torn tail (a process killed mid-line) must not swallow this row
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write(text.encode("utf-8"))
-            f.flush()
+        due = time.monotonic() - self._last_sync >= self.fsync_s
+        append_lines(self.path, rows, fsync=due)
+        if due:
+            self._last_sync, self._dirty = time.monotonic(), False
+        else:
             self._dirty = True
-            if time.monotonic() - self._last_sync >= self.fsync_s:
-                os.fsync(f.fileno())
-                self._last_sync, self._dirty = time.monotonic(), False
         self.count += len(rows)
 
     def sync(self) -> None:

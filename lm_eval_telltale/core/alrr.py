@@ -62,7 +62,7 @@ class Alrr(Method):
         step, p = core.step, self.p
         active = step.act & (n > tau) & (n < p.blowup * tau)
         events = torch.where(active, EV_CANDIDATE, 0).to(torch.int16)
-        if rerun is None or (p.skip_sync and not bool(active.any())):
+        if rerun is None or (p.skip_sync and not core.any(active)):
             return h, r, events
         cur_h, cur_r, cur_n = h, r, n
         accepted_any = torch.zeros_like(active)
@@ -81,7 +81,7 @@ class Alrr(Method):
             cur_n = torch.where(ok, n2, cur_n)
             accepted_any |= ok
             active = ok
-            if p.max_extra_iters > 1 and p.skip_sync and not bool(active.any()):
+            if p.max_extra_iters > 1 and p.skip_sync and not core.any(active):
                 break
         events |= torch.where(accepted_any, EV_ACCEPTED, 0).to(torch.int16)
         return cur_h, cur_r, events

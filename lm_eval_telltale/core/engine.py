@@ -85,6 +85,12 @@ class CoreEngine:
         table.on_resize(thresholds.resize)
         table.on_reset(thresholds.reset_slot)
 
+    def any(self, mask: torch.Tensor) -> bool:
+        """Whether any element of ``mask`` is set — the one host-side decision a method may take
+        (ALRR's "skip the re-run" test). Adapters whose ranks must take it together (tensor
+        parallelism: every rank runs the layer's collectives) replace it with a collective version."""
+        return bool(mask.any())
+
     def begin(self, step: StepMap) -> None:
         self.step = step
         self.layer_calls = 0

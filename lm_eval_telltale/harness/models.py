@@ -8,10 +8,12 @@ Like lm-eval's ``steered`` model, each type is the stock backend plus a small su
 - ``generate_until`` first lays out a plan: every lm-eval Instance by its prompt tokens, with its
   repeat, the doc id lm-eval writes (the true one under ``--samples``), its ``doc_hash`` and its
   stop sequences — so each answer can be written the moment it is finished;
-- ``_model_generate`` tags every request, queues them (``LLM.enqueue``) and steps the engine
-  itself (``LLMEngine.step``); finished answers are collected from the worker in small batches
-  (at most every ``FLUSH_S`` seconds) and appended to the JSONL sidecar at once, so a crash or
-  Ctrl-C loses no finished answer (:mod:`lm_eval_telltale.sidecar`);
+- ``_model_generate`` tags every request and drives the engine itself
+  (:func:`lm_eval_telltale.vllm.driver.drive`: ``LLMEngine.add_request`` / ``step``); finished
+  answers are collected from the workers in small batches (at most every ``driver.FLUSH_S``
+  seconds; tensor-parallel ranks and pipeline stages merged) and appended to the JSONL sidecar at
+  once, so a crash or Ctrl-C loses no finished answer (:mod:`lm_eval_telltale.sidecar`); with
+  ``data_parallel_size > 1`` each replica runs the same driver in a ray task;
 - ``get_model_info`` puts the resolved config and a run summary into lm-eval's results JSON.
 
 One *unit* is one answer lm-eval asked for: one tagged vLLM request here, N candidates for
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import register_model
@@ -37,11 +39,6 @@ from ..vllm.runtime import TAG_KEY
 from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("lm_eval_telltale")
-
-#: finished answers are collected from the worker and written at most this often (seconds; the
-#: interval grows when a collection takes long, so that it stays a small share of the run)
-FLUSH_S = 0.5
-
 
 class TelltaleVLLM(TelltaleLM, VLLM):
     METHOD = "norms"
@@ -79,9 +76,6 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         self._tt_init_state(cfg, arch)
         self._tt_modifies = modifies_kv(cfg)
         super().__init__(pretrained=pretrained, **kwargs)
-        if self.data_parallel_size > 1:
-            logger.warning("telltale: data_parallel_size>1 — the method runs in every replica, but per-sample "
-                           "statistics cannot be collected from ray replicas; the sidecar stays empty")
         if self._tt_writer is None:
             logger.warning("telltale: no --output_path and no stats_path=: per-sample statistics are not written")
 
@@ -161,8 +155,9 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         units = [self._tt_unit(list(p), sp, plan.take(p) if plan is not None else None, seen)
                  for p, sp in zip(requests, sampling_params)]
         if self.data_parallel_size > 1:
-            return super()._model_generate(requests, generate=True, sampling_params=[u.params[0] for u in units])
-        self._tt_run(units)
+            self._tt_run_dp(units)
+        else:
+            self._tt_run(units)
         return [u.chosen for u in units]
 
     def _tt_unit(self, prompt: list[int], sp, answer: Answer | None, seen: dict) -> Unit:
@@ -170,63 +165,35 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         sp, tag = self._tt_tag(prompt, sp, seen)
         return Unit(prompt, answer, [tag], [sp])
 
+    def _tt_requests(self, units: list[Unit]) -> list[tuple[str, list[int], Any]]:
+        return [(tag, u.prompt, sp) for u in units for tag, sp in zip(u.tags, u.params)]
+
+    def _tt_progress(self, units: list[Unit]):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=len(units), desc=f"vllm-{self.METHOD}: answers", unit="answer",
+                    disable=True if getattr(self, "_tt_quiet", False) else None)
+
     def _tt_run(self, units: list[Unit]) -> None:
         """Queue every request of ``units``, step the engine, and write each answer's row as soon
-        as its unit is finished (statistics collected in batches, at most every FLUSH_S)."""
-        from tqdm.auto import tqdm
-        from vllm import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        as its unit is finished (:func:`lm_eval_telltale.vllm.driver.drive`)."""
+        from ..vllm.driver import drive
 
-        llm = self.model
-        engine = llm.llm_engine
-        owner: dict[str, tuple[Unit, str]] = {}
-        salt = self._tt_modifies
-        try:  # the tag is the request id: the engine's outputs name the candidate they belong to
-            for u in units:
-                for tag, sp in zip(u.tags, u.params):
-                    sp.output_kind = RequestOutputKind.FINAL_ONLY
-                    prompt = TokensPrompt(prompt_token_ids=u.prompt)
-                    if salt:  # a block cached by this request is reused only by this request
-                        prompt["cache_salt"] = tag
-                    engine.add_request(tag, prompt, sp, lora_request=self.lora_request)
-                    owner[tag] = (u, tag)
-        except Exception:
-            if owner:
-                engine.abort_request(list(owner))
-            raise
-        pbar = tqdm(total=len(units), desc=f"vllm-{self.METHOD}: answers", unit="answer",
-                    disable=True if getattr(self, "_tt_quiet", False) else None)
-        done: list = []
-        last, interval = time.monotonic(), FLUSH_S
-        finished_cleanly = False
-        try:
-            while engine.has_unfinished_requests():
-                done.extend(o for o in engine.step() if o.finished)
-                if done and time.monotonic() - last >= interval:
-                    t0 = time.monotonic()
-                    self._tt_finish(done, owner, pbar)
-                    done, last = [], time.monotonic()
-                    # collecting costs O(rows held by the worker): keep it under ~2 % of the run
-                    interval = max(FLUSH_S, 50.0 * (last - t0))
-            finished_cleanly = True
+        owner = {tag: u for u in units for tag in u.tags}
+        pbar = self._tt_progress(units)
+        try:  # the tag is the request id (and, for the methods that change hidden states, the cache salt)
+            drive(self.model, self._tt_requests(units), lambda batch: self._tt_finished(batch, owner, pbar),
+                  salt=self._tt_modifies, lora_request=self.lora_request)
         finally:
-            if done:
-                try:  # after an interrupt, still save what finished (a short timeout: never hang)
-                    self._tt_finish(done, owner, pbar, timeout=None if finished_cleanly else 10.0)
-                except Exception as e:  # noqa: BLE001
-                    if finished_cleanly:
-                        raise
-                    logger.warning("telltale: %d finished answers could not be saved after the interruption: %s",
-                                   len(done), e)
             pbar.close()
 
-    def _tt_finish(self, outs: list, owner: dict, pbar, timeout: float | None = None) -> None:
-        pairs = [(owner.pop(o.request_id), o) for o in outs]
-        stats = self._tt_collect([tag for (_u, tag), _o in pairs],
-                                 [len(o.outputs[0].token_ids) for _, o in pairs], timeout)
+    def _tt_finished(self, batch, owner: dict[str, Unit], pbar) -> None:
+        """Finished requests ((tag, output, statistics)): each unit that is now complete becomes
+        its sidecar row, written at once."""
         rows = []
-        for (u, tag), o in pairs:
-            u.outputs[tag], u.stats[tag] = o, stats.get(tag)
+        for tag, out, stats in batch:
+            u = owner.pop(tag)
+            u.outputs[tag], u.stats[tag] = out, stats
             if u.complete:
                 row = self._tt_answer(u)
                 pbar.update(1)
@@ -234,13 +201,44 @@ class TelltaleVLLM(TelltaleLM, VLLM):
                     rows.append(row)
         self._tt_emit(rows)
 
-    def _tt_collect(self, tags: list[str], lengths: list[int], timeout: float | None = None) -> dict[str, dict]:
-        """The worker's statistics of these finished requests; ``lengths`` (generated tokens) let
-        the worker drop any row past an answer's end (a forward the engine ran for a request that
-        had already stopped, e.g. under async scheduling)."""
-        res = self.model.collective_rpc("telltale_collect", timeout=timeout, args=(tags, lengths))
-        recs = res[0] if res else []
-        return {r["tag"]: r for r in recs}
+    def _tt_run_dp(self, units: list[Unit]) -> None:
+        """lm-eval's data parallelism: one replica (its own engine, in a ray task) per share of
+        the units — a unit's LRS candidates stay together. Each replica appends every finished
+        request at once to its own part file next to the sidecar (crash-safe, raw outputs and
+        statistics by tag); the driver then builds the rows exactly as with one replica, writes
+        them, and removes the part files."""
+        import ray
+
+        from ..vllm.driver import run_replica
+
+        n = self.data_parallel_size
+        shares = [[u for i, u in enumerate(units) if i % n == k] for k in range(n)]
+        parts = [f"{self.tt_cfg.stats_path}.dp{k}.part.jsonl" if self.tt_cfg.stats_path else None for k in range(n)]
+        gpu = self.model_args.get("device", "cuda") != "cpu" and _has_cuda()
+        per = int(self.model_args.get("tensor_parallel_size", 1)) * int(self.model_args.get("pipeline_parallel_size", 1))
+        remote = ray.remote(num_gpus=per if gpu else 0, num_cpus=0 if gpu else 1)(run_replica)
+        refs = [remote.remote(self.model_args, self._tt_requests(share), parts[k], k, n, self._tt_modifies)
+                for k, share in enumerate(shares) if share]
+        owner = {tag: u for u in units for tag in u.tags}
+        pbar = self._tt_progress(units)
+        try:
+            for finished in ray.get(refs):
+                self._tt_finished(finished, owner, pbar)
+        finally:
+            pbar.close()
+            ray.shutdown()  # as lm-eval does: later calls start their replicas afresh
+        if owner:
+            raise RuntimeError(f"telltale: {len(owner)} requests came back from no data-parallel replica")
+        for part in parts:
+            if part:
+                Path(part).unlink(missing_ok=True)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 
 @register_model("vllm-norms")
 class VLLMNorms(TelltaleVLLM):

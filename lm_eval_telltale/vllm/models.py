@@ -62,13 +62,15 @@ class TelltaleModelMixin:
         self._tt_runtime = None
         inner = self.model
         lo, hi = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(inner.layers))
+        # pipeline parallel: this stage hooks the patched layers it owns; the driver merges the
+        # per-layer statistics of all stages into one record per answer
+        owned = [l for l in self.telltale_cfg.layers if lo <= l < hi]
+        self.telltale_stage_cfg = self.telltale_cfg.for_layers(owned)
         hook = _plain_python_hook if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1" else _post_layer_hook
         self._tt_handles = []
-        self.telltale_layers = []        # the patched layer modules, in patched order (j)
+        self.telltale_layers = []        # the patched layer modules of this stage, in patched order (j)
         self.telltale_hook_names = []
-        for j, l in enumerate(self.telltale_cfg.layers):
-            if not lo <= l < hi:
-                raise ValueError(f"telltale: patched layer {l} is not on this pipeline stage [{lo}, {hi})")
+        for j, l in enumerate(owned):
             layer = inner.layers[l]
             if self.telltale_cfg.method == "alrr":
                 check_separable_kv_write(layer, f"model.layers.{l}")

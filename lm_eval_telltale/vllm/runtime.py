@@ -56,6 +56,15 @@ class VllmRuntime:
         self.engine_seed = int(getattr(vllm_config.model_config, "seed", 0) or 0)
         self.core = build_core(cfg, cap, device)
         self.table, self.method = self.core.table, self.core.method
+        # tensor parallelism: every rank holds the same (h, r) and runs the same decisions (checked
+        # each step); rank 0 alone keeps the rows, and a host-side decision is taken together
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        self.records = self.tp_rank == 0
+        self.step_digest = 0.0  # a running digest of every step's norms and events (the TP check)
+        if self.tp_size > 1:
+            self.core.any = self._tp_any
         self._sampling_rows = None
         self.row_slot = np.full(cap, -1, dtype=np.int64)
         self.num_rows = 0
@@ -186,9 +195,35 @@ class VllmRuntime:
         ops.deactivate()
         self._positions = None
         rec = self.core.end()
-        if rec["serial"].numel():
+        if self.tp_size > 1:
+            self._check_tp_ranks()
+        if self.records and rec["serial"].numel():
             self._log.append(rec)
         self.steps += 1
+
+    def _tp_any(self, mask: torch.Tensor) -> bool:
+        """A decision every tensor-parallel rank takes together (a rank that alone re-ran a layer
+        would wait forever in that layer's all-reduce)."""
+        from vllm.distributed import get_tp_group
+
+        flag = get_tp_group().all_reduce(mask.any().to(torch.float32).reshape(1))
+        return bool(flag.item() > 0)
+
+    def _check_tp_ranks(self) -> None:
+        """Every rank must have seen the same norms and taken the same decisions this step (their
+        (h, r) are the same all-reduce results): compare a digest, fail loudly if not."""
+        from vllm.distributed import get_tp_group
+
+        core = self.core
+        parts = [core.norm.sum(), core.event.to(torch.float32).sum()]
+        if core.norm_out is not None:
+            parts.append(core.norm_out.sum())
+        digest = torch.stack(parts).to(torch.float32)  # (the CPU all-gather takes no float64)
+        allv = get_tp_group().all_gather(digest.reshape(1, -1), dim=0).cpu()
+        if not torch.equal(allv, allv[:1].expand_as(allv)):
+            raise HookWiringError(f"telltale: tensor-parallel ranks diverged in step {self.steps} (norms/events "
+                                  f"per rank: {allv.tolist()}); their statistics and interventions would differ")
+        self.step_digest += float(digest.sum())
 
     def check_step(self, num_scheduled_tokens: int) -> None:
         """Called by the worker after each execute_model: a real step must have run every hook."""
@@ -249,7 +284,7 @@ class VllmRuntime:
             self._infos.pop(info.serial, None)
             self._finished.discard(info.serial)
             self.table.release(info.key)
-        return out
+        return out if self.records else []  # tensor-parallel ranks > 0: rank 0's records stand for them
 
     def state(self) -> dict[str, Any]:
         return {
@@ -260,6 +295,9 @@ class VllmRuntime:
             "capacity": self.table.capacity,
             "resumed_after_preemption": self.resumed,
             "dropped_after_end": self.dropped_after_end,
+            "tp_rank": self.tp_rank,
+            "records": self.records,
+            "step_digest": self.step_digest,
             "method": self.method.summary(),
         }
 

