@@ -20,11 +20,17 @@ MODEL_TYPES: dict[str, str] = {
     "vllm-alrr": "lm_eval_telltale.harness.models:VLLMAlrr",
     "vllm-erss": "lm_eval_telltale.harness.models:VLLMErss",
     "vllm-lrs": "lm_eval_telltale.harness.lrs:VLLMLrs",
+    # the same methods on transformers (lm-eval's hf model; docs/architecture.md §5)
+    "hf-norms": "lm_eval_telltale.hf.harness:HFNorms",
+    "hf-suppress": "lm_eval_telltale.hf.harness:HFSuppress",
+    "hf-alrr": "lm_eval_telltale.hf.harness:HFAlrr",
+    "hf-erss": "lm_eval_telltale.hf.harness:HFErss",
+    "hf-lrs": "lm_eval_telltale.hf.harness:HFLrs",
 }
 
 
 def method_of_model_type(model_type: str) -> str | None:
-    """``vllm-alrr`` → ``alrr``; None for a model type that is not ours."""
+    """``vllm-alrr`` (or ``hf-alrr``) → ``alrr``; None for a model type that is not ours."""
     if model_type not in MODEL_TYPES:
         return None
     return model_type.split("-", 1)[1]

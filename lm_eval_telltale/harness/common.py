@@ -200,11 +200,15 @@ class TelltaleLM:
             row["token_ids"] = list(out.token_ids)
         return row
 
+    def _tt_think_end(self) -> str | None:
+        """The end-of-thinking marker as it appears in an answer's text (``think_end_token``)."""
+        return getattr(self, "think_end_token", None)
+
     def _tt_response(self, ans: Answer, text: str) -> str:
         """What lm-eval scores: its own post-processing with the same stop sequences."""
         from lm_eval.models.utils import postprocess_generated_text
 
-        return postprocess_generated_text(text, ans.until, self.think_end_token)
+        return postprocess_generated_text(text, ans.until, self._tt_think_end())
 
     # -- results JSON ---------------------------------------------------------------------------------
     def get_model_info(self) -> dict:
@@ -273,7 +277,7 @@ class LrsSelection:
     def _tt_candidate(self, tag: str, output, stats: dict | None) -> dict[str, Any]:
         out = output.outputs[0]
         stats = stats or {}
-        think_end = getattr(self, "think_end_token", None)
+        think_end = self._tt_think_end()
         complete = (think_end in out.text) if think_end else out.finish_reason == "stop"
         layers = stats.get("layers", {})
         return {

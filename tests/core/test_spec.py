@@ -25,6 +25,8 @@ def test_pyproject_entry_points_match_the_model_type_table():
 def test_every_method_has_a_module_and_a_model_type():
     assert set(MODULES) == set(spec.METHODS)
     assert {spec.method_of_model_type(t) for t in spec.MODEL_TYPES if t.startswith("vllm-")} == set(spec.METHODS)
+    assert {spec.method_of_model_type(t) for t in spec.MODEL_TYPES if t.startswith("hf-")} == set(spec.METHODS)
+    assert set(spec.MODEL_TYPES) == {f"{e}-{m}" for e in ("vllm", "hf") for m in spec.METHODS}
     assert spec.method_of_model_type("vllm") is None
 
 

@@ -1,0 +1,79 @@
+"""The hf-* model types through the stock ``lm_eval`` console script (``--device cpu``), and
+``telltale table`` over an HF run next to a vLLM run of the same configuration."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LM_EVAL, run, samples
+
+pytestmark = pytest.mark.e2e
+
+
+def _lm_eval(mtype, margs, task, out, *, limit, include_path=None, extra=(), env=None):
+    cmd = [LM_EVAL, "--model", mtype, "--model_args", margs, "--tasks", task, "--limit", str(limit),
+           "--log_samples", "--output_path", str(out), *extra]
+    if include_path:
+        cmd += ["--include_path", str(include_path)]
+    p = run(cmd, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(out.rglob("results_*.json")).read_text())
+    tt = res["config"]["telltale"]
+    assert res["config"]["model"] == tt["model_type"] == mtype
+    rows = [json.loads(l) for l in Path(tt["stats_path"]).read_text().splitlines()]
+    return res, rows
+
+
+def test_registration_resolves_hf_types_without_vllm():
+    code = ("import sys\nfrom lm_eval.api.registry import get_model\n"
+            "m = get_model('hf-alrr'); print(m.__module__ + ':' + m.__name__)\n"
+            "assert 'vllm' not in sys.modules, 'the hf-* types imported vLLM'\n")
+    p = run([sys.executable, "-c", code])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "lm_eval_telltale.hf.harness:HFAlrr"
+
+
+def test_hf_alrr_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
+    res, rows = _lm_eval("hf-alrr", f"pretrained={tiny_model_dir},layers=4-6,warmup=4,growth_eps=0.0",
+                         "telltale_local", tmp_path / "run", limit=4, include_path=local_task_dir,
+                         extra=("--device", "cpu", "--batch_size", "4"))
+    tt = res["config"]["telltale"]
+    assert tt["config"]["method"] == "alrr" and tt["config"]["layers"] == [4, 5, 6]
+    assert sorted(r["doc_id"] for r in rows) == [0, 1, 2, 3] and tt["summary"]["answers"] == 4
+    accepted = sum(st.get("accepted", 0) for r in rows for st in r["layers"].values())
+    assert accepted == tt["summary"]["accepted"]["total"] > 0
+    assert all(r["n_decode_tokens"] == r["n_generated_tokens"] - 1 and r["layers"]["5"]["count"] > 0 for r in rows)
+    # the sidecar is joined to the right documents: its response is the one lm-eval scored
+    by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples(tmp_path / "run", "telltale_local")}
+    assert {r["doc_id"]: r["response"] for r in rows} == by_doc
+
+
+def test_hf_and_vllm_runs_of_one_configuration_give_the_same_table(tmp_path):
+    """hf-norms and vllm-norms on the shipped tiny reasoning model (``config=telltale-arith``,
+    chat template, greedy): the same responses, and ``telltale table`` shows the same accuracy."""
+    from lm_eval_telltale.arith import model_dir
+
+    base = f"pretrained={model_dir()},config=telltale-arith"
+    common = ("--apply_chat_template",)
+    _, hf_rows = _lm_eval("hf-norms", base, "telltale_arith", tmp_path / "hf", limit=2,
+                          extra=(*common, "--device", "cpu", "--batch_size", "16"))
+    _, v_rows = _lm_eval("vllm-norms", f"{base},enforce_eager=True,kv_cache_memory_bytes=33554432",
+                         "telltale_arith", tmp_path / "vllm", limit=2, extra=(*common, "--batch_size", "auto"),
+                         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    key = lambda r: (r["task"], r["doc_id"])  # noqa: E731
+    assert len(hf_rows) == len(v_rows) == 8
+    hf, v = {key(r): r for r in hf_rows}, {key(r): r for r in v_rows}
+    assert {k: r["response"] for k, r in hf.items()} == {k: r["response"] for k, r in v.items()}
+    assert {k: r["n_generated_tokens"] for k, r in hf.items()} == {k: r["n_generated_tokens"] for k, r in v.items()}
+    p = run([sys.executable, "-m", "lm_eval_telltale.cli", "table", str(tmp_path / "hf"), str(tmp_path / "vllm"),
+             "--format", "json", "--baseline", "none"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    t = json.loads(p.stdout)
+    rows = {r["model_type"]: r for r in t["rows"]}
+    assert set(rows) == {"hf-norms", "vllm-norms"}
+    cells = {m: {c: (x["value"], x["n"]) for c, x in r["cells"].items()} for m, r in rows.items()}
+    print("\n" + "\n".join(f"{m}: {c}" for m, c in cells.items()))
+    assert cells["hf-norms"] == cells["vllm-norms"] and cells["hf-norms"]["telltale_arith"][0] is not None
