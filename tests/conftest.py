@@ -111,6 +111,23 @@ def rpc(llm, name, *args):
     return llm.collective_rpc(name, args=args)[0]
 
 
+# -- crafted steps for the core (tests/core) ----------------------------------------------------
+
+def begin_step(core, infos, positions_per_req):
+    """Start one forward step of ``core``: request ``infos[i]`` feeds tokens at positions
+    ``positions_per_req[i]`` (flattened in that order, as the adapters lay out a batch)."""
+    import torch
+
+    from lm_eval_telltale.core.step import build_step
+
+    qsl, slots, pos = [0], [], []
+    for info, ps in zip(infos, positions_per_req):
+        qsl.append(qsl[-1] + len(ps))
+        slots.append(info.slot)
+        pos += ps
+    core.begin(build_step(core.table, torch.tensor(qsl), torch.tensor(slots), torch.tensor(pos)))
+
+
 # -- the lm_eval console script (e2e tests) ------------------------------------------------------
 
 LM_EVAL = str(BIN / "lm_eval")

@@ -51,18 +51,8 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         cfg, arch = self._tt_resolve(pretrained, kwargs, tt_args, preset, seed=int(kwargs.get("seed", 1234) or 0))
         self._tt_configure(cfg, kwargs)
         self._tt_set_stats_path(cfg, pretrained)
-        user_ov = kwargs.pop("hf_overrides", None)
-        if isinstance(user_ov, str):
-            try:
-                user_ov = json.loads(user_ov)
-            except json.JSONDecodeError:
-                raise ConfigError("hf_overrides", f"not JSON: {user_ov!r}") from None
-        cc = kwargs.pop("compilation_config", None)
-        if isinstance(cc, str):
-            try:
-                cc = json.loads(cc)
-            except json.JSONDecodeError:
-                raise ConfigError("compilation_config", f"not JSON: {cc!r}") from None
+        user_ov = _json_arg("hf_overrides", kwargs.pop("hf_overrides", None))
+        cc = _json_arg("compilation_config", kwargs.pop("compilation_config", None))
         if isinstance(cc, int):
             cc = {"mode": cc}
         # every request gets its own cache_salt (_tt_run): prefix caching is safe for every method
@@ -232,6 +222,16 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         for part in parts:
             if part:
                 Path(part).unlink(missing_ok=True)
+
+
+def _json_arg(key: str, value: Any) -> Any:
+    """A model_arg that vLLM takes as a dict, given as JSON text on the command line."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(key, f"not JSON ({e.msg} at column {e.colno}): {value!r}") from None
 
 
 def _has_cuda() -> bool:

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import begin_step
 
 from lm_eval_telltale.config import ConfigError, resolve
 from lm_eval_telltale.core.engine import build_core
 from lm_eval_telltale.core.stats import EV_BANKED, EV_INJECTED
-from lm_eval_telltale.core.step import build_step
 
 D = 4
 R0 = torch.tensor([0.5, -0.25, 0.0, 1.0])  # the residual part of every crafted token
@@ -30,12 +30,7 @@ def make(args=None, tau=5.0, n_req=1, capacity=4, layers="3", prompt_len=2):
 def step(core, tab, infos, positions, x, r=R0, j=0, dtype=torch.float32):
     """One forward step: request i feeds tokens at ``positions[i]``; ``x``: [N, D] residual
     streams (h = x − r). Returns (h_in, h_out, r_out, record)."""
-    qsl, slots, pos = [0], [], []
-    for info, ps in zip(infos, positions):
-        qsl.append(qsl[-1] + len(ps))
-        slots.append(info.slot)
-        pos += ps
-    core.begin(build_step(tab, torch.tensor(qsl), torch.tensor(slots), torch.tensor(pos)))
+    begin_step(core, infos, positions)
     x = torch.as_tensor(x, dtype=torch.float32)
     rr = None if r is None else torch.as_tensor(r, dtype=torch.float32).expand_as(x).to(dtype)
     h = (x if rr is None else x - rr.float()).to(dtype)

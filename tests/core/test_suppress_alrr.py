@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import begin_step
 
 from lm_eval_telltale.config import ConfigError, resolve
 from lm_eval_telltale.core.engine import build_core, residual_norm
 from lm_eval_telltale.core.stats import EV_ACCEPTED, EV_CANDIDATE, EV_SUPPRESSED
-from lm_eval_telltale.core.step import build_step
 
 
 def make_core(method, args, tau=5.0, prompt_len=2, n_req=1, enabled=None):
@@ -20,22 +20,13 @@ def make_core(method, args, tau=5.0, prompt_len=2, n_req=1, enabled=None):
     return core, tab, infos
 
 
-def begin(core, tab, infos, positions_per_req):
-    qsl, slots, pos = [0], [], []
-    for info, ps in zip(infos, positions_per_req):
-        qsl.append(qsl[-1] + len(ps))
-        slots.append(info.slot)
-        pos += ps
-    core.begin(build_step(tab, torch.tensor(qsl), torch.tensor(slots), torch.tensor(pos)))
-
-
 H = torch.tensor([[3.0, 0.0], [6.0, 0.0], [1.0, 0.0], [0.0, 7.0]])
 R = torch.tensor([[0.0, 4.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # norms 5, √37≈6.08, 1, √50≈7.07
 
 
 def test_suppress_high_scales_only_tokens_above_tau():
     core, tab, infos = make_core("suppress", {})
-    begin(core, tab, infos, [[1, 2, 3, 4]])  # position 1 is a prompt token (prompt_len 2)
+    begin_step(core, infos, [[1, 2, 3, 4]])  # position 1 is a prompt token (prompt_len 2)
     h2, r2 = core.layer(0, H.clone(), R.clone())
     rec = core.end()
     x, x2 = H + R, h2 + r2
@@ -50,14 +41,14 @@ def test_suppress_high_scales_only_tokens_above_tau():
 
 def test_prompt_tokens_are_never_suppressed():
     core, tab, infos = make_core("suppress", {}, prompt_len=10)
-    begin(core, tab, infos, [[1, 2, 3, 4]])
+    begin_step(core, infos, [[1, 2, 3, 4]])
     h2, r2 = core.layer(0, H.clone(), R.clone())
     assert torch.equal(h2, H) and torch.equal(r2, R)
 
 
 def test_suppress_clamp_bounds_the_norm():
     core, tab, infos = make_core("suppress", {"action": "clamp", "clamp_div": 4.0}, tau=4.0)
-    begin(core, tab, infos, [[2, 3, 4, 5]])
+    begin_step(core, infos, [[2, 3, 4, 5]])
     h2, r2 = core.layer(0, H.clone(), R.clone())
     n2 = residual_norm(h2, r2)[1]
     assert n2[2] == 1.0                               # below τ: untouched
@@ -67,7 +58,7 @@ def test_suppress_clamp_bounds_the_norm():
 def test_random_suppression_is_seeded_per_request_and_batch_independent():
     core, tab, infos = make_core("suppress", {"suppress_mode": "random", "p": 0.3}, n_req=2)
     pos = list(range(2, 2002))
-    begin(core, tab, infos, [pos, pos])
+    begin_step(core, infos, [pos, pos])
     x = torch.randn(4000, 8) + 1
     core.layer(0, x.clone(), torch.zeros_like(x))
     ev = core.end()["event"][:, 0]
@@ -75,14 +66,14 @@ def test_random_suppression_is_seeded_per_request_and_batch_independent():
     assert abs(m0.float().mean().item() - 0.3) < 0.04
     assert not torch.equal(m0, m1)  # different requests draw differently
     solo, stab, sinfos = make_core("suppress", {"suppress_mode": "random", "p": 0.3}, n_req=2)
-    begin(solo, stab, sinfos[1:], [pos])  # request 1 alone
+    begin_step(solo, sinfos[1:], [pos])  # request 1 alone
     solo.layer(0, x[2000:].clone(), torch.zeros(2000, 8))
     assert torch.equal((solo.end()["event"][:, 0] & EV_SUPPRESSED) != 0, m1)
 
 
 def test_opted_out_request_is_untouched():
     core, tab, infos = make_core("suppress", {}, n_req=2, enabled=[True, False])
-    begin(core, tab, infos, [[3, 4], [3, 4]])
+    begin_step(core, infos, [[3, 4], [3, 4]])
     h = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [9.0, 0.0]])
     h2, _ = core.layer(0, h.clone(), torch.zeros_like(h))
     assert torch.equal(h2[2:], h[2:]) and torch.allclose(h2[:2], 0.1 * h[:2])
@@ -96,7 +87,7 @@ def test_matched_control_draws_only_where_the_high_rule_could_fire():
     info = tab.acquire("r0", prompt_len=2, seed=7, enabled=True)
     sup = []
     for pos in range(2, 22):  # 20 decode steps, one token each
-        begin(core, tab, [info], [[pos]])
+        begin_step(core, [info], [[pos]])
         core.layer(0, torch.tensor([[1.0 + pos % 3, 0.0]]), torch.zeros(1, 2))
         sup.append(bool(core.end()["event"][0, 0] & EV_SUPPRESSED))
     assert not any(sup[:8]) and all(sup[9:]), sup  # warm-up tokens never; afterwards at rate 1
@@ -131,7 +122,7 @@ def grow_rerun(factor, calls):
 
 def test_alrr_accepts_growth_and_keeps_everything_else_bit_identical():
     core, tab, infos = make_core("alrr", {"growth_eps": 0.2, "blowup": 1.6}, tau=4.0)
-    begin(core, tab, infos, [[2, 3, 4, 5]])
+    begin_step(core, infos, [[2, 3, 4, 5]])
     calls = []
     h, r = H.clone(), R.clone()
     h2, r2 = core.layer(0, h, r, grow_rerun(1.25, calls))
@@ -149,7 +140,7 @@ def test_alrr_accepts_growth_and_keeps_everything_else_bit_identical():
 def test_alrr_rejects_insufficient_growth_and_blowup():
     for factor in (1.1, 1.6):  # growth < 0.2; n2 = 8 > blowup·τ
         core, tab, infos = make_core("alrr", {}, tau=4.0)
-        begin(core, tab, infos, [[2, 3, 4, 5]])
+        begin_step(core, infos, [[2, 3, 4, 5]])
         h2, r2 = core.layer(0, H.clone(), R.clone(), grow_rerun(factor, []))
         ev = core.end()["event"][:, 0].tolist()
         assert torch.equal(h2, H) and torch.equal(r2, R)
@@ -158,7 +149,7 @@ def test_alrr_rejects_insufficient_growth_and_blowup():
 
 def test_alrr_skips_the_rerun_without_candidates():
     core, tab, infos = make_core("alrr", {}, tau=100.0)
-    begin(core, tab, infos, [[2, 3, 4, 5]])
+    begin_step(core, infos, [[2, 3, 4, 5]])
     calls = []
     core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
     assert calls == []
@@ -166,11 +157,11 @@ def test_alrr_skips_the_rerun_without_candidates():
 
 def test_alrr_alpha_and_iterations():
     core, tab, infos = make_core("alrr", {"alpha": 0.5, "growth_eps": 0.05, "blowup": 3.0}, tau=4.0)
-    begin(core, tab, infos, [[2, 3, 4, 5]])
+    begin_step(core, infos, [[2, 3, 4, 5]])
     h2, _ = core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, []))
     assert torch.allclose(h2[0], 1.125 * H[0])
     core, tab, infos = make_core("alrr", {"max_extra_iters": 3, "growth_eps": 0.2, "blowup": 3.0}, tau=4.0)
-    begin(core, tab, infos, [[2, 3, 4, 5]])
+    begin_step(core, infos, [[2, 3, 4, 5]])
     calls = []
     h2, _ = core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
     # 5 → 6.25 → 7.8 → 9.8: three accepted iterations below blowup·τ = 12 for token 0
@@ -182,7 +173,7 @@ def _suppressed_positions(method_args, positions, tau=0.5):
     core, tab, infos = make_core("suppress", method_args, tau=tau)
     out = []
     for pos in positions:
-        begin(core, tab, infos, [[pos]])
+        begin_step(core, infos, [[pos]])
         core.layer(0, H[1:2].clone(), R[1:2].clone())
         rec = core.end()
         if int(rec["event"][0, 0]) & EV_SUPPRESSED:
@@ -204,7 +195,7 @@ def test_random_control_waits_out_the_warmup_and_honours_clamp():
     assert _suppressed_positions({"suppress_mode": "random", "p": 1.0, "warmup": 4}, range(2, 10)) == list(range(6, 10))
     core, tab, infos = make_core("suppress", {"suppress_mode": "random", "p": 1.0, "action": "clamp",
                                               "clamp_div": 4.0}, tau=4.0)
-    begin(core, tab, infos, [[2]])
+    begin_step(core, infos, [[2]])
     h2, r2 = core.layer(0, H[1:2].clone(), R[1:2].clone())
     assert torch.linalg.vector_norm(h2 + r2).item() == pytest.approx(1.0, rel=1e-5)  # τ/4, not 0.1·x
 
@@ -213,7 +204,7 @@ def test_alrr_counts_its_rerun_work_for_the_compute_limit():
     """``summary()`` (``telltale_state``'s ``method``) counts (step, layer) re-run calls and the token
     rows pushed through the layer again — every row of the step, not only the candidates."""
     def step(core, tab, infos, rerun=True):
-        begin(core, tab, infos, [[2, 3, 4, 5]])
+        begin_step(core, infos, [[2, 3, 4, 5]])
         core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, []) if rerun else None)
         core.end()
 
