@@ -15,6 +15,9 @@ Both drive vLLM directly, in this process's driver (no lm-eval evaluation, no sc
    warmup}), arch))`` — the ``vllm-norms`` observer on every layer by default (``--layers``), outputs
    identical to stock vLLM; every request is tagged and its per-token trace (norm and the
    engine's adaptive request-mode τ per layer) collected with the ``telltale_collect`` RPC.
+   ``--engine hf`` runs the same observer on transformers instead (the ``hf-norms`` generation
+   loop, :mod:`lm_eval_telltale.hf.runtime`; ``--engine-args`` then holds ``device``,
+   ``batch_size`` and ``from_pretrained`` arguments), with the same records.
 
 ``profile`` writes ``<out>/profile.json`` (per mode and layer: count, mean, std, min, max,
 quantiles of the norms of all generated tokens; per sample: mean norm per layer; the traces of the
@@ -136,6 +139,12 @@ def sampling_params(gen: dict, tag: str, max_tokens: int | None, temperature: fl
 
     from ..vllm.runtime import TAG_KEY
 
+    return SamplingParams(**decoding(gen, max_tokens, temperature, seed), extra_args={TAG_KEY: tag})
+
+
+def decoding(gen: dict, max_tokens: int | None, temperature: float | None, seed: int) -> dict[str, Any]:
+    """A task's generation kwargs (with the command line's overrides) as decoding settings:
+    ``max_tokens``, ``temperature``, ``stop``, ``seed`` and top_p/top_k/min_p when sampling."""
     gen = dict(gen)
     until = gen.pop("until", None) or []
     if isinstance(until, str):
@@ -146,8 +155,7 @@ def sampling_params(gen: dict, tag: str, max_tokens: int | None, temperature: fl
     if do_sample is False and temperature is None:
         t = 0.0
     kw = {k: gen[k] for k in ("top_p", "top_k", "min_p") if k in gen and t > 0}
-    return SamplingParams(max_tokens=mt, temperature=t, stop=list(until) or None, seed=seed if t > 0 else None,
-                          extra_args={TAG_KEY: tag}, **kw)
+    return dict(max_tokens=mt, temperature=t, stop=list(until) or None, seed=seed if t > 0 else None, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,16 +177,15 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
             temperature: float | None = None, include_path: str | None = None, metadata: dict | None = None,
             chat_template: bool = True, engine_args: dict | None = None, seed: int = 0,
             trust_remote_code: bool = False,
-            before_engine: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
+            before_engine: Callable[[list[dict]], None] | None = None, engine: str = "vllm") -> dict[str, Any]:
     """Generate the task's prompts through the ``norms`` observer; returns ``{"meta", "samples"}``
     where every sample holds its per-token ``norm`` and ``tau`` arrays ([T, L], NaN = warm-up).
     ``before_engine(prompts)`` runs once the prompts are built, before the engine (checks that
-    need the prompt list)."""
+    need the prompt list). ``engine``: ``vllm`` or ``hf`` (transformers)."""
     from transformers import AutoTokenizer
-    from vllm import LLM
 
     from ..config import resolve
-    from ..vllm import engine_kwargs, inspect_model
+    from ..vllm import inspect_model
 
     arch, n_layers = inspect_model(model, trust_remote_code=trust_remote_code)
     tt: dict[str, Any] = {"layers": f"0-{n_layers - 1}" if layers == "all" else layers, "record_tokens": True}
@@ -193,43 +200,84 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
         raise SystemExit(f"telltale: no generation prompts from tasks {tasks}")
     if before_engine is not None:
         before_engine(prompts)
+    ids = []
+    for i, p in enumerate(prompts):
+        p["tag"] = f"prof{i}"
+        ids.append(tok(p["prompt"], add_special_tokens=not p["chat_template"])["input_ids"])
+    settings = [decoding(p["gen_kwargs"], max_tokens, temperature, seed + i) for i, p in enumerate(prompts)]
+    run = _generate_hf if engine == "hf" else _generate_vllm
+    gens = run(model, cfg, arch, tok, prompts, ids, settings, engine_args or {}, seed, trust_remote_code)
+    L = len(cfg.layers)
+    samples = []
+    for p, (token_ids, text, finish, rec), enc in zip(prompts, gens, ids):
+        t = (rec or {}).get("tokens") or {}
+        norm = np.asarray(t.get("norm") or np.zeros((0, L)), dtype=np.float64).reshape(-1, L)
+        tau = np.asarray([[np.nan if v is None else v for v in row] for row in (t.get("tau") or [])],
+                         dtype=np.float64).reshape(-1, L)
+        samples.append({"mode": p["mode"], "task": p["task"], "doc_id": p["doc_id"],
+                        "n_prompt_tokens": len(enc), "token_ids": list(token_ids),
+                        "text": text, "finish_reason": finish,
+                        "position": list(t.get("position") or []), "norm": norm, "tau": tau})
+    think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
+    meta = {"model": model, "engine": engine, "architecture": arch, "num_layers": n_layers, "layers": cfg.layers,
+            "tasks": tasks,
+            "limit": limit, "modes": modes, "warmup": cfg.warmup, "iqr_k": cfg.iqr_k, "tau_mode": cfg.tau_mode,
+            "chat_template": chat_template, "think_end_token_id": think_end,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {"meta": meta, "samples": samples}
+
+
+def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code):
+    """[(token_ids, text, finish_reason, record)] per prompt, from one vLLM engine."""
+    from vllm import LLM, SamplingParams
+
+    from ..vllm import engine_kwargs
+    from ..vllm.runtime import TAG_KEY
+
     kw = dict(model=model, seed=seed, trust_remote_code=trust_remote_code)
-    kw.update(engine_args or {})
+    kw.update(engine_args)
     kw.update(engine_kwargs(cfg, arch, kw.pop("hf_overrides", None)))
     llm = LLM(**kw)
     try:
-        ids, sps = [], []
-        for i, p in enumerate(prompts):
-            p["tag"] = f"prof{i}"
-            enc = tok(p["prompt"], add_special_tokens=not p["chat_template"])["input_ids"]
-            ids.append({"prompt_token_ids": enc})
-            sps.append(sampling_params(p["gen_kwargs"], p["tag"], max_tokens, temperature, seed + i))
-        outs = llm.generate(ids, sps, use_tqdm=True)
+        sps = [SamplingParams(**st, extra_args={TAG_KEY: p["tag"]}) for p, st in zip(prompts, settings)]
+        outs = llm.generate([{"prompt_token_ids": enc} for enc in ids], sps, use_tqdm=True)
         recs = {r["tag"]: r for r in llm.collective_rpc("telltale_collect", args=([p["tag"] for p in prompts],))[0]}
     finally:
         try:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
-    L = len(cfg.layers)
-    samples = []
-    for p, o, enc in zip(prompts, outs, ids):
-        rec = recs.get(p["tag"]) or {}
-        t = rec.get("tokens") or {}
-        norm = np.asarray(t.get("norm") or np.zeros((0, L)), dtype=np.float64).reshape(-1, L)
-        tau = np.asarray([[np.nan if v is None else v for v in row] for row in (t.get("tau") or [])],
-                         dtype=np.float64).reshape(-1, L)
-        out = o.outputs[0]
-        samples.append({"mode": p["mode"], "task": p["task"], "doc_id": p["doc_id"],
-                        "n_prompt_tokens": len(enc["prompt_token_ids"]), "token_ids": list(out.token_ids),
-                        "text": out.text, "finish_reason": out.finish_reason,
-                        "position": list(t.get("position") or []), "norm": norm, "tau": tau})
-    think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
-    meta = {"model": model, "architecture": arch, "num_layers": n_layers, "layers": cfg.layers, "tasks": tasks,
-            "limit": limit, "modes": modes, "warmup": cfg.warmup, "iqr_k": cfg.iqr_k, "tau_mode": cfg.tau_mode,
-            "chat_template": chat_template, "think_end_token_id": think_end,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    return {"meta": meta, "samples": samples}
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason, recs.get(p["tag"]))
+            for p, o in zip(prompts, outs)]
+
+
+def _generate_hf(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code):
+    """The same, from transformers: the hf adapter's generation loop, ``batch_size`` prompts at a time
+    (``engine_args``: ``device``, ``batch_size``, and ``from_pretrained`` arguments)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from ..hf.runtime import GenRequest, HFRuntime
+
+    kw = dict(engine_args)
+    device = kw.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    bs = int(kw.pop("batch_size", 16))
+    kw.setdefault("dtype", "auto")
+    lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, **kw).to(device).eval()
+    rt = HFRuntime(lm, cfg, engine_seed=seed, tokenizer=tok)
+    reqs = [GenRequest(list(enc), st["max_tokens"], tag=p["tag"], sampling_seed=st["seed"],
+                       temperature=st["temperature"], top_p=float(st.get("top_p", 1.0)),
+                       top_k=int(st.get("top_k", 0) or 0), min_p=float(st.get("min_p", 0.0)), stop=st["stop"] or ())
+            for p, enc, st in zip(prompts, ids, settings)]
+    out = []
+    for i in tqdm(range(0, len(reqs), bs), desc="telltale: hf generation", unit="batch"):
+        out.extend(rt.generate(reqs[i:i + bs]))
+    texts = []
+    for r in out:
+        text = tok.decode(r.token_ids, skip_special_tokens=True)
+        texts.append(text.split(r.stop_str)[0] if r.stop_str else text)
+    return [(r.token_ids, t, r.finish_reason, r.stats) for r, t in zip(out, texts)]
 
 
 def layer_stats(samples: list[dict], layers: list[int], quantiles=PROFILE_QUANTILES) -> dict[str, dict]:
@@ -356,7 +404,10 @@ def _common_args(ap: argparse.ArgumentParser, thinking_default: str) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    ap.add_argument("--engine-args", default=None, help="more vLLM LLM(...) arguments as a JSON object")
+    ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"],
+                    help="vllm (default) or hf: transformers, the hf-norms observer")
+    ap.add_argument("--engine-args", default=None, help="more vLLM LLM(...) arguments as a JSON object (--engine hf: "
+                                                       "device, batch_size and from_pretrained arguments)")
     ap.add_argument("--collection", default=None, metavar="FILE",
                     help="reuse the generations an earlier run saved (its *.collection.npz / collection.npz): "
                          "no engine, --model/--tasks and the generation flags are not used")
@@ -411,6 +462,11 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
         ap.error(f"--temperature must be a number >= 0, got {a.temperature}")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
         ap.error(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
+    if a.engine == "hf":
+        for flag, v in (("--gpu-memory-utilization", a.gpu_memory_utilization),
+                        ("--kv-cache-memory-bytes", a.kv_cache_memory_bytes), ("--max-model-len", a.max_model_len)):
+            if v is not None:
+                ap.error(f"{flag} is a vLLM setting; not used with --engine hf")
     out = {"engine_args": _json_object(ap, "--engine-args", a.engine_args) or {},
            "metadata": _json_object(ap, "--metadata", a.metadata), "layers": None}
     if a.collection is not None:
@@ -447,7 +503,7 @@ def _collect_from(a, checked: dict, before_engine: Callable[[list[dict]], None] 
                    layers=a.layers, warmup=a.warmup, max_tokens=a.max_tokens, temperature=a.temperature,
                    include_path=a.include_path, metadata=checked["metadata"],
                    chat_template=not a.no_chat_template, engine_args=eng, seed=a.seed,
-                   trust_remote_code=a.trust_remote_code, before_engine=before_engine)
+                   trust_remote_code=a.trust_remote_code, before_engine=before_engine, engine=a.engine)
 
 
 # --------------------------------------------------------------------------------------------
