@@ -135,6 +135,8 @@ class GenRequest:
     #: teacher forcing: feed these tokens instead of sampling (the logits are still observed)
     forced: Sequence[int] | None = None
     enabled: bool = True
+    #: generate ``max_new_tokens`` whatever the tokens (benchmarks)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -378,7 +380,7 @@ class HFRuntime:
         return picks
 
     def _finished(self, r: GenRequest, toks: list[int], stop_len: dict[str, int]) -> tuple[str | None, str | None]:
-        if toks[-1] in self.eos:
+        if toks[-1] in self.eos and not r.ignore_eos:
             return "stop", None
         for s, n in stop_len.items():
             if s in self.tokenizer.decode(toks[-n:], skip_special_tokens=False):

@@ -61,6 +61,12 @@ counts layer passes over generated tokens only and ignores the prompt's.
 ``telltale-arith`` preset's values) and LRS ``n_candidates=4``. ``--knobs`` overrides them per
 method (``{"alrr": {"growth_eps": 0.2}, "common": {"warmup": 64}}``).
 
+**``--engine hf``** measures the ``hf-*`` types on transformers the same way: a cell loads the
+model with ``from_pretrained`` (``--engine-args``: ``device`` and ``from_pretrained`` arguments),
+the telltale methods generate with the hf adapter's loop (:mod:`lm_eval_telltale.hf.runtime`) and
+the stock cells with transformers' own ``model.generate`` (``hf``, and ``hf-sampled`` for LRS),
+``min_new_tokens`` = ``max_new_tokens`` in place of ``ignore_eos``. ``--eager`` does not apply.
+
 Output: ``<out>/<model-name>.md`` (the exact command line at the top), ``.json`` (every cell)
 and ``.png`` (the ratio to stock against batch size, one line per method, with a 1.0 line and
 ALRR's compute limit). ``--plan`` checks every argument and prints the cells without starting
@@ -109,8 +115,13 @@ SHOWN_EVENTS = {"norms": ("above_tau",), "lrs": ("above_tau",), "suppress": ("su
                 "alrr": ("recursed", "accepted"), "erss": ("injected", "banked")}
 
 
-def label(method: str) -> str:
-    return {STOCK: "vllm", SAMPLED_STOCK: "vllm (sampled, LRS's requests)"}.get(method, f"vllm-{method}")
+def label(method: str, engine: str = "vllm") -> str:
+    """The model type a cell measures (``engine``: ``vllm`` or ``hf``, ``--engine``)."""
+    return {STOCK: engine, SAMPLED_STOCK: f"{engine} (sampled, LRS's requests)"}.get(method, f"{engine}-{method}")
+
+
+def stock_name(engine: str) -> str:
+    return "transformers' generate" if engine == "hf" else "vLLM"
 
 
 def baseline_of(method: str) -> str | None:
@@ -250,6 +261,7 @@ def build_report(cells: list[dict], meta: dict) -> dict:
     generated_tokens, and for telltale methods ``interventions`` and ALRR's ``alrr`` counters);
     ``meta`` needs ``num_layers`` (L) and gives the method order and batch sizes."""
     L = int(meta["num_layers"])
+    engine = meta.get("engine", "vllm")
     methods = meta.get("cell_methods") or list(dict.fromkeys(c["method"] for c in cells))
     batches = meta.get("batch_sizes") or sorted({c["batch"] for c in cells})
     ok = [c for c in cells if c.get("ok")]
@@ -261,7 +273,7 @@ def build_report(cells: list[dict], meta: dict) -> dict:
         for b in batches:
             cs = sorted(by.get((m, b), []), key=lambda c: c["repeat"])
             failed = [c for c in cells if c["method"] == m and c["batch"] == b and not c.get("ok")]
-            row: dict[str, Any] = {"method": m, "label": label(m), "batch": b, "repeats": len(cs),
+            row: dict[str, Any] = {"method": m, "label": label(m, engine), "batch": b, "repeats": len(cs),
                                    "failed": len(failed), "requests": cs[0]["requests"] if cs else None,
                                    "tps": _stats([c["tps"] for c in cs]),
                                    "startup_s": _stats([c["startup_s"] for c in cs if c.get("startup_s") is not None]),
@@ -315,17 +327,21 @@ def render_markdown(rep: dict) -> str:
     meta, rows = rep["meta"], rep["rows"]
     out = [f"# telltale bench: {meta.get('model_name', '')}", "", "```", meta.get("command", ""), "```", ""]
     eng = meta.get("engine_info") or {}
+    engine = meta.get("engine", "vllm")
+    stock = stock_name(engine)
+    versions = meta.get("versions", {})
     facts = [
         ("model", f"`{meta.get('model')}` ({meta.get('architecture')}, {meta.get('num_layers')} layers)"),
         ("device", eng.get("device")),
-        ("vLLM / torch", f"{meta.get('versions', {}).get('vllm')} / {meta.get('versions', {}).get('torch')}"),
+        ("vLLM / torch", f"{versions.get('vllm')} / {versions.get('torch')}") if engine == "vllm" else
+        ("transformers / torch", f"{versions.get('transformers')} / {versions.get('torch')}"),
         ("dtype", eng.get("dtype")),
         ("compilation", _compilation_line(meta.get("compilation") or {})),
         ("requests", f"B distinct prompts × {meta.get('prompt_len')} tokens, {meta.get('max_tokens')} generated tokens "
                      f"each (ignore_eos), greedy; LRS: B prompts × {meta.get('n_candidates')} sampled candidates "
                      f"({', '.join(f'{k} {v}' for k, v in (meta.get('lrs_sampling') or {}).items())})"),
         ("repeats", f"{meta.get('repeats')}, interleaved across methods; a fresh engine per cell"
-                    + (" (in-process engine core)" if meta.get("inprocess") else "")),
+                    + (" (in-process engine core)" if meta.get("inprocess") and engine == "vllm" else "")),
         ("engine flags (every method)", f"`{json.dumps(meta.get('common_engine_args') or {})}`"),
         ("telltale settings", "; ".join(f"{m}: `{json.dumps(v, sort_keys=True)}`"
                                         for m, v in (meta.get("method_args") or {}).items()
@@ -355,12 +371,13 @@ def render_markdown(rep: dict) -> str:
                    f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {ev} | {_f(r.get('rerun_rows_per_token'), '.2f')} | "
                    f"{lim} | {_f(r['startup_s']['median'])} |")
     out += ["",
-            "- tok/s: generated tokens ÷ wall time of one `LLM.generate` call of all the cell's requests (their "
+            f"- tok/s: generated tokens ÷ wall time of one `{'LLM.' if engine == 'vllm' else ''}generate` call of all "
+            "the cell's requests (their "
             "prefill included; engine start-up, compilation and a warm-up call excluded, start-up shown apart); "
             "median, min and max over the repeats.",
-            "- ratio to stock: median tok/s ÷ median tok/s of stock vLLM at the same batch size with the same "
-            "prompts and engine flags (in parentheses: the range of the per-repeat paired ratios). vllm-lrs is "
-            "compared with stock vLLM running the same B × N seeded sampled requests, so the ratio is the cost of "
+            f"- ratio to stock: median tok/s ÷ median tok/s of stock {stock} at the same batch size with the same "
+            f"prompts and engine flags (in parentheses: the range of the per-repeat paired ratios). {engine}-lrs is "
+            f"compared with stock {stock} running the same B × N seeded sampled requests, so the ratio is the cost of "
             "recording and scoring, not of sampling N candidates.",
             "- interventions: events per 1,000 generated tokens, summed over the patched layers (median over repeats).",
             f"- ALRR compute limit: stock tok/s × L / (L + re-run rows per generated token), L = "
@@ -368,7 +385,10 @@ def render_markdown(rep: dict) -> str:
             "(a re-run pushes every token row of its step through the layer again).",
             "- the telltale types run with their own engine settings (async scheduling off, the V1 model runner; on "
             "GPU piecewise CUDA graphs split at telltale::post_layer); stock vLLM keeps its defaults unless "
-            "--engine-args / the environment say otherwise. Each cell's effective settings are in the JSON."]
+            "--engine-args / the environment say otherwise. Each cell's effective settings are in the JSON."
+            if engine == "vllm" else
+            "- the hf-* types generate with the hf adapter's own loop (the patched layers' hooks, a DynamicCache, "
+            "finished rows leaving the batch); stock is transformers' model.generate on the same batch."]
     return "\n".join(out) + "\n"
 
 
@@ -382,6 +402,7 @@ def plot_report(rep: dict, path: str | Path) -> Path:
 
     rows = rep["rows"]
     meta = rep["meta"]
+    engine = meta.get("engine", "vllm")
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     methods = [m for m in (meta.get("cell_methods") or []) if baseline_of(m)]
     for m in methods:
@@ -393,20 +414,20 @@ def plot_report(rep: dict, path: str | Path) -> Path:
         ys = [p[1] for p in pts]
         lo = [max(0.0, y - min(pr)) if pr else 0.0 for _x, y, pr in pts]
         hi = [max(0.0, max(pr) - y) if pr else 0.0 for _x, y, pr in pts]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label(m))
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label(m, engine))
     lim = [(r["batch"], r["compute_limit_ratio"]) for r in rows
            if r["method"] == "alrr" and r.get("compute_limit_ratio") is not None]
     if lim:
         ax.plot([p[0] for p in lim], [p[1] for p in lim], ls="--", color="grey", marker="x",
                 label="ALRR compute limit L/(L + re-run rows/token)")
-    ax.axhline(1.0, color="black", lw=0.8, ls=":", label="stock vLLM")
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label=f"stock {stock_name(engine)}")
     batches = meta.get("batch_sizes") or sorted({r["batch"] for r in rows})
     if len(batches) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("batch size (requests; LRS: prompts, each × N candidates)")
-    ax.set_ylabel("tokens/s ÷ stock vLLM")
+    ax.set_ylabel(f"tokens/s ÷ stock {stock_name(engine)}")
     ax.set_title(f"telltale bench: {meta.get('model_name')} (median of {meta.get('repeats')}, range: paired repeats)",
                  fontsize=10)
     ax.grid(alpha=0.3)
@@ -440,6 +461,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, help=f"generated tokens per request (default {DEFAULTS['max_tokens']})")
     ap.add_argument("--prompt-len", type=int, help=f"prompt tokens per request (default {DEFAULTS['prompt_len']})")
     ap.add_argument("--repeats", type=int, help=f"cells per (method, batch) (default {DEFAULTS['repeats']})")
+    ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"],
+                    help="vllm (default): the vllm-* types vs stock vLLM; hf: the hf-* types on transformers vs "
+                         "transformers' generate (--engine-args: device and from_pretrained arguments)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager=True for every method (no compilation)")
     ap.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default: the one in the model's config.json; "
                     "vLLM's 'auto' downcasts float32 to bfloat16 on the CPU engine)")
@@ -471,6 +495,8 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
         a.inprocess = True
         if a.threads is None:  # vLLM's default binding spins every core: a disaster on a shared machine
             a.threads = 1
+    if a.engine == "hf":  # the stock cell is transformers' generate, named "hf" there
+        a.methods = ",".join("vllm" if m.strip() == "hf" else m for m in a.methods.split(","))
     try:
         methods = parse_methods(a.methods)
     except ValueError as e:
@@ -485,6 +511,8 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
             ap.error(f"{flag} must be >= {lo}, got {v}")
     if not a.cell_timeout > 0:
         ap.error(f"--cell-timeout must be > 0, got {a.cell_timeout}")
+    if a.engine == "hf" and a.eager:
+        ap.error("--eager is a vLLM setting; --engine hf runs transformers eagerly")
     try:
         knobs = json_object(a.knobs, "--knobs")
         engine_args = json_object(a.engine_args, "--engine-args")
@@ -575,7 +603,7 @@ def _versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for p in ("vllm", "torch"):
+    for p in ("vllm", "torch", "transformers"):
         try:
             out[p] = version(p)
         except PackageNotFoundError:
@@ -631,7 +659,8 @@ def main(argv=None) -> int:
         print(f"[bench]   {m}: {json.dumps(v, sort_keys=True)} → layers {chk['cfgs'][m].layers}")
     if a.plan:
         for i, (r, b, m) in enumerate(plan, 1):
-            print(f"[bench]   cell {i}: repeat {r + 1}, batch {b}, {label(m)} ({requests_of(m, b, chk['n_candidates'])} "
+            print(f"[bench]   cell {i}: repeat {r + 1}, batch {b}, {label(m, a.engine)} "
+                  f"({requests_of(m, b, chk['n_candidates'])} "
                   "requests)")
         print(f"[bench] --plan: would write {Path(a.out) / chk['name']}.md/.json/.png; no engine started")
         return 0
@@ -659,7 +688,8 @@ def main(argv=None) -> int:
         for i, (r, b, m) in enumerate(plan, 1):
             kw, kv = common_engine_args(a, chk, b)
             stem = f"r{r + 1}-b{b}-{m}"
-            spec = {"method": m, "batch": b, "repeat": r, "arch": chk["arch"], "num_layers": chk["num_layers"],
+            spec = {"method": m, "engine_kind": a.engine, "batch": b, "repeat": r, "arch": chk["arch"],
+                    "num_layers": chk["num_layers"],
                     "engine": kw, "cpu_kv_bytes": kv, "user_engine_keys": sorted(chk["engine_args"]),
                     "tt_args": chk["method_args"].get(m), "seed": a.seed, "threads": a.threads,
                     "prompts": prompts[:b], "warm_prompts": warm[:b], "max_tokens": a.max_tokens,
@@ -672,7 +702,7 @@ def main(argv=None) -> int:
             res_path = Path(spec["result_path"])
             res_path.unlink(missing_ok=True)
             log = work / f"{stem}.log"
-            head = f"[bench] ({i}/{len(plan)}) repeat {r + 1}/{R}, batch {b}, {label(m)}"
+            head = f"[bench] ({i}/{len(plan)}) repeat {r + 1}/{R}, batch {b}, {label(m, a.engine)}"
             print(f"{head} ...", flush=True)
             t0 = time.time()
             rc = run_cell([sys.executable, "-m", "lm_eval_telltale.tools.bench", "--worker", str(spec_path)], log, env,
@@ -693,7 +723,7 @@ def main(argv=None) -> int:
         print("\n[bench] interrupted: reporting the cells done so far", file=sys.stderr)
     first = next((c for c in cells if c.get("ok")), {})
     meta = {
-        "command": command, "model": a.model, "model_name": chk["name"], "architecture": chk["arch"],
+        "command": command, "engine": a.engine, "model": a.model, "model_name": chk["name"], "architecture": chk["arch"],
         "num_layers": chk["num_layers"], "methods": chk["methods"], "cell_methods": cms, "batch_sizes": batches,
         "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "repeats": R, "eager": a.eager, "dtype": a.dtype,
         "seed": a.seed, "threads": a.threads, "inprocess": a.inprocess, "engine_args": chk["engine_args"],
@@ -703,7 +733,7 @@ def main(argv=None) -> int:
         "lrs_sampling": LRS_SAMPLING if "lrs" in cms else None,
         "telltale_layers": {m: c.layers for m, c in chk["cfgs"].items()},
         "engine_info": first.get("engine"),
-        "compilation": {label(m): (c.get("engine") or {}).get("compilation")
+        "compilation": {label(m, a.engine): (c.get("engine") or {}).get("compilation")
                         for m in cms for c in cells if c.get("ok") and c["method"] == m and c["repeat"] == 0
                         and c["batch"] == batches[0]},
         "versions": _versions(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -773,6 +803,8 @@ def worker_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
+    if spec.get("engine_kind") == "hf":
+        return hf_worker(spec)
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
@@ -882,6 +914,93 @@ def worker_main(argv: list[str]) -> int:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
+    return 0
+
+
+#: --dtype → transformers' dtype
+HF_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
+             "float32": "float32"}
+
+
+def hf_worker(spec: dict) -> int:
+    """One cell on transformers: a telltale method generates with the hf adapter's loop, the stock
+    cells with ``model.generate``; the same prompts, timing, counters and result file as a vLLM cell."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..config import resolve
+    from ..core.rng import seed_from
+    from ..core.stats import EVENT_NAMES
+    from ..hf.runtime import GenRequest, HFRuntime
+    from ..sidecar import RunSummary
+
+    method = spec["method"]
+    telltale = method not in (STOCK, SAMPLED_STOCK)
+    kw = dict(spec["engine"])
+    user = {k: kw[k] for k in spec["user_engine_keys"] if k in kw}
+    device = user.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    seed = int(spec["seed"])
+    sampling = spec.get("sampling")
+    n_cand = int(spec["n_candidates"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(kw["model"], dtype=HF_DTYPES.get(str(kw.get("dtype")), "auto"),
+                                                 **user).to(device).eval()
+    cfg = rt = None
+    if telltale:
+        cfg = resolve(method, dict(spec["tt_args"]), spec["num_layers"], seed=seed)
+        rt = HFRuntime(model, cfg, engine_seed=seed)
+    startup = time.perf_counter() - t0
+    gc = model.generation_config
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (gc.eos_token_id if isinstance(gc.eos_token_id, int)
+                                                               else 0)
+
+    def run(prompts, max_tokens, prefix):
+        """Generated tokens per request (and the hf adapter's results for a telltale method)."""
+        if rt is not None:
+            reqs = [GenRequest(list(ids), max_tokens, tag=f"{prefix}{i}.{k}", identity=seed_from(seed, i, k),
+                               sampling_seed=seed_from(seed, i, k) if sampling else None, ignore_eos=True,
+                               **(sampling or {}))
+                    for i, ids in enumerate(prompts) for k in range(n_cand)]
+            res = rt.generate(reqs)
+            return [len(r.token_ids) for r in res], res
+        ids = torch.tensor([list(p) for p in prompts for _ in range(n_cand)], device=device)
+        extra = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, pad_token_id=pad, **extra)
+        return [int(out.shape[1] - ids.shape[1])] * ids.shape[0], None
+
+    t0 = time.perf_counter()
+    run(spec["warm_prompts"], int(spec["warm_tokens"]), "w")
+    warmup = time.perf_counter() - t0
+    state0 = rt.method.summary() if rt is not None else {}
+    t0 = time.perf_counter()
+    lengths, results = run(spec["prompts"], int(spec["max_tokens"]), "t")
+    wall = time.perf_counter() - t0
+    gen = sum(lengths)
+    res: dict[str, Any] = {
+        "requests": len(lengths), "prompt_tokens": sum(len(p) for p in spec["prompts"]) * n_cand,
+        "generated_tokens": gen, "wall_s": wall, "tps": gen / wall if wall > 0 else None,
+        "startup_s": startup, "warmup_s": warmup,
+        "engine": {"engine": "hf", "device": f"{device} ({torch.get_num_threads()} threads)",
+                   "dtype": str(model.dtype).replace("torch.", ""), "compilation": None},
+        "engine_kwargs": {"device": device, **{k: v for k, v in kw.items() if k in ("model", "dtype", "seed")}, **user},
+    }
+    if rt is not None:
+        summ = RunSummary(cfg)
+        for r in results:
+            summ.add({"n_generated_tokens": len(r.token_ids), "finish_reason": r.finish_reason,
+                      "n_decode_tokens": r.stats.get("n_decode_tokens", 0), "layers": r.stats.get("layers", {})})
+        s = summ.to_dict()
+        inter = {k: 0.0 for k in EVENT_NAMES if k != "above_tau"}
+        inter.update({k: v["per_1k_tokens"] for k, v in s.items() if isinstance(v, dict) and "per_1k_tokens" in v})
+        inter["above_tau"] = float(sum((s.get("above_tau_per_1k") or {}).values()))
+        res.update(interventions=inter, collected=len(results), telltale_layers=cfg.layers)
+        if method == "alrr":
+            state1 = rt.method.summary()
+            res["alrr"] = {k: int(state1.get(k, 0)) - int(state0.get(k, 0)) for k in ("rerun_calls", "rerun_rows")}
+    Path(spec["result_path"]).write_text(json.dumps(res, default=str))
     return 0
 
 

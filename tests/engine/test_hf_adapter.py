@@ -221,3 +221,26 @@ def test_calibrate_with_engine_hf(tiny_model_dir, local_task_dir, tmp_path):
     for s in col["samples"]:
         assert s["norm"].shape == (11, 8) and (s["norm"] > 0).all() and len(s["token_ids"]) == 12
         assert np.isnan(s["tau"][:4]).all() and np.isfinite(s["tau"][5:]).all()
+
+
+def test_bench_with_engine_hf(tiny_model_dir, tmp_path):
+    """``telltale bench --engine hf``: stock transformers' generate and hf-alrr cells (each in its own
+    process), the ratio and ALRR's re-run counters in the report."""
+    import json
+
+    from lm_eval_telltale.tools import bench
+
+    out = tmp_path / "out"
+    rc = bench.main(["--engine", "hf", "--model", str(tiny_model_dir), "--model-name", "tiny", "--methods", "hf,alrr",
+                     "--quick", "--layers", "4-6", "--out", str(out), "--work", str(tmp_path / "w"),
+                     "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}, "alrr": {"blowup": 10}}'])
+    assert rc == 0
+    rep = json.loads((out / "tiny.json").read_text())
+    cells = {c["method"]: c for c in rep["cells"]}
+    assert set(cells) == {"vllm", "alrr"} and rep["meta"]["engine"] == "hf"
+    assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["requests"] == 2 for c in cells.values())
+    assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["engine"]["engine"] == "hf"
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["alrr"]["ratio"] > 0 and 0 < rows["alrr"]["compute_limit_ratio"] < 1
+    md = (out / "tiny.md").read_text()
+    assert "| hf-alrr | 2 | 2 |" in md and "| hf | 2 | 2 |" in md and "transformers / torch" in md
