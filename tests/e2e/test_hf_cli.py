@@ -51,6 +51,24 @@ def test_hf_alrr_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
     assert {r["doc_id"]: r["response"] for r in rows} == by_doc
 
 
+def test_hf_lrs_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
+    """N sampled candidates per answer through the hf loop, LRS's pick returned, every selector's pick
+    and the candidates in the row (the selection is the vllm-lrs code: harness/common.py)."""
+    from lm_eval_telltale.spec import LRS_SELECTORS
+
+    res, rows = _lm_eval("hf-lrs", f"pretrained={tiny_model_dir},layers=4-6,n_candidates=3", "telltale_local",
+                         tmp_path / "run", limit=2, include_path=local_task_dir,
+                         extra=("--device", "cpu", "--batch_size", "2", "--gen_kwargs", "temperature=0.8,do_sample=True"))
+    by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples(tmp_path / "run", "telltale_local")}
+    for r in rows:
+        cands = r["candidates"]
+        assert len(cands) == 3 and set(r["picks"]) == set(LRS_SELECTORS) and len({c["text"] for c in cands}) > 1
+        assert r["picks"]["late_sum"] == r["chosen_index"]
+        assert by_doc[r["doc_id"]] == cands[r["chosen_index"]]["response"] == r["response"]
+        assert all(c["conf"] is not None and c["correct"] in (0.0, 1.0) for c in cands)
+    assert set(res["config"]["telltale"]["summary"]["lrs_selectors"]) >= {"late_sum", "maj", "conf", "random"}
+
+
 def test_hf_and_vllm_runs_of_one_configuration_give_the_same_table(tmp_path):
     """hf-norms and vllm-norms on the shipped tiny reasoning model (``config=telltale-arith``,
     chat template, greedy): the same responses, and ``telltale table`` shows the same accuracy."""
