@@ -328,7 +328,7 @@ def _coerce(key: str, default: Any, v: Any) -> Any:
 
 
 def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0,
-            preset: dict[str, Any] | None = None) -> TelltaleConfig:
+            preset: dict[str, Any] | None = None, model_type: str | None = None) -> TelltaleConfig:
     """Validate telltale ``args`` (already separated from other model_args) into a config.
 
     ``preset`` values apply where ``args`` has no value. Raises :class:`ConfigError`."""
@@ -355,7 +355,7 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
             merged["layers"] = preset["layers"]
     for k, v in args.items():
         if k not in allowed:
-            raise ConfigError(k, f"unknown key for vllm-{method} (allowed: {sorted(allowed)})")
+            raise ConfigError(k, f"unknown key for {model_type or method} (allowed: {sorted(allowed)})")
         merged[k] = v
 
     def get(k):

@@ -81,6 +81,9 @@ class TelltaleHF(TelltaleLM, HFLM):
         self._tt_check_unknown(kwargs)
         seed = int(kwargs.pop("seed", 1234) or 0)
         cfg, arch = self._tt_resolve(pretrained, kwargs, tt_args, preset, seed=seed)
+        if cfg.batch_invariant:
+            raise ConfigError("batch_invariant", "a vLLM setting (its batch-invariant kernels); the hf-* types run "
+                                                 "transformers' kernels — for batch-independent results use --batch_size 1")
         self._tt_configure(cfg, kwargs)
         self._tt_set_stats_path(cfg, pretrained)
         self._tt_init_state(cfg, arch)

@@ -222,7 +222,8 @@ def _columns(runs: list[Run], subtasks: bool, metric: str | None) -> list[Column
 
 def _label(run: Run, hidden: set[str]) -> str:
     parts = [f"{k}={v}" for k, v in run.settings.items() if f"{k}={v}" not in hidden]
-    lab = run.method + (f" ({', '.join(parts)})" if parts else "")
+    engine = " [hf]" if run.model_type.startswith("hf-") else ""  # the transformers engine, beside vllm-*
+    lab = run.method + engine + (f" ({', '.join(parts)})" if parts else "")
     if run.selector:
         lab += f" → {run.selector}" + (" (returned)" if run.returned else "")
     return lab

@@ -193,6 +193,7 @@ def test_stop_string_ends_only_its_own_row(qwen3):
     ("HFNorms", {"growth_eps": 0.1}, "growth_eps"),  # another method's knob: not silently a config attribute
     ("HFAlrr", {"tau_mode": "fixed"}, "tau"),
     ("HFLrs", {"config": "no-such-preset"}, "config"),
+    ("HFNorms", {"batch_invariant": True}, "batch_invariant"),  # a vLLM setting: refused, not ignored
 ])
 def test_hf_model_types_fail_fast_before_loading(tiny_model_dir, cls, extra, key):
     import lm_eval_telltale.hf.harness as harness
@@ -201,6 +202,8 @@ def test_hf_model_types_fail_fast_before_loading(tiny_model_dir, cls, extra, key
     with pytest.raises(ConfigError) as e:
         getattr(harness, cls)(pretrained=str(tiny_model_dir), device="cpu", **extra)
     assert e.value.key == key and time.time() - t < 10
+    if key == "growth_eps":
+        assert "hf-norms" in str(e.value)  # the model type the user typed, not a vllm-* name
 
 
 def test_calibrate_with_engine_hf(tiny_model_dir, local_task_dir, tmp_path):

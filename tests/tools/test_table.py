@@ -392,3 +392,18 @@ def test_plot_ablation_in_its_own_panel_with_error_bars(tmp_path, monkeypatch):
     want = [alrr.cells["task_a"], alrr.cells["task_b"], alrr.avg]
     assert [y for s in segs for y in (s[0][1], s[1][1])] == pytest.approx(
         [y for c in want for y in (c.delta - c.delta_stderr, c.delta + c.delta_stderr)])
+
+
+def test_hf_rows_are_labelled_with_their_engine():
+    """An hf-alrr row and a vllm-alrr row of the same knobs must not read the same."""
+    from pathlib import Path as _P
+
+    from lm_eval_telltale.tools.runs import Run
+    from lm_eval_telltale.tools.table import _label
+
+    def run(mt):
+        return Run(path=_P("r.json"), res={}, model_type=mt, model="m", settings={"growth_eps": "0"},
+                   tt_settings={"growth_eps"}, method="alrr", date=0.0)
+
+    assert _label(run("vllm-alrr"), set()) == "alrr (growth_eps=0)"
+    assert _label(run("hf-alrr"), set()) == "alrr [hf] (growth_eps=0)"
