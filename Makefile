@@ -14,7 +14,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 test-fast: lint
 	$(PY) -m pytest -ra -m "not engine and not e2e" $(PYTEST_ARGS)

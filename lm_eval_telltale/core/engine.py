@@ -25,6 +25,11 @@ from .thresholds import Thresholds
 Rerun = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class HookWiringError(RuntimeError):
+    """An adapter's hooks did not run as wired (a hook traced away, a wrong runner, rows out of
+    sync): the step's statistics would be silently wrong, so it fails instead."""
+
+
 def residual_norm(h: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, ‖x‖) with x = h + r in float32 — the residual stream after the layer."""
     x = h.float() if r is None else h.float() + r.float()

@@ -159,6 +159,7 @@ class TelltaleLM:
         self._tt_counter = itertools.count()
         self._tt_plan: Plan | None = None
         self._tt_quiet = False
+        self._tt_seen: dict = {}
         self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
         self._tt_summary = RunSummary(cfg)
 
@@ -170,6 +171,19 @@ class TelltaleLM:
         raise NotImplementedError
 
     # -- answers ------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """The engine's own ``generate_until``, with the call's plan laid out first (every answer
+        can be written the moment it is finished) and the sidecar fsync'ed at the end."""
+        self._tt_plan = Plan(self, requests)
+        self._tt_quiet = disable_tqdm
+        self._tt_seen = {}  # occurrences of each prompt in this call: the requests' identities
+        try:
+            return super().generate_until(requests, disable_tqdm)
+        finally:
+            self._tt_plan = None
+            if self._tt_writer is not None:
+                self._tt_writer.sync()
+
     def _tt_emit(self, rows: list[dict[str, Any]]) -> None:
         """Finished answers' rows: into the run summary and appended to the sidecar at once."""
         for row in rows:
@@ -324,3 +338,12 @@ class LrsSelection:
             sel: {"accuracy": s / n, "n": n} for sel, (s, n) in self._tt_selector_acc.items() if n
         }
         return info
+
+
+def define_model_type(base: type, method: str, name: str, doc: str) -> type:
+    """The lm-eval model type ``<engine>-<method>`` over ``base`` (a class named ``name`` in
+    ``base``'s module, so the lazy ``"module:Class"`` registration finds it)."""
+    from lm_eval.api.registry import register_model
+
+    cls = type(name, (base,), {"METHOD": method, "__doc__": doc, "__module__": base.__module__, "__qualname__": name})
+    return register_model(f"{base.ENGINE}-{method}")(cls)

@@ -29,14 +29,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
 from ..config import ConfigError, all_keys
 from ..core.rng import request_identity
 from ..vllm import engine_kwargs, modifies_kv
 from ..vllm.runtime import TAG_KEY
-from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path  # noqa: F401  (re-exported)
+from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path, define_model_type  # noqa: F401
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -122,16 +121,6 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         return until
 
     # -- generation -----------------------------------------------------------------------------
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        self._tt_plan = Plan(self, requests)
-        self._tt_quiet = disable_tqdm
-        try:
-            return super().generate_until(requests, disable_tqdm)
-        finally:
-            self._tt_plan = None
-            if self._tt_writer is not None:
-                self._tt_writer.sync()
-
     def _model_generate(self, requests, generate=False, sampling_params=None):
         if not generate or sampling_params is None:  # log-likelihood requests: nothing to record
             out = super()._model_generate(requests, generate=generate, sampling_params=sampling_params)
@@ -240,30 +229,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@register_model("vllm-norms")
-class VLLMNorms(TelltaleVLLM):
-    """Observe the residual-stream norm at the patched layers; outputs identical to ``vllm``."""
-
-    METHOD = "norms"
-
-
-@register_model("vllm-suppress")
-class VLLMSuppress(TelltaleVLLM):
-    """High-norm suppression (and the random / rate-matched controls), docs/methods.md §5."""
-
-    METHOD = "suppress"
-
-
-@register_model("vllm-alrr")
-class VLLMAlrr(TelltaleVLLM):
-    """Adaptive Layer-wise Reasoning Recursion, docs/methods.md §2."""
-
-    METHOD = "alrr"
-
-
-@register_model("vllm-erss")
-class VLLMErss(TelltaleVLLM):
-    """Endogenous Reasoning State Steering, docs/methods.md §3: per request and patched layer, a bank of
-    high-norm states; after a low-norm streak, h ← h + β·(v − r) with the best-cosine bank vector."""
-
-    METHOD = "erss"
+VLLMNorms = define_model_type(TelltaleVLLM, "norms", "VLLMNorms", "Observe the residual-stream norm at the patched "
+                              "layers; outputs identical to ``vllm``.")
+VLLMSuppress = define_model_type(TelltaleVLLM, "suppress", "VLLMSuppress", "High-norm suppression (and the random / "
+                                 "rate-matched controls), docs/methods.md §5.")
+VLLMAlrr = define_model_type(TelltaleVLLM, "alrr", "VLLMAlrr", "Adaptive Layer-wise Reasoning Recursion, docs/methods.md §2.")
+VLLMErss = define_model_type(TelltaleVLLM, "erss", "VLLMErss", "Endogenous Reasoning State Steering, docs/methods.md §3: "
+                             "per request and patched layer, a bank of high-norm states; after a low-norm streak, "
+                             "h ← h + β·(v − r) with the best-cosine bank vector.")

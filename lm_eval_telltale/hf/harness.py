@@ -31,7 +31,7 @@ from lm_eval.models.huggingface import HFLM
 
 from ..config import ConfigError, all_keys
 from ..core.rng import candidate_seed, request_identity
-from ..harness.common import LrsSelection, Plan, TelltaleLM, Unit
+from ..harness.common import LrsSelection, TelltaleLM, Unit, define_model_type
 from ..spec import METHODS
 from .runtime import GenRequest, HFRuntime
 
@@ -161,16 +161,6 @@ class TelltaleHF(TelltaleLM, HFLM):
         return handle_stop_sequences(kw.pop("until", None), eos=self.tok_decode(self.eot_token_id, skip_special_tokens=False))
 
     # -- generation -----------------------------------------------------------------------------
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        self._tt_plan = Plan(self, requests)
-        self._tt_seen = {}  # occurrences of each prompt in this call: the requests' identities
-        try:
-            return super().generate_until(requests, disable_tqdm)
-        finally:
-            self._tt_plan = None
-            if self._tt_writer is not None:
-                self._tt_writer.sync()
-
     def _tt_request(self, prompt: list[int], sampling: Sampling, max_new: int, stop: list[str],
                     sampling_seed: int | None = None) -> GenRequest:
         key = tuple(prompt)
@@ -220,32 +210,12 @@ class TelltaleHF(TelltaleLM, HFLM):
         return out
 
 
-@register_model("hf-norms")
-class HFNorms(TelltaleHF):
-    """Observe the residual-stream norm at the patched layers; outputs those of greedy ``hf``."""
-
-    METHOD = "norms"
-
-
-@register_model("hf-suppress")
-class HFSuppress(TelltaleHF):
-    """High-norm suppression (and the random / rate-matched controls), docs/methods.md §5."""
-
-    METHOD = "suppress"
-
-
-@register_model("hf-alrr")
-class HFAlrr(TelltaleHF):
-    """Adaptive Layer-wise Reasoning Recursion, docs/methods.md §2."""
-
-    METHOD = "alrr"
-
-
-@register_model("hf-erss")
-class HFErss(TelltaleHF):
-    """Endogenous Reasoning State Steering, docs/methods.md §3."""
-
-    METHOD = "erss"
+HFNorms = define_model_type(TelltaleHF, "norms", "HFNorms", "Observe the residual-stream norm at the patched layers; "
+                            "outputs those of greedy ``hf``.")
+HFSuppress = define_model_type(TelltaleHF, "suppress", "HFSuppress", "High-norm suppression (and the random / "
+                               "rate-matched controls), docs/methods.md §5.")
+HFAlrr = define_model_type(TelltaleHF, "alrr", "HFAlrr", "Adaptive Layer-wise Reasoning Recursion, docs/methods.md §2.")
+HFErss = define_model_type(TelltaleHF, "erss", "HFErss", "Endogenous Reasoning State Steering, docs/methods.md §3.")
 
 
 @register_model("hf-lrs")

@@ -61,15 +61,11 @@ import torch
 from transformers import DynamicCache
 
 from ..core.collect import empty_rows, request_record, take_rows
-from ..core.engine import build_core
+from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
 from ..core.step import build_step
 
 logger = logging.getLogger("lm_eval_telltale")
-
-
-class HookWiringError(RuntimeError):
-    pass
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

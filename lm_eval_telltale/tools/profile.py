@@ -586,6 +586,18 @@ def _check_trace(ap, a, layers: list[int], n_docs: int | None) -> None:
                  f"(0..{n_docs - 1})")
 
 
+def _collection(prog: str, a, checked: dict, save_to: Path, before_engine=None, on_loaded=None):
+    """(collection, path it was saved to or None): read from ``--collection`` (no engine), or
+    generated now and written to ``save_to`` before any later step can fail."""
+    if a.collection is not None:
+        col = load_collection(a.collection)
+        if on_loaded is not None:
+            on_loaded(col)
+        return col, None
+    col = _collect_from(a, checked, before_engine)
+    return col, _save_first(prog, col, save_to)
+
+
 def main_profile(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="telltale profile", description="Per-layer norm distributions of generated "
                                  "tokens (vllm-norms observer), thinking on/off; JSON + PNG plots.")
@@ -602,14 +614,12 @@ def main_profile(argv=None) -> int:
     why = _unwritable(out, is_dir=True)
     if why:
         ap.error(f"--out {a.out}: {why}")
-    saved = None
-    if a.collection is not None:
-        col = load_collection(a.collection)
-        _check_trace(ap, a, col["meta"]["layers"], len(_doc_keys(col["samples"])))
-    else:
+    if a.collection is None:
         _check_trace(ap, a, checked["layers"], None)
-        col = _collect_from(a, checked, lambda prompts: _check_trace(ap, a, checked["layers"], len(_doc_keys(prompts))))
-        saved = _save_first(prog, col, out / "collection.npz")
+    col, saved = _collection(
+        prog, a, checked, out / "collection.npz",
+        before_engine=lambda prompts: _check_trace(ap, a, checked["layers"], len(_doc_keys(prompts))),
+        on_loaded=lambda c: _check_trace(ap, a, c["meta"]["layers"], len(_doc_keys(c["samples"]))))
 
     def finish():
         prof = summarize_profile(col, a.trace_layer, a.trace_sample)
@@ -657,12 +667,7 @@ def main_calibrate(argv=None) -> int:
         why = _unwritable(path, is_dir=False)
         if why:
             ap.error(f"{flag} {a.out}: {why}")
-    saved = None
-    if a.collection is not None:
-        col = load_collection(a.collection)
-    else:
-        col = _collect_from(a, checked)
-        saved = _save_first(prog, col, side)
+    col, saved = _collection(prog, a, checked, side)
 
     def finish():
         data = calibration_data(col, qs, a.tau_q)

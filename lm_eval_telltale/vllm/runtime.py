@@ -25,7 +25,7 @@ import torch
 
 from ..config import TelltaleConfig
 from ..core.collect import empty_rows, request_record, take_rows, trim_rows
-from ..core.engine import build_core
+from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
 from ..core.state import SlotInfo
 from ..core.step import build_step
@@ -36,10 +36,6 @@ logger = logging.getLogger("lm_eval_telltale")
 
 RID_KEY = "telltale_rid"   # engine request id, set by the worker
 TAG_KEY = "telltale_tag"   # caller's tag (lm-eval instance / LRS candidate), set by the driver
-
-
-class HookWiringError(RuntimeError):
-    pass
 
 
 class VllmRuntime:

@@ -86,12 +86,15 @@ _ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
 
 #: model type → (model_args, gen_kwargs, --limit, intervention counter, control run, extra check).
 #: control: (model type, model_args, "equal" | "differ"): the control's responses must equal /
-#: differ from the method's (a method that silently did nothing fails "differ").
+#: differ from the method's (a method that silently did nothing fails "differ"). The method runs
+#: compiled (vLLM's default); a "differ" control may run eagerly (it computes the same thing, faster
+#: to start), the "equal" one is stock compiled vLLM.
 CASES = {
     "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "", "equal"), _check_norms),
-    "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "", "differ"), None),
+    "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "enforce_eager=True", "differ"), None),
     "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0", None, 4, "accepted", None, None),
-    "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected", ("vllm-erss", _ERSS + ",p_inject=0", "differ"), _check_erss),
+    "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected",
+                  ("vllm-erss", _ERSS + ",p_inject=0,enforce_eager=True", "differ"), _check_erss),
     "vllm-lrs": ("layers=4-6,n_candidates=4", "temperature=0.8,do_sample=True", 3, None, None, _check_lrs),
 }
 
@@ -159,8 +162,7 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
 
     task = _long_task(tmp_path)
     out = tmp_path / "run"
-    env = {**os.environ}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in lm_eval's own process
     margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,max_num_seqs=2,"
              "enforce_eager=True,layers=4-6,warmup=4,stats_path=" + str(out / "side.jsonl"))
     log = (tmp_path / "stderr.log").open("w")

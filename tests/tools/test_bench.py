@@ -108,10 +108,10 @@ def test_report_ratio_spread_and_alrr_compute_limit(tmp_path):
 
 @pytest.mark.engine
 def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
-    """Three real cells (stock, norms, ALRR) on the tiny model: every cell generated what it was
-    asked for, the ratios and ALRR's re-run counters reached the report, md/json/png written."""
+    """Two real cells (stock, ALRR) on the tiny model: every cell generated what it was asked for,
+    the ratio and ALRR's re-run counters reached the report, md/json/png written."""
     out = tmp_path / "out"
-    rc = bench.main(["--model", str(tiny_model_dir), "--model-name", "tiny", "--methods", "vllm,norms,alrr", "--quick",
+    rc = bench.main(["--model", str(tiny_model_dir), "--model-name", "tiny", "--methods", "vllm,alrr", "--quick",
                      "--eager", "--layers", "4-6", "--out", str(out), "--work", str(tmp_path / "w"),
                      # τ = Q3 after 4 tokens and a wide band: ALRR has candidates within 16 tokens of a random model
                      "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}, "alrr": {"blowup": 10}}'])
@@ -121,9 +121,9 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["requests"] == 2 for c in cells.values())
     assert cells["alrr"]["engine"]["enforce_eager"] and cells["alrr"]["engine"]["dtype"] == "float32"
     assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["alrr"]["rerun_rows"] > 0
-    assert cells["norms"]["interventions"]["above_tau"] >= 0
+    assert cells["alrr"]["interventions"]["above_tau"] >= 0
     rows = {r["method"]: r for r in rep["rows"]}
-    assert rows["norms"]["ratio"] > 0 and rows["alrr"]["ratio"] > 0
+    assert rows["alrr"]["ratio"] > 0
     assert 0 < rows["alrr"]["compute_limit_ratio"] < 1
     md = (out / "tiny.md").read_text()
     assert "telltale bench --model" in md and "| vllm-alrr | 2 | 2 |" in md
