@@ -134,9 +134,10 @@ LM_EVAL = str(BIN / "lm_eval")
 
 
 def run(args, env_extra=None, timeout=600):
-    """A subprocess as users run it: multiprocess vLLM (the in-process switch of this session is dropped)."""
-    env = {**os.environ, **(env_extra or {})}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    """A subprocess as users run it: multiprocess vLLM (the in-process switch of this session is dropped,
+    unless ``env_extra`` sets it)."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(env_extra or {})
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
 
 

@@ -786,17 +786,6 @@ def _method_total(states: list, key: str, tp: int) -> int:
     return sum(int(((st or {}).get("method") or {}).get(key, 0)) for st in states or []) // max(1, tp)
 
 
-def _merge_records(per_worker: list) -> list[dict]:
-    """``telltale_collect``'s lists of every worker as one record per tag: the per-layer blocks of
-    pipeline stages joined (tensor-parallel ranks hold identical copies)."""
-    by: dict[str, dict] = {}
-    for recs in per_worker or []:
-        for r in recs or []:
-            m = by.setdefault(r["tag"], {**r, "layers": {}})
-            m["layers"].update(r.get("layers") or {})
-    return list(by.values())
-
-
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("threads"):
@@ -813,6 +802,7 @@ def worker_main(argv: list[str]) -> int:
     from ..core.stats import EVENT_NAMES
     from ..sidecar import RunSummary
     from ..vllm import engine_kwargs, modifies_kv
+    from ..vllm.driver import merge_worker_records
 
     method = spec["method"]
     telltale = method not in (STOCK, SAMPLED_STOCK)
@@ -861,7 +851,7 @@ def worker_main(argv: list[str]) -> int:
 
     def collect(llm, tags, outs):
         lengths = [len(o.outputs[0].token_ids) for o in outs]
-        return _merge_records(llm.collective_rpc("telltale_collect", args=(tags, lengths)))
+        return list(merge_worker_records(llm.collective_rpc("telltale_collect", args=(tags, lengths))).values())
 
     t0 = time.perf_counter()
     llm = LLM(**kw)

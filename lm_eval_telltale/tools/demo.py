@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if a.inprocess:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # eager: seven short engine lifetimes on a few cores; compiling each costs more than it saves
     base = (f"pretrained={model},dtype=float32,max_model_len=512,kv_cache_memory_bytes=268435456,"
             "enforce_eager=True,think_end_token=</think>")
     lm_eval = str(Path(sys.executable).parent / "lm_eval")

@@ -232,6 +232,7 @@ def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, s
     from vllm import LLM, SamplingParams
 
     from ..vllm import engine_kwargs
+    from ..vllm.driver import collect
     from ..vllm.runtime import TAG_KEY
 
     kw = dict(model=model, seed=seed, trust_remote_code=trust_remote_code)
@@ -241,7 +242,7 @@ def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, s
     try:
         sps = [SamplingParams(**st, extra_args={TAG_KEY: p["tag"]}) for p, st in zip(prompts, settings)]
         outs = llm.generate([{"prompt_token_ids": enc} for enc in ids], sps, use_tqdm=True)
-        recs = {r["tag"]: r for r in llm.collective_rpc("telltale_collect", args=([p["tag"] for p in prompts],))[0]}
+        recs = collect(llm, [p["tag"] for p in prompts], [len(o.outputs[0].token_ids) for o in outs])
     finally:
         try:
             llm.llm_engine.engine_core.shutdown()

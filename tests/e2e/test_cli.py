@@ -103,13 +103,18 @@ def test_cases_cover_every_model_type():
     assert set(CASES) == {t for t in MODEL_TYPES if t.startswith("vllm-")}  # hf-*: tests/e2e/test_hf_cli.py
 
 
-def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir):
+#: the engine in lm_eval's own process (seconds to start instead of ~20 s); the vllm-norms case and
+#: its stock control keep vLLM's default multiprocess engine, as users run it
+INPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir, env=None):
     cmd = [LM_EVAL, "--model", mtype, "--model_args", margs, "--tasks", "telltale_local", "--include_path",
            str(local_task_dir), "--limit", str(limit), "--batch_size", "auto", "--log_samples",
            "--output_path", str(out)]
     if gen:
         cmd += ["--gen_kwargs", gen]
-    p = run(cmd)
+    p = run(cmd, env)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(next(out.rglob("results_*.json")).read_text())
 
@@ -119,7 +124,9 @@ def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir):
 def test_lm_eval_end_to_end(mtype, tiny_model_dir, local_task_dir, tmp_path):
     args, gen, limit, counter, control, check = CASES[mtype]
     base = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512"
-    res = _lm_eval(mtype, f"{base},{args}", tmp_path / "run", gen=gen, limit=limit, local_task_dir=local_task_dir)
+    env = None if mtype == "vllm-norms" else INPROCESS
+    res = _lm_eval(mtype, f"{base},{args}", tmp_path / "run", gen=gen, limit=limit, local_task_dir=local_task_dir,
+                   env=env)
     tt = res["config"]["telltale"]
     assert res["config"]["model"] == mtype and tt["model_type"] == mtype
     side = Path(tt["stats_path"])
@@ -136,7 +143,8 @@ def test_lm_eval_end_to_end(mtype, tiny_model_dir, local_task_dir, tmp_path):
         check(rows, res, tmp_path / "run")
     if control:
         ctype, cargs, relation = control
-        _lm_eval(ctype, f"{base},{cargs}".rstrip(","), tmp_path / "control", limit=limit, local_task_dir=local_task_dir)
+        _lm_eval(ctype, f"{base},{cargs}".rstrip(","), tmp_path / "control", limit=limit, local_task_dir=local_task_dir,
+                 env=env)
         mine = {s["doc_id"]: s["resps"] for s in samples(tmp_path / "run", "telltale_local")}
         theirs = {s["doc_id"]: s["resps"] for s in samples(tmp_path / "control", "telltale_local")}
         assert (mine == theirs) == (relation == "equal")
@@ -214,7 +222,7 @@ def test_samples_flag_keeps_the_true_doc_ids(tiny_model_dir, local_task_dir, tmp
     margs = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,enforce_eager=True,layers=4-6"
     p = run([LM_EVAL, "--model", "vllm-norms", "--model_args", margs, "--tasks", "telltale_local",
              "--include_path", str(local_task_dir), "--samples", '{"telltale_local": [3, 7, 10]}',
-             "--batch_size", "auto", "--log_samples", "--output_path", str(tmp_path)])
+             "--batch_size", "auto", "--log_samples", "--output_path", str(tmp_path)], INPROCESS)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
     rows = [json.loads(line) for line in Path(res["config"]["telltale"]["stats_path"]).read_text().splitlines()]

@@ -165,3 +165,26 @@ def test_the_checker_catches_bad_lines():
         check_command(["telltale", "calibrate", "--model", "M", "--tasks", "T", "--out", "F", "--bogus"])
     with pytest.raises(SystemExit):
         check_command(["lm_eval", "--model", "vllm-norms", "--frobnicate"])
+
+
+def test_readme_python_snippet_names_exist():
+    """The README's Python example: its imports resolve, the configuration it resolves is valid, and
+    the calls it makes have the signatures it uses (no engine: that path is the engine tests')."""
+    import ast
+    import inspect
+
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S)
+    snippet = next(b for b in blocks if "engine_kwargs" in b)
+    tree = ast.parse(snippet)
+    ns: dict = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not (
+                isinstance(node, ast.ImportFrom) and node.module == "vllm"):
+            exec(compile(ast.Module([node], []), "README", "exec"), ns)
+    assert {"resolve", "engine_kwargs", "inspect_model", "collect"} <= set(ns)
+    calls = {n.func.id: n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    for name in ("resolve", "engine_kwargs", "collect"):
+        call = calls[name]
+        inspect.signature(ns[name]).bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords})
+    cfg = ns["resolve"]("alrr", {"layers": "auto"}, 28)
+    assert cfg.layers == list(range(21, 27))

@@ -107,7 +107,7 @@ def test_cli_profile_and_calibrate(tiny_model_dir, local_task_dir, tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # in-process engine: seconds, not half a minute
     common = ["--model", str(tiny_model_dir), "--tasks", "telltale_local", "--include_path", str(local_task_dir),
               "--limit", "1", "--max-tokens", "12", "--warmup", "4", "--kv-cache-memory-bytes", str(KV_BYTES),
-              "--max-model-len", "512"]
+              "--max-model-len", "512", "--engine-args", '{"enforce_eager": true}']  # the collection, not compilation
     out = tmp_path / "prof"
     p = subprocess.run([str(BIN / "telltale"), "profile", *common, "--out", str(out)], env=env,
                        capture_output=True, text=True, timeout=600)

@@ -147,9 +147,10 @@ def test_browser_check_catches_a_broken_page(tok, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
 def test_view_real_run_in_browser(tiny_model_dir, local_task_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process, eager: the engine is not the subject
     out = tmp_path / "run"
-    margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,layers=4-6,warmup=4,"
+    margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,enforce_eager=True,"
+             "layers=4-6,warmup=4,"
              "growth_eps=0.0,record_tokens=true")
     p = subprocess.run([str(BIN / "lm_eval"), "--model", "vllm-alrr", "--model_args", margs, "--tasks", "telltale_local",
                         "--include_path", str(local_task_dir), "--limit", "2", "--batch_size", "auto",
