@@ -136,20 +136,20 @@ class CoreEngine:
         assert step is not None
         self.thr.update(step.slot, self.norm, step.new)
         finish_step(self.table, step)
-        sel = step.new
-        out = {
-            "serial": self.table.t["serial"][step.slot.clamp(min=0)][sel],
-            "position": step.position[sel],
-            "norm": self.norm[sel],
-            "tau": self.tau[sel],
-            "event": self.event[sel],
-        }
-        if self.norm_out is not None:
-            out["norm_out"] = self.norm_out[sel]
-        for c, v in self.columns.items():
-            out[c] = v[sel]
+        # the new generated tokens' rows: one selection (one host sync on an accelerator) and two
+        # transfers — the integer columns and the float columns each packed into one tensor
+        idx = step.new.nonzero().squeeze(1)
+        L = self.L
+        ints = torch.cat([self.table.t["serial"][step.slot.clamp(min=0)][:, None], step.position[:, None],
+                          self.event.to(torch.int64)], 1).index_select(0, idx).to("cpu")
+        names = ["norm", "tau"] + (["norm_out"] if self.norm_out is not None else []) + list(self.columns)
+        parts = [self.norm, self.tau] + ([self.norm_out] if self.norm_out is not None else []) + list(self.columns.values())
+        floats = torch.cat(parts, 1).index_select(0, idx).to("cpu")
+        out = {"serial": ints[:, 0], "position": ints[:, 1], "event": ints[:, 2:].to(torch.int16)}
+        for i, name in enumerate(names):
+            out[name] = floats[:, i * L:(i + 1) * L]
         self.step = None
-        return {k: v.to("cpu") for k, v in out.items()}
+        return out
 
 
 def build_core(cfg, capacity: int = 64, device=None) -> CoreEngine:

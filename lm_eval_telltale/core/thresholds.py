@@ -104,6 +104,7 @@ class P2Quartiles:
         ar = torch.arange(5, device=q.device)
         n_new = n + (ar > k[..., None]).to(n.dtype)
         np_new = np_ + self.dn
+        # fresh tensors (not the state's), so the markers below are adjusted in place, in order
         q = torch.where(m[..., None], q_new, q)
         n = torch.where(m[..., None], n_new, n)
         np_ = torch.where(m[..., None], np_new, np_)
@@ -122,8 +123,6 @@ class P2Quartiles:
             lin = qi + s * (lin_q - qi) / (lin_n - ni)
             ok = (qm1 < par) & (par < qp1)
             qi_new = torch.where(ok, par, lin)
-            q = q.clone()
-            n = n.clone()
             q[..., i] = torch.where(adj, qi_new, qi)
             n[..., i] = torch.where(adj, ni + s, ni)
         return q, n, np_

@@ -4,7 +4,8 @@ One parametrised end-to-end test covers every model type: a run on the local tas
 JSON's ``config.telltale``, one sidecar row per document joined to lm-eval's doc ids, the method's
 intervention counter, and — where a method could silently do nothing — a control run that must
 differ (or, for ``vllm-norms``, must equal stock ``vllm``). These runs use vLLM's default on this
-CPU: compiled (torch.compile with inductor), on both sides of every comparison.
+CPU: compiled (torch.compile with inductor), on both sides of every comparison. ``vllm-alrr`` runs
+at ``tensor_parallel_size=2`` (a rank that also wrote rows would duplicate every document).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ _ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
 CASES = {
     "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "", "equal"), _check_norms),
     "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "enforce_eager=True", "differ"), None),
-    "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0", None, 4, "accepted", None, None),
+    # tensor parallel through lm_eval: two ranks, one core each; rows must come once per document
+    "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0,tensor_parallel_size=2,distributed_executor_backend=mp", None, 4,
+                  "accepted", None, None),
     "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected",
                   ("vllm-erss", _ERSS + ",p_inject=0,enforce_eager=True", "differ"), _check_erss),
     "vllm-lrs": ("layers=4-6,n_candidates=4", "temperature=0.8,do_sample=True", 3, None, None, _check_lrs),
@@ -106,6 +109,8 @@ def test_cases_cover_every_model_type():
 #: the engine in lm_eval's own process (seconds to start instead of ~20 s); the vllm-norms case and
 #: its stock control keep vLLM's default multiprocess engine, as users run it
 INPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+#: per model type: the environment of its runs (default INPROCESS)
+CASE_ENV = {"vllm-norms": None, "vllm-alrr": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
 
 
 def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir, env=None):
@@ -124,7 +129,7 @@ def _lm_eval(mtype, margs, out, *, gen=None, limit=4, local_task_dir, env=None):
 def test_lm_eval_end_to_end(mtype, tiny_model_dir, local_task_dir, tmp_path):
     args, gen, limit, counter, control, check = CASES[mtype]
     base = f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512"
-    env = None if mtype == "vllm-norms" else INPROCESS
+    env = CASE_ENV.get(mtype, INPROCESS)
     res = _lm_eval(mtype, f"{base},{args}", tmp_path / "run", gen=gen, limit=limit, local_task_dir=local_task_dir,
                    env=env)
     tt = res["config"]["telltale"]
