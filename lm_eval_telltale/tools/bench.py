@@ -38,7 +38,7 @@ in the ``telltale-arith`` preset), with the norms and DeepConf confidence record
 requests with the same seeds and sampling settings. The N-fold sampling is therefore in both,
 and the ratio is the cost of recording and scoring. The selection itself (an argmax per prompt,
 in the driver) is negligible and not timed. On the CPU engine both run with chunked prefill off
-(``max_num_batched_tokens = max_model_len``). ``vllm-lrs`` needs this for seeded requests on
+(``max_num_batched_tokens = max(max_model_len, max_num_seqs)``). ``vllm-lrs`` needs this for seeded requests on
 vLLM 0.32's CPU runner, and stock vLLM fails the same way without it.
 
 **Ratio** = median tokens/s of the method ÷ median tokens/s of its stock baseline at the same
@@ -825,7 +825,8 @@ def worker_main(argv: list[str]) -> int:
             # request whose prompt was split by chunked prefill; its stock comparator needs the same
             kw["enable_chunked_prefill"] = False
             if "max_num_batched_tokens" not in user:
-                kw["max_num_batched_tokens"] = int(kw["max_model_len"])
+                # (vLLM also wants at least one token per sequence of a step)
+                kw["max_num_batched_tokens"] = max(int(kw["max_model_len"]), int(kw.get("max_num_seqs") or 256))
     salt = telltale and modifies_kv(cfg)
     n_cand = int(spec["n_candidates"])
 

@@ -59,6 +59,11 @@ def test_many_long_seeded_candidates_run_on_the_cpu_engine(engines, tiny_model_d
     kw = {"max_model_len": 512}
     VLLMLrs._tt_configure(object.__new__(VLLMLrs), resolve("lrs", {}, 8), kw)
     assert kw == {"max_model_len": 512, "enable_chunked_prefill": False, "max_num_batched_tokens": 512}
+    # vLLM refuses a token budget below max_num_seqs (its CPU default: 256 per rank)
+    for extra, budget in (({}, 256), ({"tensor_parallel_size": 2}, 512), ({"max_num_seqs": 300}, 300)):
+        small = {"max_model_len": 128, **extra}
+        VLLMLrs._tt_configure(object.__new__(VLLMLrs), resolve("lrs", {}, 8), small)
+        assert small["max_num_batched_tokens"] == budget
     llm = engines.make(tiny_model_dir, "lrs", {"layers": "4-6"}, max_num_seqs=8, **kw)
     ps = [{"prompt_token_ids": [(i * 7 + j) % 250 + 1 for j in range(150 + 10 * i)]} for i in range(6) for _ in range(4)]
     sps = [SamplingParams(max_tokens=8, temperature=0.8, seed=100 + i, extra_args={"telltale_tag": f"t{i}"})
