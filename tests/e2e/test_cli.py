@@ -93,7 +93,7 @@ _ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
 CASES = {
     "vllm-norms": ("layers=4-6,warmup=4", None, 4, None, ("vllm", "", "equal"), _check_norms),
     "vllm-suppress": ("layers=4-6,warmup=4", None, 4, "suppressed", ("vllm", "enforce_eager=True", "differ"), None),
-    # tensor parallel through lm_eval: two ranks, one core each, eager (compiled TP: tests/engine/test_parallel.py);
+    # tensor parallel through lm_eval: two ranks, one core each, eager like the engine TP tests;
     # rows must come once per document
     "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0,tensor_parallel_size=2,distributed_executor_backend=mp,"
                   "enforce_eager=True", None, 4,
