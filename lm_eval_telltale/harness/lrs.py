@@ -25,6 +25,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 
 from ..core.rng import candidate_seed
+from ..vllm import whole_prompt_budget
 from .common import LrsSelection, greedy  # noqa: F401  (greedy: re-exported)
 from .models import TelltaleVLLM, Unit
 
@@ -49,10 +50,7 @@ class VLLMLrs(LrsSelection, TelltaleVLLM):
             kwargs["enable_chunked_prefill"] = False
             mml = kwargs.get("max_model_len") or kwargs.get("max_length")
             if mml and not kwargs.get("max_num_batched_tokens"):
-                # at least max_model_len (no chunking) and one token per sequence (vLLM 0.32's CPU
-                # default max_num_seqs is 256 per rank)
-                world = int(kwargs.get("tensor_parallel_size") or 1) * int(kwargs.get("pipeline_parallel_size") or 1)
-                kwargs["max_num_batched_tokens"] = max(int(mml), int(kwargs.get("max_num_seqs") or 256 * world))
+                kwargs["max_num_batched_tokens"] = whole_prompt_budget(kwargs)
 
     # -- sampling --------------------------------------------------------------------------------
     def _tt_sampling(self, sp):

@@ -801,7 +801,7 @@ def worker_main(argv: list[str]) -> int:
     from ..core.rng import seed_from
     from ..core.stats import EVENT_NAMES
     from ..sidecar import RunSummary
-    from ..vllm import engine_kwargs, modifies_kv
+    from ..vllm import engine_kwargs, modifies_kv, whole_prompt_budget
     from ..vllm.driver import merge_worker_records
 
     method = spec["method"]
@@ -825,8 +825,7 @@ def worker_main(argv: list[str]) -> int:
             # request whose prompt was split by chunked prefill; its stock comparator needs the same
             kw["enable_chunked_prefill"] = False
             if "max_num_batched_tokens" not in user:
-                # (vLLM also wants at least one token per sequence of a step)
-                kw["max_num_batched_tokens"] = max(int(kw["max_model_len"]), int(kw.get("max_num_seqs") or 256))
+                kw["max_num_batched_tokens"] = whole_prompt_budget(kw)
     salt = telltale and modifies_kv(cfg)
     n_cand = int(spec["n_candidates"])
 

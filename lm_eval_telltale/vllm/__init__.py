@@ -109,6 +109,20 @@ def _set_vllm_env(name: str, value: str, why: str) -> None:
                 f"{why}. Start the telltale engine in a fresh process (or set {name}={value} before the first one)")
 
 
+#: vLLM 0.32's default ``max_num_seqs`` per rank on the CPU engine (offline ``LLM``)
+CPU_DEFAULT_MAX_NUM_SEQS = 256
+
+
+def whole_prompt_budget(engine: dict[str, Any]) -> int:
+    """``max_num_batched_tokens`` for a CPU engine without chunked prefill (``vllm-lrs`` and its bench
+    comparator: vLLM 0.32's CPU runner cannot resume a seeded request whose prompt was split): a
+    whole prompt (``max_model_len``) and at least one token per sequence of a step (vLLM refuses
+    a budget below ``max_num_seqs``)."""
+    mml = int(engine.get("max_model_len") or engine.get("max_length"))
+    world = int(engine.get("tensor_parallel_size") or 1) * int(engine.get("pipeline_parallel_size") or 1)
+    return max(mml, int(engine.get("max_num_seqs") or CPU_DEFAULT_MAX_NUM_SEQS * world))
+
+
 def modifies_kv(cfg: TelltaleConfig) -> bool:
     """Whether the method can change the hidden states of generated tokens (and so their K/V)."""
     from ..core.methods import method_module
