@@ -23,10 +23,12 @@ drift of the machine hits every method alike. A cell:
    torch.compile and CUDA-graph capture) is reported as *start-up*;
 2. runs an untimed warm-up ``generate`` of B other prompts × 16 tokens, which covers first-shape
    effects;
-3. times one ``LLM.generate`` of B requests × ``--max-tokens`` with ``ignore_eos=True`` and
-   temperature 0. The B prompts are distinct, ``--prompt-len`` tokens each, and identical in
-   every cell. **tokens/s** = generated tokens / wall time of that call; the prefill of the
-   prompts is included, so keep ``--prompt-len`` small next to ``--max-tokens``;
+3. times one run of B requests × ``--max-tokens`` with ``ignore_eos=True`` and temperature 0,
+   stepping the engine as ``LLM.generate`` does (:func:`timed_run`). The B prompts are distinct,
+   ``--prompt-len`` tokens each, and identical in every cell. **Decode tokens/s** = the tokens
+   generated after every request had its first token ÷ the time after that moment: the
+   throughput without the prompts' prefill, which is what the ratios compare. **End-to-end
+   tokens/s** (all generated tokens ÷ the whole run, prefill included) is reported beside it;
 4. for a telltale method, collects the requests' statistics (``telltale_collect``; not timed) and
    the method's counters (``telltale_state``).
 
@@ -41,8 +43,9 @@ in the driver) is negligible and not timed. On the CPU engine both run with chun
 (``max_num_batched_tokens = max(max_model_len, max_num_seqs)``). ``vllm-lrs`` needs this for seeded requests on
 vLLM 0.32's CPU runner, and stock vLLM fails the same way without it.
 
-**Ratio** = median tokens/s of the method ÷ median tokens/s of its stock baseline at the same
-batch size. The per-repeat paired ratios are in the JSON. The telltale types also bring their
+**Ratio** = median decode tokens/s of the method ÷ median decode tokens/s of its stock baseline
+at the same batch size (``--engine hf`` cells time one ``generate`` call, prefill included, and
+their ratios are end-to-end). The per-repeat paired ratios are in the JSON. The telltale types also bring their
 own engine settings (``engine_kwargs``: async scheduling off, the V1 model runner, and on GPU
 piecewise CUDA graphs split at ``telltale::post_layer``). Stock ``vllm`` keeps vLLM's defaults,
 so on GPU the ratio includes what those settings cost. To give stock the same settings, pass
@@ -265,6 +268,10 @@ def build_report(cells: list[dict], meta: dict) -> dict:
     methods = meta.get("cell_methods") or list(dict.fromkeys(c["method"] for c in cells))
     batches = meta.get("batch_sizes") or sorted({c["batch"] for c in cells})
     ok = [c for c in cells if c.get("ok")]
+    # the ratios' basis: decode tokens/s where every cell timed its decode apart (vLLM cells),
+    # else end-to-end tokens/s (prefill included)
+    key = "decode_tps" if ok and all(c.get("decode_tps") for c in ok) else "tps"
+    meta = {**meta, "rate": "decode" if key == "decode_tps" else "end-to-end"}
     by = {}
     for c in ok:
         by.setdefault((c["method"], c["batch"]), []).append(c)
@@ -275,20 +282,24 @@ def build_report(cells: list[dict], meta: dict) -> dict:
             failed = [c for c in cells if c["method"] == m and c["batch"] == b and not c.get("ok")]
             row: dict[str, Any] = {"method": m, "label": label(m, engine), "batch": b, "repeats": len(cs),
                                    "failed": len(failed), "requests": cs[0]["requests"] if cs else None,
-                                   "tps": _stats([c["tps"] for c in cs]),
+                                   "tps": _stats([c[key] for c in cs]),
+                                   "e2e_tps": _stats([c["tps"] for c in cs]),
                                    "startup_s": _stats([c["startup_s"] for c in cs if c.get("startup_s") is not None]),
                                    "warmup_s": _stats([c["warmup_s"] for c in cs if c.get("warmup_s") is not None])}
             base = baseline_of(m)
             row["baseline"] = base
-            row["ratio"] = row["paired_ratios"] = None
+            row["ratio"] = row["paired_ratios"] = row["e2e_ratio"] = None
             if base is not None:
                 bcs = {c["repeat"]: c for c in by.get((base, b), [])}
-                bmed = _stats([c["tps"] for c in bcs.values()])["median"]
+                bmed = _stats([c[key] for c in bcs.values()])["median"]
                 if bmed and row["tps"]["median"] is not None:
                     row["ratio"] = row["tps"]["median"] / bmed
-                row["paired_ratios"] = [c["tps"] / bcs[c["repeat"]]["tps"] for c in cs
-                                        if c["repeat"] in bcs and bcs[c["repeat"]]["tps"]]
+                row["paired_ratios"] = [c[key] / bcs[c["repeat"]][key] for c in cs
+                                        if c["repeat"] in bcs and bcs[c["repeat"]][key]]
                 row["baseline_tps"] = bmed
+                be2e = _stats([c["tps"] for c in bcs.values()])["median"]
+                if be2e and row["e2e_tps"]["median"] is not None:
+                    row["e2e_ratio"] = row["e2e_tps"]["median"] / be2e
             events: dict[str, list[float]] = {}
             for c in cs:
                 for name, v in (c.get("interventions") or {}).items():
@@ -352,9 +363,11 @@ def render_markdown(rep: dict) -> str:
     out += [f"- {k}: {v}" for k, v in facts if v not in (None, "", "None / None")]
     if meta.get("status") and meta["status"] != "complete":
         out.append(f"- **status: {meta['status']}**")
-    out += ["", "| method | batch | requests | tok/s median | min | max | ratio to stock | interventions /1k tokens "
-                "| re-run rows / token | ALRR compute limit | start-up s |",
-            "|---|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
+    decode = meta.get("rate") == "decode"
+    out += ["", f"| method | batch | requests | {'decode ' if decode else ''}tok/s median | min | max | ratio to stock | "
+                + ("end-to-end tok/s (ratio) | " if decode else "")
+                + "interventions /1k tokens | re-run rows / token | ALRR compute limit | start-up s |",
+            "|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if decode else "") + "---|--:|--:|--:|"]
     for r in rows:
         t = r["tps"]
         ratio = _f(r["ratio"], ".3f") if r["baseline"] else "(baseline)"
@@ -367,15 +380,28 @@ def render_markdown(rep: dict) -> str:
         if r.get("compute_limit_ratio") is not None:
             lim = f"{r['compute_limit_ratio']:.3f} ({_f(r.get('compute_limit_tps'))} tok/s)"
         fail = f" ({r['failed']} failed)" if r["failed"] else ""
+        e2e = ""
+        if decode:
+            e2e = f"{_f((r.get('e2e_tps') or {}).get('median'))}"
+            if r["baseline"]:
+                e2e += f" ({_f(r.get('e2e_ratio'), '.3f')})"
+            e2e += " | "
         out.append(f"| {r['label']}{fail} | {r['batch']} | {_f(r['requests'], 'd')} | {_f(t['median'])} | "
-                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {ev} | {_f(r.get('rerun_rows_per_token'), '.2f')} | "
+                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {e2e}{ev} | {_f(r.get('rerun_rows_per_token'), '.2f')} | "
                    f"{lim} | {_f(r['startup_s']['median'])} |")
-    out += ["",
-            f"- tok/s: generated tokens ÷ wall time of one `{'LLM.' if engine == 'vllm' else ''}generate` call of all "
-            "the cell's requests (their "
-            "prefill included; engine start-up, compilation and a warm-up call excluded, start-up shown apart); "
-            "median, min and max over the repeats.",
-            f"- ratio to stock: median tok/s ÷ median tok/s of stock {stock} at the same batch size with the same "
+    rate_note = (
+        "- decode tok/s: the tokens generated after every request of the cell had its first token ÷ the time after "
+        "that moment, in one timed run of all the cell's requests (the engine stepped as `LLM.generate` does): "
+        "throughput without the prompts' prefill. Engine start-up, compilation and a warm-up call are excluded "
+        "(start-up shown apart); median, min and max over the repeats. End-to-end tok/s: all generated tokens ÷ "
+        "the whole run, prefill included (in parentheses: its ratio to stock)."
+        if decode else
+        f"- tok/s: generated tokens ÷ wall time of one `{'LLM.' if engine == 'vllm' else ''}generate` call of all "
+        "the cell's requests (their prefill included; engine start-up, compilation and a warm-up call excluded, "
+        "start-up shown apart); median, min and max over the repeats.")
+    out += ["", rate_note,
+            f"- ratio to stock: median {'decode ' if decode else ''}tok/s ÷ the same of stock {stock} at the same "
+            "batch size with the same "
             f"prompts and engine flags (in parentheses: the range of the per-repeat paired ratios). {engine}-lrs is "
             f"compared with stock {stock} running the same B × N seeded sampled requests, so the ratio is the cost of "
             "recording and scoring, not of sampling N candidates.",
@@ -427,7 +453,7 @@ def plot_report(rep: dict, path: str | Path) -> Path:
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("batch size (requests; LRS: prompts, each × N candidates)")
-    ax.set_ylabel(f"tokens/s ÷ stock {stock_name(engine)}")
+    ax.set_ylabel(f"{'decode ' if meta.get('rate') == 'decode' else ''}tokens/s ÷ stock {stock_name(engine)}")
     ax.set_title(f"telltale bench: {meta.get('model_name')} (median of {meta.get('repeats')}, range: paired repeats)",
                  fontsize=10)
     ax.grid(alpha=0.3)
@@ -786,6 +812,46 @@ def _method_total(states: list, key: str, tp: int) -> int:
     return sum(int(((st or {}).get("method") or {}).get(key, 0)) for st in states or []) // max(1, tp)
 
 
+def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list, dict[str, Any]]:
+    """Generate ``prompts`` by stepping ``llm``'s engine (what ``LLM.generate`` does) and time it:
+    ``wall_s`` from the first request added to the last token; ``first_s`` when every request had
+    its first token (its prompt's prefill done, chunks included); ``decode_tps`` = the tokens
+    generated after that ÷ the time after that — the decode throughput, without the prefill.
+    Returns the final outputs in request order and the timing."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    want = set(tags)
+    ntok: dict[str, int] = {}  # tokens so far, per request
+    final: dict[str, Any] = {}
+    t_first = gen_first = None
+    t0 = time.perf_counter()
+    for tag, p, sp in zip(tags, prompts, params):
+        sp.output_kind = RequestOutputKind.CUMULATIVE
+        engine.add_request(tag, p, sp)
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        for o in outs:
+            if o.outputs and o.outputs[0].token_ids:
+                ntok[o.request_id] = len(o.outputs[0].token_ids)
+            if o.finished:
+                final[o.request_id] = o
+        if t_first is None and len(ntok) == len(want):
+            t_first = time.perf_counter()
+            gen_first = sum(ntok.values())
+    t_end = time.perf_counter()
+    missing = want - set(final)
+    if missing:
+        raise RuntimeError(f"bench: {len(missing)} requests did not finish (e.g. {sorted(missing)[0]})")
+    out = [final[t] for t in tags]
+    gen = sum(len(o.outputs[0].token_ids) for o in out)
+    timing: dict[str, Any] = {"wall_s": t_end - t0, "first_s": None if t_first is None else t_first - t0,
+                              "decode_tps": None}
+    if t_first is not None and gen > gen_first and t_end > t_first:
+        timing["decode_tps"] = (gen - gen_first) / (t_end - t_first)
+    return out, timing
+
+
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("threads"):
@@ -865,13 +931,12 @@ def worker_main(argv: list[str]) -> int:
             collect(llm, tags, outs)
             state0 = llm.collective_rpc("telltale_state")
         ps, sps, tags = requests(spec["prompts"], int(spec["max_tokens"]), "t")
-        t0 = time.perf_counter()
-        outs = llm.generate(ps, sps, use_tqdm=False)
-        wall = time.perf_counter() - t0
+        outs, timing = timed_run(llm, ps, sps, tags)
+        wall = timing["wall_s"]
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         res: dict[str, Any] = {
             "requests": len(ps), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in ps),
-            "generated_tokens": gen, "wall_s": wall, "tps": gen / wall if wall > 0 else None,
+            "generated_tokens": gen, "wall_s": wall, "tps": gen / wall if wall > 0 else None, **timing,
             "startup_s": startup, "warmup_s": warmup, "engine": _engine_info(llm), "engine_kwargs": {
                 k: v for k, v in kw.items() if k != "hf_overrides"},
         }

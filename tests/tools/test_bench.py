@@ -106,6 +106,26 @@ def test_report_ratio_spread_and_alrr_compute_limit(tmp_path):
     assert json.loads(paths["json"].read_text())["rows"][2]["compute_limit_ratio"] == pytest.approx(8 / 10.1)
 
 
+def test_report_compares_decode_throughput_where_every_cell_timed_it():
+    """vLLM cells time their decode apart: the ratios compare decode tokens/s, and the end-to-end
+    figures (prefill included) are kept beside them; one cell without it → end-to-end for all."""
+    cells = [_cell("vllm", 4, 0, 50, decode_tps=100), _cell("norms", 4, 0, 48, decode_tps=90),
+             _cell("alrr", 4, 0, 40, decode_tps=80, alrr={"rerun_calls": 10, "rerun_rows": 1000})]
+    meta = {"num_layers": 8, "cell_methods": ["vllm", "norms", "alrr"], "batch_sizes": [4], "repeats": 1}
+    rep = bench.build_report(cells, meta)
+    row = {r["method"]: r for r in rep["rows"]}
+    assert rep["meta"]["rate"] == "decode"
+    assert row["norms"]["ratio"] == pytest.approx(0.9) and row["norms"]["e2e_ratio"] == pytest.approx(48 / 50)
+    assert row["alrr"]["compute_limit_tps"] == pytest.approx(100 * 8 / 9)  # from stock's decode rate
+    md = bench.render_markdown(rep)
+    assert "| decode tok/s median |" in md and "| end-to-end tok/s (ratio) |" in md
+    assert "| vllm-norms | 4 | 4 | 90.0 | 90.0 | 90.0 | 0.900 | 48.0 (0.960) |" in md
+    mixed = bench.build_report(cells[:2] + [_cell("alrr", 4, 0, 40)], meta)
+    assert mixed["meta"]["rate"] == "end-to-end"
+    assert {r["method"]: r for r in mixed["rows"]}["norms"]["ratio"] == pytest.approx(48 / 50)
+    assert "decode tok/s" not in bench.render_markdown(mixed)
+
+
 @pytest.mark.engine
 def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     """Two real cells (stock, ALRR) on the tiny model: every cell generated what it was asked for,
@@ -119,6 +139,9 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     rep = json.loads((out / "tiny.json").read_text())
     cells = {c["method"]: c for c in rep["cells"]}
     assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["requests"] == 2 for c in cells.values())
+    # the decode is timed apart from the prefill: after the first tokens, a positive rate
+    assert all(0 < c["first_s"] < c["wall_s"] and c["decode_tps"] > 0 for c in cells.values())
+    assert rep["meta"]["rate"] == "decode"
     assert cells["alrr"]["engine"]["enforce_eager"] and cells["alrr"]["engine"]["dtype"] == "float32"
     assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["alrr"]["rerun_rows"] > 0
     assert cells["alrr"]["interventions"]["above_tau"] >= 0
