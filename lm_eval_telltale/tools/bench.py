@@ -24,7 +24,8 @@ drift of the machine hits every method alike. A cell:
 2. runs an untimed warm-up ``generate`` of B other prompts × 16 tokens, which covers first-shape
    effects;
 3. times one run of B requests × ``--max-tokens`` with ``ignore_eos=True`` and temperature 0,
-   stepping the engine as ``LLM.generate`` does (:func:`timed_run`). The B prompts are distinct,
+   stepping the engine (:func:`timed_run`: as ``LLM.generate`` does, but with each step's new
+   tokens reported, which one run of the bench pays for every method alike). The B prompts are distinct,
    ``--prompt-len`` tokens each, and identical in every cell. **Decode tokens/s** = the tokens
    generated after every request had its first token ÷ the time after that moment: the
    throughput without the prompts' prefill, which is what the ratios compare. **End-to-end
@@ -391,7 +392,8 @@ def render_markdown(rep: dict) -> str:
                    f"{lim} | {_f(r['startup_s']['median'])} |")
     rate_note = (
         "- decode tok/s: the tokens generated after every request of the cell had its first token ÷ the time after "
-        "that moment, in one timed run of all the cell's requests (the engine stepped as `LLM.generate` does): "
+        "that moment, in one timed run of all the cell's requests (the engine stepped, each step's new tokens "
+        "reported): "
         "throughput without the prompts' prefill. Engine start-up, compilation and a warm-up call are excluded "
         "(start-up shown apart); median, min and max over the repeats. End-to-end tok/s: all generated tokens ÷ "
         "the whole run, prefill included (in parentheses: its ratio to stock)."
@@ -812,44 +814,51 @@ def _method_total(states: list, key: str, tp: int) -> int:
     return sum(int(((st or {}).get("method") or {}).get(key, 0)) for st in states or []) // max(1, tp)
 
 
-def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list, dict[str, Any]]:
-    """Generate ``prompts`` by stepping ``llm``'s engine (what ``LLM.generate`` does) and time it:
-    ``wall_s`` from the first request added to the last token; ``first_s`` when every request had
-    its first token (its prompt's prefill done, chunks included); ``decode_tps`` = the tokens
-    generated after that ÷ the time after that — the decode throughput, without the prefill.
-    Returns the final outputs in request order and the timing."""
+def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list[int], list, dict[str, Any]]:
+    """Generate ``prompts`` by stepping ``llm``'s engine and time it. ``LLM.generate`` asks for the
+    final outputs only; this loop asks for each step's new tokens (``DELTA``: one small output per
+    running request and step, no cumulative copies), which is what it needs to see the moment
+    every request had its first token. Timing: ``wall_s`` from the first request added to the last
+    token; ``first_s`` when every request had its first token (its prompt's prefill done, chunks
+    included); ``decode_tokens`` generated after that and ``decode_tps`` = ``decode_tokens`` ÷
+    the time after that — the decode throughput, without the prefill.
+    Returns the tokens generated and the finish reason per request (in ``tags`` order), and the
+    timing."""
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
-    want = set(tags)
-    ntok: dict[str, int] = {}  # tokens so far, per request
-    final: dict[str, Any] = {}
+    ntok = dict.fromkeys(tags, 0)  # tokens so far, per request
+    finish: dict[str, Any] = {}
+    started = 0
     t_first = gen_first = None
     t0 = time.perf_counter()
     for tag, p, sp in zip(tags, prompts, params):
-        sp.output_kind = RequestOutputKind.CUMULATIVE
+        sp.output_kind = RequestOutputKind.DELTA
         engine.add_request(tag, p, sp)
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        for o in outs:
-            if o.outputs and o.outputs[0].token_ids:
-                ntok[o.request_id] = len(o.outputs[0].token_ids)
-            if o.finished:
-                final[o.request_id] = o
-        if t_first is None and len(ntok) == len(want):
+        for o in engine.step():
+            if o.outputs:
+                n = len(o.outputs[0].token_ids)
+                if n and not ntok[o.request_id]:
+                    started += 1
+                ntok[o.request_id] += n
+                if o.finished:
+                    finish[o.request_id] = o.outputs[0].finish_reason
+        if t_first is None and started == len(tags):
             t_first = time.perf_counter()
             gen_first = sum(ntok.values())
     t_end = time.perf_counter()
-    missing = want - set(final)
+    missing = [t for t in tags if t not in finish]
     if missing:
-        raise RuntimeError(f"bench: {len(missing)} requests did not finish (e.g. {sorted(missing)[0]})")
-    out = [final[t] for t in tags]
-    gen = sum(len(o.outputs[0].token_ids) for o in out)
-    timing: dict[str, Any] = {"wall_s": t_end - t0, "first_s": None if t_first is None else t_first - t0,
-                              "decode_tps": None}
-    if t_first is not None and gen > gen_first and t_end > t_first:
-        timing["decode_tps"] = (gen - gen_first) / (t_end - t_first)
-    return out, timing
+        raise RuntimeError(f"bench: {len(missing)} requests did not finish (e.g. {missing[0]})")
+    lengths = [ntok[t] for t in tags]
+    timing: dict[str, Any] = {"wall_s": t_end - t0, "first_s": None, "decode_tokens": None, "decode_tps": None}
+    if t_first is not None:
+        timing["first_s"] = t_first - t0
+        timing["decode_tokens"] = sum(lengths) - gen_first
+        if timing["decode_tokens"] > 0 and t_end > t_first:
+            timing["decode_tps"] = timing["decode_tokens"] / (t_end - t_first)
+    return lengths, [finish[t] for t in tags], timing
 
 
 def worker_main(argv: list[str]) -> int:
@@ -868,7 +877,7 @@ def worker_main(argv: list[str]) -> int:
     from ..core.stats import EVENT_NAMES
     from ..sidecar import RunSummary
     from ..vllm import engine_kwargs, modifies_kv, whole_prompt_budget
-    from ..vllm.driver import merge_worker_records
+    from ..vllm.driver import collect
 
     method = spec["method"]
     telltale = method not in (STOCK, SAMPLED_STOCK)
@@ -915,10 +924,6 @@ def worker_main(argv: list[str]) -> int:
                 tags.append(tag)
         return ps, sps, tags
 
-    def collect(llm, tags, outs):
-        lengths = [len(o.outputs[0].token_ids) for o in outs]
-        return list(merge_worker_records(llm.collective_rpc("telltale_collect", args=(tags, lengths))).values())
-
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
@@ -928,28 +933,26 @@ def worker_main(argv: list[str]) -> int:
         outs = llm.generate(ps, sps, use_tqdm=False)
         warmup = time.perf_counter() - t0
         if telltale:
-            collect(llm, tags, outs)
+            collect(llm, tags, [len(o.outputs[0].token_ids) for o in outs])
             state0 = llm.collective_rpc("telltale_state")
         ps, sps, tags = requests(spec["prompts"], int(spec["max_tokens"]), "t")
-        outs, timing = timed_run(llm, ps, sps, tags)
-        wall = timing["wall_s"]
-        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        lengths, finish, timing = timed_run(llm, ps, sps, tags)
+        gen, wall = sum(lengths), timing["wall_s"]
         res: dict[str, Any] = {
             "requests": len(ps), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in ps),
-            "generated_tokens": gen, "wall_s": wall, "tps": gen / wall if wall > 0 else None, **timing,
+            "generated_tokens": gen, "tps": gen / wall if wall > 0 else None, **timing,
             "startup_s": startup, "warmup_s": warmup, "engine": _engine_info(llm), "engine_kwargs": {
                 k: v for k, v in kw.items() if k != "hf_overrides"},
         }
         if telltale:
             t0 = time.perf_counter()
-            recs = collect(llm, tags, outs)
+            recs = collect(llm, tags, lengths)
             res["collect_s"] = time.perf_counter() - t0
             state1 = llm.collective_rpc("telltale_state")
             summ = RunSummary(cfg)
-            by_tag = {r["tag"]: r for r in recs}
-            for tag, o in zip(tags, outs):
-                r = by_tag.get(tag) or {}
-                summ.add({"n_generated_tokens": len(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
+            for tag, n, why in zip(tags, lengths, finish):
+                r = recs.get(tag) or {}
+                summ.add({"n_generated_tokens": n, "finish_reason": why,
                           "n_decode_tokens": r.get("n_decode_tokens", 0), "layers": r.get("layers", {})})
             s = summ.to_dict()
             inter = {k: 0.0 for k in EVENT_NAMES if k != "above_tau"}  # the summary lists events that happened

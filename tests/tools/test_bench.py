@@ -139,8 +139,11 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     rep = json.loads((out / "tiny.json").read_text())
     cells = {c["method"]: c for c in rep["cells"]}
     assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["requests"] == 2 for c in cells.values())
-    # the decode is timed apart from the prefill: after the first tokens, a positive rate
-    assert all(0 < c["first_s"] < c["wall_s"] and c["decode_tps"] > 0 for c in cells.values())
+    # the decode is timed apart from the prefill: both 16-token prompts fit one step, so the decode
+    # is every token after each request's first, at the rate of the time after that moment
+    for c in cells.values():
+        assert 0 < c["first_s"] < c["wall_s"] and c["decode_tokens"] == 2 * 15
+        assert c["decode_tps"] == pytest.approx(30 / (c["wall_s"] - c["first_s"]))
     assert rep["meta"]["rate"] == "decode"
     assert cells["alrr"]["engine"]["enforce_eager"] and cells["alrr"]["engine"]["dtype"] == "float32"
     assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["alrr"]["rerun_rows"] > 0
