@@ -90,6 +90,17 @@ class CoreEngine:
         table.on_resize(thresholds.resize)
         table.on_reset(thresholds.reset_slot)
 
+    def fuse(self) -> None:
+        """Run the per-step threshold update as a compiled kernel (:mod:`~lm_eval_telltale.core.fuse`):
+        the same results, fewer small operations. Adapters call it when their model runs compiled."""
+        self.thr.fuse()
+
+    @property
+    def fused(self) -> bool:
+        """Whether the threshold update runs compiled (False in eager adapters, fixed/calibrated τ,
+        or after a compile failure fell back to the plain operations)."""
+        return self.thr.fused
+
     def any(self, mask: torch.Tensor) -> bool:
         """Whether any element of ``mask`` is set — the one host-side decision a method may take
         (ALRR's "skip the re-run" test). Adapters whose ranks must take it together (tensor

@@ -38,6 +38,14 @@ RID_KEY = "telltale_rid"   # engine request id, set by the worker
 TAG_KEY = "telltale_tag"   # caller's tag (lm-eval instance / LRS candidate), set by the driver
 
 
+def model_compiles(vllm_config) -> bool:
+    """Whether vLLM compiles the model (its default; not with ``enforce_eager=True``)."""
+    if getattr(vllm_config.model_config, "enforce_eager", False):
+        return False
+    mode = getattr(vllm_config.compilation_config, "mode", None)
+    return mode is not None and int(getattr(mode, "value", mode)) != 0
+
+
 class VllmRuntime:
     def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers):
         self.cfg = cfg
@@ -51,6 +59,8 @@ class VllmRuntime:
             raise ValueError("telltale: speculative decoding is not supported (several new tokens per request per step)")
         self.engine_seed = int(getattr(vllm_config.model_config, "seed", 0) or 0)
         self.core = build_core(cfg, cap, device)
+        if model_compiles(vllm_config):
+            self.core.fuse()  # the per-step threshold update as one kernel, like the model
         self.table, self.method = self.core.table, self.core.method
         # tensor parallelism: every rank holds the same (h, r) and runs the same decisions (checked
         # each step); rank 0 alone keeps the rows, and a host-side decision is taken together
@@ -294,6 +304,7 @@ class VllmRuntime:
             "tp_rank": self.tp_rank,
             "records": self.records,
             "step_digest": self.step_digest,
+            "fused": self.core.fused,
             "method": self.method.summary(),
         }
 

@@ -75,6 +75,65 @@ def test_global_thresholds_feed_one_batch_mean_per_step():
     assert thr.tau_slots().shape == (1, 1)
 
 
+def _same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["request", "global"])
+def test_fused_threshold_update_is_bit_identical_to_eager(mode):
+    """The compiled P² update (what a compiled vLLM engine runs) gives the eager update's numbers
+    bit for bit: streams with ties, masked-out estimators, slots reset mid-stream and a table that
+    grows (a new shape: compiled again)."""
+    from lm_eval_telltale.core.thresholds import p2_update
+
+    g = torch.Generator().manual_seed(3)
+    L = 3
+    eager = Thresholds(mode, num_layers=L, capacity=4, warmup=6)
+    fused = Thresholds(mode, num_layers=L, capacity=4, warmup=6)
+    fused.fuse()
+    assert fused.fused and not eager.fused and eager.p2._update is p2_update
+    for t in range(160):
+        if t == 80:
+            for thr in (eager, fused):
+                thr.resize(8)
+        S = eager.p2.shape[0] if mode == "request" else 8
+        slot = torch.randperm(S, generator=g)[: max(1, S - 2)]
+        # values on a coarse grid (ties with the markers) mixed with continuous ones
+        norms = torch.where(torch.rand(len(slot), L, generator=g) < 0.3,
+                            torch.randint(0, 4, (len(slot), L), generator=g).float(),
+                            torch.randn(len(slot), L, generator=g).abs() * (1 + slot[:, None]))
+        mask = torch.rand(len(slot), generator=g) < 0.8
+        for thr in (eager, fused):
+            thr.update(slot, norms, mask)
+        if mode == "request" and t % 37 == 36:
+            for thr in (eager, fused):
+                thr.reset_slot(int(slot[0]))
+        _same(fused.tau_slots(), eager.tau_slots())
+    for a, b in ((fused.p2.q, eager.p2.q), (fused.p2.n, eager.p2.n), (fused.p2.np_, eager.p2.np_),
+                 (fused.p2.count, eager.p2.count)):
+        _same(a, b)
+    assert torch.isfinite(eager.tau_slots()).any()  # the streams did reach the main phase
+
+
+def test_a_failing_compiled_update_falls_back_to_the_same_numbers(caplog):
+    from lm_eval_telltale.core.thresholds import p2_update
+
+    def broken(*a):
+        raise RuntimeError("no compiler here")
+
+    thr, ref = Thresholds("request", num_layers=2, capacity=4), Thresholds("request", num_layers=2, capacity=4)
+    thr.p2._update = broken  # as if compiled (fuse() would compile p2_update)
+    assert thr.fused
+    slot, mask = torch.tensor([0, 2]), torch.tensor([True, True])
+    with caplog.at_level("WARNING", logger="lm_eval_telltale"):
+        for t in range(7):
+            for x in (thr, ref):
+                x.update(slot, torch.tensor([[t, 2.0 * t], [3.0, t * t]]), mask)
+    assert not thr.fused and thr.p2._update is p2_update
+    assert "no compiler here" in caplog.text and caplog.text.count("failed") == 1
+    _same(thr.tau_slots(), ref.tau_slots())
+
+
 def test_fixed_thresholds():
     thr = Thresholds("fixed", num_layers=2, capacity=4, tau_values=[3.0, 4.0])
     assert thr.tau_slots().tolist() == [[3.0, 4.0]]
