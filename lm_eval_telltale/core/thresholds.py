@@ -24,6 +24,8 @@ small operations per step, with the same results bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..spec import TAU_MODES
@@ -51,10 +53,11 @@ class P2Quartiles:
     def reset(self, index) -> None:
         """Reset estimators at ``index`` (any valid indexer of the leading shape; None = all)."""
         idx = (slice(None),) if index is None else (index,)
-        self.q[idx] = 0.0
-        self.n[idx] = torch.arange(5, dtype=torch.float32, device=self.n.device)
-        self.np_[idx] = self._init_desired
-        self.count[idx] = 0
+        with self._mode():
+            self.q[idx] = 0.0
+            self.n[idx] = torch.arange(5, dtype=torch.float32, device=self.n.device)
+            self.np_[idx] = self._init_desired
+            self.count[idx] = 0
 
     def resize(self, new_first: int) -> None:
         """Grow the first leading dimension (slot tables grow)."""
@@ -66,7 +69,8 @@ class P2Quartiles:
         def pad(t):
             return torch.cat([t, torch.zeros(grow, *t.shape[1:], dtype=t.dtype, device=t.device)], 0)
 
-        self.q, self.n, self.np_, self.count = pad(self.q), pad(self.n), pad(self.np_), pad(self.count)
+        with self._mode():
+            self.q, self.n, self.np_, self.count = pad(self.q), pad(self.n), pad(self.np_), pad(self.count)
         self.shape = (new_first, *self.shape[1:])
         self.reset(slice(old, new_first))
         self._warm()
@@ -82,36 +86,52 @@ class P2Quartiles:
     # -- update ------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed sample ``x[...]`` (float) to every estimator where ``mask[...]`` is True."""
-        args = (self.q, self.n, self.np_, self.count, self.dn, x.to(torch.float32).contiguous(), mask.contiguous())
         if self._update is p2_update:
-            out = p2_update(*args)
+            out = p2_update(self.q, self.n, self.np_, self.count, self.dn, x.to(torch.float32), mask)
         else:
-            try:
-                out = self._update(*args)
-            except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
-                self._update = fallback(p2_update, e)
-                out = p2_update(*args)
+            with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
+                args = (self.q, self.n, self.np_, self.count, self.dn,
+                        x.to(torch.float32, memory_format=torch.contiguous_format, copy=True),
+                        mask.to(torch.bool, memory_format=torch.contiguous_format, copy=True))
+                try:
+                    out = self._update(*args)
+                except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
+                    self._update = fallback(p2_update, e)
+                    out = p2_update(*args)
         self.q, self.n, self.np_, self.count = out
 
     def fuse(self) -> None:
         """Run :meth:`update` as one compiled kernel (:func:`~lm_eval_telltale.core.fuse.compiled`)
         instead of ~170 small operations — the same arithmetic, bit for bit (tested). Compiles now,
         for the table's current shape (again after a :meth:`resize`), so the cost lands in the
-        engine's start-up rather than in its first step."""
+        engine's start-up rather than in its first step.
+
+        A compiled graph is specialised on its inputs, inference-mode tensors or not included, and
+        vLLM steps run under ``torch.inference_mode``: so the fused estimator keeps its state as
+        inference tensors, and calls (and warms) its graph under inference mode with contiguous
+        copies of the step's inputs — one graph per shape, whoever calls."""
         self._update = compiled(p2_update)
+        with self._mode():
+            self.q, self.n, self.np_, self.count = (t.clone() for t in (self.q, self.n, self.np_, self.count))
+            self.dn = self.dn.clone()
         self._warm()
 
     @property
     def fused(self) -> bool:
         return self._update is not p2_update
 
+    def _mode(self):
+        # in-place writes to inference tensors need inference mode (vLLM's steps have it anyway)
+        return torch.inference_mode() if self.fused or self.q.is_inference() else contextlib.nullcontext()
+
     def _warm(self) -> None:
         if self.fused:  # a dry call (no estimator selected) compiles this shape
-            try:
-                self._update(self.q.clone(), self.n.clone(), self.np_.clone(), self.count.clone(), self.dn,
-                             torch.zeros_like(self.q[..., 0, 0]), torch.zeros_like(self.count, dtype=torch.bool))
-            except Exception as e:  # noqa: BLE001
-                self._update = fallback(p2_update, e)
+            with torch.inference_mode():
+                try:
+                    self._update(self.q.clone(), self.n.clone(), self.np_.clone(), self.count.clone(), self.dn,
+                                 torch.zeros_like(self.q[..., 0, 0]), torch.zeros_like(self.count, dtype=torch.bool))
+                except Exception as e:  # noqa: BLE001
+                    self._update = fallback(p2_update, e)
 
 
 def p2_update(q, n, np_, count, dn, x, mask):

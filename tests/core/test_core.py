@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -84,6 +85,8 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
     """The compiled P² update (what a compiled vLLM engine runs) gives the eager update's numbers
     bit for bit: streams with ties, masked-out estimators, slots reset mid-stream and a table that
     grows (a new shape: compiled again)."""
+    from torch._dynamo.utils import counters
+
     from lm_eval_telltale.core.thresholds import p2_update
 
     g = torch.Generator().manual_seed(3)
@@ -92,10 +95,15 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
     fused = Thresholds(mode, num_layers=L, capacity=4, warmup=6)
     fused.fuse()
     assert fused.fused and not eager.fused and eager.p2._update is p2_update
+    graphs = counters["stats"]["unique_graphs"]
     for t in range(160):
         if t == 80:
             for thr in (eager, fused):
                 thr.resize(8)
+            graphs = counters["stats"]["unique_graphs"]
+        if t in (79, 159):  # compiled at fuse() / resize(), never during a step (in inference mode or not)
+            assert counters["stats"]["unique_graphs"] == graphs
+        ctx = torch.inference_mode() if t % 2 else contextlib.nullcontext()  # vLLM steps run in it
         S = eager.p2.shape[0] if mode == "request" else 8
         slot = torch.randperm(S, generator=g)[: max(1, S - 2)]
         # values on a coarse grid (ties with the markers) mixed with continuous ones
@@ -103,11 +111,12 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
                             torch.randint(0, 4, (len(slot), L), generator=g).float(),
                             torch.randn(len(slot), L, generator=g).abs() * (1 + slot[:, None]))
         mask = torch.rand(len(slot), generator=g) < 0.8
-        for thr in (eager, fused):
-            thr.update(slot, norms, mask)
-        if mode == "request" and t % 37 == 36:
+        with ctx:
             for thr in (eager, fused):
-                thr.reset_slot(int(slot[0]))
+                thr.update(slot, norms, mask)
+            if mode == "request" and t % 37 == 36:
+                for thr in (eager, fused):
+                    thr.reset_slot(int(slot[0]))
         _same(fused.tau_slots(), eager.tau_slots())
     for a, b in ((fused.p2.q, eager.p2.q), (fused.p2.n, eager.p2.n), (fused.p2.np_, eager.p2.np_),
                  (fused.p2.count, eager.p2.count)):
