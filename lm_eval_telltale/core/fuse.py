@@ -43,7 +43,8 @@ def compiled(fn: Callable) -> Callable:
 
 
 def fallback(fn: Callable, err: BaseException) -> Callable:
-    """The plain ``fn`` after its compiled version failed with ``err`` (logged once per call site)."""
+    """The plain ``fn`` after its compiled version failed with ``err``, logged; the caller keeps it
+    from then on, so it is logged once per estimator."""
     logger.warning("telltale: the compiled %s failed (%s: %s); running its operations one by one instead "
                    "(same results, slower)", getattr(fn, "__name__", fn), type(err).__name__, str(err).splitlines()[0][:200])
     return fn

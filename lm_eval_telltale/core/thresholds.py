@@ -109,9 +109,10 @@ class P2Quartiles:
         A compiled graph is specialised on its inputs, inference-mode tensors or not included, and
         vLLM steps run under ``torch.inference_mode``: so the fused estimator keeps its state as
         inference tensors, and calls (and warms) its graph under inference mode with contiguous
-        copies of the step's inputs — one graph per shape, whoever calls."""
+        copies of the step's inputs (vLLM's are views or expanded, which a graph also specialises
+        on) — one graph per shape, whoever calls."""
         self._update = compiled(p2_update)
-        with self._mode():
+        with torch.inference_mode():
             self.q, self.n, self.np_, self.count = (t.clone() for t in (self.q, self.n, self.np_, self.count))
             self.dn = self.dn.clone()
         self._warm()
@@ -121,14 +122,15 @@ class P2Quartiles:
         return self._update is not p2_update
 
     def _mode(self):
-        # in-place writes to inference tensors need inference mode (vLLM's steps have it anyway)
-        return torch.inference_mode() if self.fused or self.q.is_inference() else contextlib.nullcontext()
+        # the state's in-place writes: inference tensors (a fused estimator's, or any estimator's
+        # after a step under vLLM's inference mode) take them in inference mode only
+        return torch.inference_mode() if self.q.is_inference() else contextlib.nullcontext()
 
     def _warm(self) -> None:
-        if self.fused:  # a dry call (no estimator selected) compiles this shape
+        if self.fused:  # a dry call (no estimator selected; the update is pure) compiles this shape
             with torch.inference_mode():
                 try:
-                    self._update(self.q.clone(), self.n.clone(), self.np_.clone(), self.count.clone(), self.dn,
+                    self._update(self.q, self.n, self.np_, self.count, self.dn,
                                  torch.zeros_like(self.q[..., 0, 0]), torch.zeros_like(self.count, dtype=torch.bool))
                 except Exception as e:  # noqa: BLE001
                     self._update = fallback(p2_update, e)
