@@ -132,11 +132,9 @@ class CoreEngine:
         x, n = residual_norm(h, r)
         tau = self.tau[:, j]
         self.norm[:, j] = n
-        ev = torch.where(n > tau, EV_ABOVE, 0).to(torch.int16)
         h2, r2, mev = self.method.apply(self, j, h, r, x, n, tau, rerun)
         if mev is not None:
-            ev = ev | mev
-        self.event[:, j] = ev
+            self.event[:, j] = mev  # "above τ" is added for every layer at once in end()
         if self.norm_out is not None:
             self.norm_out[:, j] = residual_norm(h2, r2)[1]
         return h2, r2
@@ -145,6 +143,7 @@ class CoreEngine:
         """Feed the thresholds and return this step's rows for new generated tokens (on host)."""
         step = self.step
         assert step is not None
+        self.event |= torch.where(self.norm > self.tau, EV_ABOVE, 0).to(torch.int16)
         self.thr.update(step.slot, self.norm, step.new)
         finish_step(self.table, step)
         # the new generated tokens' rows: one selection (one host sync on an accelerator) and two

@@ -10,7 +10,9 @@ hold them to bit-identical results.
 
 Shapes are static (``dynamic=False``): each function is compiled for the shapes of the tables it
 updates (a slot table's size), once per shape and process, with torch's on-disk caches making a
-second process's compile cheaper. Up to :data:`SHAPES` shapes per function and process (engines
+second process's compile cheaper. A function that also takes the step's tokens is compiled with
+``dynamic=True`` asked for: its callers mark the token dimension dynamic, so one graph serves every
+token count (torch compiles a single token apart). Up to :data:`SHAPES` shapes per function and process (engines
 built one after another in one process share it); past that, or if compiling fails at all, the
 caller runs the plain operations again and logs why (:func:`fallback`) — never a wrong number.
 """
@@ -27,24 +29,26 @@ logger = logging.getLogger("lm_eval_telltale")
 #: compiled shapes per function and process
 SHAPES = 64
 
-_COMPILED: dict[Callable, Callable] = {}
+_COMPILED: dict[tuple[Callable, bool], Callable] = {}
 
 
-def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled once per process (one whole graph, static shapes)."""
-    c = _COMPILED.get(fn)
+def compiled(fn: Callable, dynamic: bool = False) -> Callable:
+    """``fn`` compiled once per process (one whole graph; static shapes, or with ``dynamic`` the
+    dimensions its callers mark dynamic)."""
+    c = _COMPILED.get((fn, dynamic))
     if c is None:
+        mode = None if dynamic else False  # None: torch's default, which honours mark_dynamic
         try:
-            c = torch.compile(fn, dynamic=False, fullgraph=True, recompile_limit=SHAPES)
+            c = torch.compile(fn, dynamic=mode, fullgraph=True, recompile_limit=SHAPES)
         except TypeError:  # a torch without per-function recompile limits
-            c = torch.compile(fn, dynamic=False, fullgraph=True)
-        _COMPILED[fn] = c
+            c = torch.compile(fn, dynamic=mode, fullgraph=True)
+        _COMPILED[(fn, dynamic)] = c
     return c
 
 
 def fallback(fn: Callable, err: BaseException) -> Callable:
-    """The plain ``fn`` after its compiled version failed with ``err``, logged; the caller keeps it
-    from then on, so it is logged once per estimator."""
+    """The plain ``fn`` after its compiled version failed with ``err``, logged; the caller runs the
+    plain operations from then on, so it is logged once per estimator."""
     logger.warning("telltale: the compiled %s failed (%s: %s); running its operations one by one instead "
                    "(same results, slower)", getattr(fn, "__name__", fn), type(err).__name__, str(err).splitlines()[0][:200])
     return fn

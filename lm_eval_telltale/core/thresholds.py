@@ -17,9 +17,12 @@ Modes:
 need no extra "ready" mask.
 
 The P² algorithm (Jain & Chlamtac, 1985) is vectorised here over any leading shape: one
-``update`` call feeds one sample to every estimator selected by ``mask``. Adapters whose model
-runs compiled also compile that update (:meth:`Thresholds.fuse`): one kernel instead of ~170
-small operations per step, with the same results bit for bit.
+``update`` call feeds one sample to every estimator selected by ``mask``. Each mode's step is a
+pure function (:func:`request_step`, :func:`global_step`) that also returns τ for the next step,
+so ``tau_slots`` reads it instead of recomputing it. Adapters whose model runs compiled also
+compile that step (:meth:`Thresholds.fuse`): one kernel instead of ~200 small operations per step
+(in request mode the scatter of the step's tokens to their slots included), with the same results
+bit for bit.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class P2Quartiles:
         self.np_ = torch.zeros(*shape, 2, 5, device=device)
         self.count = torch.zeros(*shape, dtype=torch.int64, device=device)
         self._init_desired = torch.stack([torch.zeros_like(p), 2 * p, 4 * p, 2 + 2 * p, 4 * torch.ones_like(p)], -1)
-        self._update = p2_update
+        self.fused = False  # True: :meth:`run` calls compiled steps (:meth:`fuse`)
         self.reset(None)
 
     # -- state management --------------------------------------------------------------------
@@ -73,67 +76,78 @@ class P2Quartiles:
             self.q, self.n, self.np_, self.count = pad(self.q), pad(self.n), pad(self.np_), pad(self.count)
         self.shape = (new_first, *self.shape[1:])
         self.reset(slice(old, new_first))
-        self._warm()
 
     # -- estimates ---------------------------------------------------------------------------
     def quartiles(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q1, Q3); NaN where fewer than 5 samples were seen."""
-        ready = (self.count >= 5)
-        mid = self.q[..., 2]  # [..., 2]
-        nan = torch.full_like(mid[..., 0], float("nan"))
-        return torch.where(ready, mid[..., 0], nan), torch.where(ready, mid[..., 1], nan)
+        return p2_quartiles(self.q, self.count)
 
     # -- update ------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed sample ``x[...]`` (float) to every estimator where ``mask[...]`` is True."""
-        if self._update is p2_update:
-            out = p2_update(self.q, self.n, self.np_, self.count, self.dn, x.to(torch.float32), mask)
+        self.run(p2_update, x.to(torch.float32), mask)
+
+    def run(self, step, *inputs, tokens: bool = False) -> tuple:
+        """Advance the state by ``step(q, n, np_, count, dn, *inputs)``, a pure function that returns
+        the new ``q, n, np_, count`` and anything else, which is returned. ``tokens``: the inputs'
+        first dimension counts the step's tokens (it changes from step to step)."""
+        if not self.fused:
+            out = step(self.q, self.n, self.np_, self.count, self.dn, *inputs)
         else:
             with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
-                args = (self.q, self.n, self.np_, self.count, self.dn,
-                        x.to(torch.float32, memory_format=torch.contiguous_format, copy=True),
-                        mask.to(torch.bool, memory_format=torch.contiguous_format, copy=True))
+                args = (self.q, self.n, self.np_, self.count, self.dn, *(_plain(t, tokens) for t in inputs))
                 try:
-                    out = self._update(*args)
+                    out = compiled(step, dynamic=tokens)(*args)
                 except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
-                    self._update = fallback(p2_update, e)
-                    out = p2_update(*args)
-        self.q, self.n, self.np_, self.count = out
+                    self.fused = False
+                    out = fallback(step, e)(*args)
+        self.q, self.n, self.np_, self.count = out[:4]
+        return tuple(out[4:])
+
+    def warm(self, step, *inputs, tokens: bool = False) -> None:
+        """Compile ``step`` for these input shapes now (a dry call: the state is not advanced)."""
+        if self.fused:
+            with torch.inference_mode():
+                args = (self.q, self.n, self.np_, self.count, self.dn, *(_plain(t, tokens) for t in inputs))
+                try:
+                    compiled(step, dynamic=tokens)(*args)
+                except Exception as e:  # noqa: BLE001
+                    self.fused = False
+                    fallback(step, e)
 
     def fuse(self) -> None:
-        """Run :meth:`update` as one compiled kernel (:func:`~lm_eval_telltale.core.fuse.compiled`)
-        instead of ~170 small operations — the same arithmetic, bit for bit (tested). Compiles now,
-        for the table's current shape (again after a :meth:`resize`), so the cost lands in the
-        engine's start-up rather than in its first step.
+        """Let :meth:`run` call compiled steps (:func:`~lm_eval_telltale.core.fuse.compiled`) instead
+        of their small operations one by one — the same arithmetic, bit for bit (tested). The
+        owner warms (:meth:`warm`) each step it will run, for the table's shape (again after a
+        :meth:`resize`), so compiling lands in the engine's start-up rather than in its steps.
 
         A compiled graph is specialised on its inputs, inference-mode tensors or not included, and
         vLLM steps run under ``torch.inference_mode``: so the fused estimator keeps its state as
-        inference tensors, and calls (and warms) its graph under inference mode with contiguous
-        copies of the step's inputs (vLLM's are views or expanded, which a graph also specialises
-        on) — one graph per shape, whoever calls."""
-        self._update = compiled(p2_update)
+        inference tensors, and calls (and warms) its graphs under inference mode with the step's
+        inputs as contiguous inference tensors that are not views (:func:`_plain` copies those that
+        are not: a graph also specialises on that) — one graph per shape, whoever calls."""
+        self.fused = True
         with torch.inference_mode():
             self.q, self.n, self.np_, self.count = (t.clone() for t in (self.q, self.n, self.np_, self.count))
             self.dn = self.dn.clone()
-        self._warm()
-
-    @property
-    def fused(self) -> bool:
-        return self._update is not p2_update
 
     def _mode(self):
         # the state's in-place writes: inference tensors (a fused estimator's, or any estimator's
         # after a step under vLLM's inference mode) take them in inference mode only
         return torch.inference_mode() if self.q.is_inference() else contextlib.nullcontext()
 
-    def _warm(self) -> None:
-        if self.fused:  # a dry call (no estimator selected; the update is pure) compiles this shape
-            with torch.inference_mode():
-                try:
-                    self._update(self.q, self.n, self.np_, self.count, self.dn,
-                                 torch.zeros_like(self.q[..., 0, 0]), torch.zeros_like(self.count, dtype=torch.bool))
-                except Exception as e:  # noqa: BLE001
-                    self._update = fallback(p2_update, e)
+
+def _plain(t, tokens: bool):
+    """A compiled step's input as its graph was warmed: a contiguous inference tensor that is not a
+    view (else a copy); with ``tokens``, its first (token) dimension marked dynamic — one graph for
+    every token count ≥ 2 (and one for a single token)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t._is_view() or not t.is_contiguous() or not t.is_inference():
+        t = t.to(memory_format=torch.contiguous_format, copy=True)
+    if tokens and t.ndim and t.shape[0] >= 2:
+        torch._dynamo.mark_dynamic(t, 0)
+    return t
 
 
 def p2_update(q, n, np_, count, dn, x, mask):
@@ -197,6 +211,41 @@ def iqr_tau(q1: torch.Tensor, q3: torch.Tensor, iqr_k: float, min_iqr: float, ta
     return tau
 
 
+def p2_quartiles(q, count):
+    """(Q1, Q3) of P² states; NaN where fewer than 5 samples were seen."""
+    ready = count >= 5
+    mid = q[..., 2]  # [..., 2]
+    nan = torch.full_like(mid[..., 0], float("nan"))
+    return torch.where(ready, mid[..., 0], nan), torch.where(ready, mid[..., 1], nan)
+
+
+def p2_tau(q, count, iqr_k: float, min_iqr: float, tau_floor: float | None, ready_at: int):
+    """τ of P² states: NaN before ``ready_at`` samples."""
+    q1, q3 = p2_quartiles(q, count)
+    tau = iqr_tau(q1, q3, iqr_k, min_iqr, tau_floor)
+    return torch.where(count >= ready_at, tau, torch.full_like(tau, float("nan")))
+
+
+def request_step(q, n, np_, count, dn, slot, norms, mask, iqr_k, min_iqr, tau_floor, ready_at):
+    """One step of request mode (pure): each new generated token's norms (``norms`` [N, L] float32,
+    ``mask`` [N]) fed to its slot's (``slot`` [N]) estimators, at most one token per slot; returns
+    the new state and τ [S, L] for the next step."""
+    S, L = q.shape[0], q.shape[1]
+    idx = torch.where(mask, slot, torch.full_like(slot, S))  # other tokens land in a dump row S
+    x = torch.zeros(S + 1, L, dtype=torch.float32, device=norms.device)
+    x[idx] = norms
+    has = torch.zeros(S + 1, dtype=torch.bool, device=norms.device)
+    has[idx] = True
+    q, n, np_, count = p2_update(q, n, np_, count, dn, x[:S], has[:S, None].expand(S, L))
+    return q, n, np_, count, p2_tau(q, count, iqr_k, min_iqr, tau_floor, ready_at)
+
+
+def global_step(q, n, np_, count, dn, x, mask, iqr_k, min_iqr, tau_floor, ready_at):
+    """One step of global mode (pure): sample ``x`` [L] fed where ``mask``; the new state and τ [L]."""
+    q, n, np_, count = p2_update(q, n, np_, count, dn, x, mask)
+    return q, n, np_, count, p2_tau(q, count, iqr_k, min_iqr, tau_floor, ready_at)
+
+
 class Thresholds:
     """τ for every (slot, layer) of an engine, in one of the four modes.
 
@@ -226,15 +275,36 @@ class Thresholds:
             self.p2 = P2Quartiles((capacity, num_layers), device=device)
         else:
             self.p2 = P2Quartiles((num_layers,), device=device)
+        self._tau = None  # τ from the last update (P² modes); None: compute it when asked
 
     @property
     def _counts_tokens(self) -> bool:
         return self.mode in ("fixed", "calibrated") and self.seen is not None
 
+    @property
+    def _consts(self) -> tuple:
+        return self.iqr_k, self.min_iqr, self.tau_floor, max(self.warmup, 5)
+
     def fuse(self) -> None:
-        """Compile the per-step quartile update (request and global modes; see :meth:`P2Quartiles.fuse`)."""
+        """Compile the per-step update of request and global modes (:meth:`P2Quartiles.fuse`): the
+        quartile update and the next step's τ in one kernel, in request mode the scatter of the
+        step's tokens to their slots too. Compiles now, for the table's shape."""
         if self.mode in ("request", "global"):
             self.p2.fuse()
+            self._warm()
+
+    def _warm(self) -> None:
+        p2 = self.p2
+        if not p2.fused:
+            return
+        if self.mode == "request":
+            for n in (1, 2):  # one token (its own graph) and any count ≥ 2
+                slot = torch.zeros(n, dtype=torch.int64, device=p2.q.device)
+                p2.warm(request_step, slot, torch.zeros(n, self.L, device=p2.q.device), slot.bool(), *self._consts,
+                        tokens=True)
+        else:
+            p2.warm(global_step, torch.zeros(self.L, device=p2.q.device),
+                    torch.zeros(self.L, dtype=torch.bool, device=p2.q.device), *self._consts)
 
     @property
     def fused(self) -> bool:
@@ -243,12 +313,15 @@ class Thresholds:
     def resize(self, capacity: int) -> None:
         if self.mode == "request":
             self.p2.resize(capacity)
+            self._tau = None
+            self._warm()
         elif self._counts_tokens and capacity > self.seen.shape[0]:
             self.seen = torch.cat([self.seen, self.seen.new_zeros(capacity - self.seen.shape[0])])
 
     def reset_slot(self, slot: int) -> None:
         if self.mode == "request":
             self.p2.reset(slot)
+            self._tau = None
         elif self._counts_tokens:
             self.seen[slot] = 0
 
@@ -258,28 +331,21 @@ class Thresholds:
                 return self._fixed
             ready = (self.seen >= self.warmup)[:, None]
             return torch.where(ready, self._fixed, torch.full_like(self._fixed, float("nan")))
-        q1, q3 = self.p2.quartiles()
-        tau = iqr_tau(q1, q3, self.iqr_k, self.min_iqr, self.tau_floor)
-        ready = self.p2.count >= max(self.warmup, 5)
-        tau = torch.where(ready, tau, torch.full_like(tau, float("nan")))
-        return tau if self.mode == "request" else tau[None, :]
+        if self._tau is None:  # before the first step, or after a slot was reset
+            self._tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
+        return self._tau if self.mode == "request" else self._tau[None, :]
 
     def update(self, slot: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed one step. ``slot``: [N] slot per token; ``norms``: [N, L]; ``mask``: [N] tokens
         that are new generated tokens. At most one such token per slot per step."""
         if self.mode == "request":
-            S = self.p2.shape[0]
-            idx = torch.where(mask, slot, torch.full_like(slot, S))  # dump non-decode tokens in row S
-            x = torch.zeros(S + 1, self.L, device=norms.device, dtype=torch.float32)
-            x[idx] = norms.to(torch.float32)
-            has = torch.zeros(S + 1, dtype=torch.bool, device=norms.device)
-            has[idx] = True
-            self.p2.update(x[:S], has[:S, None].expand(S, self.L))
+            self._tau, = self.p2.run(request_step, slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool),
+                                     *self._consts, tokens=True)
         elif self.mode == "global":
             m = mask.to(torch.float32)[:, None]
             cnt = m.sum(0)  # [1] broadcast per layer
             mean = (norms.to(torch.float32) * m).sum(0) / cnt.clamp(min=1)
-            self.p2.update(mean, (cnt > 0).expand(self.L))
+            self._tau, = self.p2.run(global_step, mean, (cnt > 0).expand(self.L), *self._consts)
         elif self._counts_tokens:
             S = self.seen.shape[0]
             idx = torch.where(mask, slot, torch.full_like(slot, S))

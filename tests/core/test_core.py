@@ -82,19 +82,19 @@ def _same(a, b):
 
 @pytest.mark.parametrize("mode", ["request", "global"])
 def test_fused_threshold_update_is_bit_identical_to_eager(mode):
-    """The compiled P² update (what a compiled vLLM engine runs) gives the eager update's numbers
-    bit for bit: streams with ties, masked-out estimators, slots reset mid-stream and a table that
-    grows (a new shape: compiled again)."""
+    """The compiled threshold step (what a compiled vLLM engine runs: in request mode the scatter of
+    the step's tokens to their slots, the P² update and the next step's τ) gives the eager
+    operations' numbers bit for bit: streams with ties, masked-out estimators, token counts from 1
+    up with other tokens mixed in, slots reset mid-stream and a table that grows (a new shape:
+    compiled again)."""
     from torch._dynamo.utils import counters
-
-    from lm_eval_telltale.core.thresholds import p2_update
 
     g = torch.Generator().manual_seed(3)
     L = 3
     eager = Thresholds(mode, num_layers=L, capacity=4, warmup=6)
     fused = Thresholds(mode, num_layers=L, capacity=4, warmup=6)
     fused.fuse()
-    assert fused.fused and not eager.fused and eager.p2._update is p2_update
+    assert fused.fused and not eager.fused
     graphs = counters["stats"]["unique_graphs"]
     for t in range(160):
         if t == 80:
@@ -105,13 +105,16 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
             assert counters["stats"]["unique_graphs"] == graphs
         ctx = torch.inference_mode() if t % 2 else contextlib.nullcontext()  # vLLM steps run in it
         S = eager.p2.shape[0] if mode == "request" else 8
-        slot = torch.randperm(S, generator=g)[: max(1, S - 2)]
-        # values on a coarse grid (ties with the markers) mixed with continuous ones
-        norms = torch.where(torch.rand(len(slot), L, generator=g) < 0.3,
-                            torch.randint(0, 4, (len(slot), L), generator=g).float(),
-                            torch.randn(len(slot), L, generator=g).abs() * (1 + slot[:, None]))
-        mask = torch.rand(len(slot), generator=g) < 0.8
-        with ctx:
+        with ctx:  # the inputs too: made in inference mode, as in vLLM, or not
+            # 1 .. S-1 new generated tokens (distinct slots), then 0-2 other tokens (a prefill's) on any slot
+            k = 1 + t % (S - 1)
+            extra = torch.randint(0, S, (t % 3,), generator=g)
+            slot = torch.cat([torch.randperm(S, generator=g)[:k], extra])
+            # values on a coarse grid (ties with the markers) mixed with continuous ones
+            norms = torch.where(torch.rand(len(slot), L, generator=g) < 0.3,
+                                torch.randint(0, 4, (len(slot), L), generator=g).float(),
+                                torch.randn(len(slot), L, generator=g).abs() * (1 + slot[:, None]))
+            mask = torch.cat([torch.rand(k, generator=g) < 0.8, torch.zeros(len(extra), dtype=torch.bool)])
             for thr in (eager, fused):
                 thr.update(slot, norms, mask)
             if mode == "request" and t % 37 == 36:
@@ -124,23 +127,30 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
     assert torch.isfinite(eager.tau_slots()).any()  # the streams did reach the main phase
 
 
-def test_a_failing_compiled_update_falls_back_to_the_same_numbers(caplog):
-    from lm_eval_telltale.core.thresholds import p2_update
+def test_a_failing_compiled_update_falls_back_to_the_same_numbers(caplog, monkeypatch):
+    import lm_eval_telltale.core.thresholds as T
 
     def broken(*a):
         raise RuntimeError("no compiler here")
 
+    monkeypatch.setattr(T, "compiled", lambda fn, dynamic=False: broken)
     thr, ref = Thresholds("request", num_layers=2, capacity=4), Thresholds("request", num_layers=2, capacity=4)
-    thr.p2._update = broken  # as if compiled (fuse() would compile p2_update)
+    thr.p2.fuse()  # as if warmed: the failure comes in a step
     assert thr.fused
     slot, mask = torch.tensor([0, 2]), torch.tensor([True, True])
     with caplog.at_level("WARNING", logger="lm_eval_telltale"):
         for t in range(7):
             for x in (thr, ref):
                 x.update(slot, torch.tensor([[t, 2.0 * t], [3.0, t * t]]), mask)
-    assert not thr.fused and thr.p2._update is p2_update
+    assert not thr.fused
     assert "no compiler here" in caplog.text and caplog.text.count("failed") == 1
     _same(thr.tau_slots(), ref.tau_slots())
+    assert torch.isfinite(ref.tau_slots()[0]).all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval_telltale"):  # failing when warmed at fuse(): the same
+        other = Thresholds("global", num_layers=2, capacity=4)
+        other.fuse()
+    assert not other.fused and caplog.text.count("failed") == 1
 
 
 def test_fixed_thresholds():
