@@ -5,7 +5,7 @@ ALRR's compute limit.
 ::
 
     telltale bench --model PATH [--methods vllm,norms,suppress,alrr,erss,lrs] [--batch-sizes 1,8,32,64]
-                   [--max-tokens 256] [--repeats 3] [--eager] [--out DIR]
+                   [--max-tokens 256] [--repeats 3] [--eager] [--alternate] [--out DIR]
 
 **Cells.** Each (method, batch size, repeat) is one *cell*. A cell gets a fresh engine in its own
 process (``python -m lm_eval_telltale.tools.bench --worker SPEC``), so neither a compile cache in
@@ -32,6 +32,14 @@ drift of the machine hits every method alike. A cell:
    tokens/s** (all generated tokens ÷ the whole run, prefill included) is reported beside it;
 4. for a telltale method, collects the requests' statistics (``telltale_collect``; not timed) and
    the method's counters (``telltale_state``).
+
+**``--alternate``** measures differently where the machine drifts more than the effect (small
+models, short steps, batch 1): at each batch size one engine per method is started (one after
+another, each in its own process, built and warmed up as above) and all stay up; then
+``--repeats`` rounds each time one run of every method, the order rotated by one per round. A
+method's repeats are its rounds, and each round's paired ratio compares runs seconds apart
+instead of cells minutes apart. Every method's engine is in memory at once, so this suits models
+that fit several times over (on a GPU, rarely). Start-up is measured once per engine.
 
 **LRS** is measured for its scoring overhead. At batch size B, ``vllm-lrs`` runs B prompts × N
 candidates (N = ``n_candidates``, default 4), i.e. B·N independent sampled requests. Each
@@ -352,7 +360,10 @@ def render_markdown(rep: dict) -> str:
         ("requests", f"B distinct prompts × {meta.get('prompt_len')} tokens, {meta.get('max_tokens')} generated tokens "
                      f"each (ignore_eos), greedy; LRS: B prompts × {meta.get('n_candidates')} sampled candidates "
                      f"({', '.join(f'{k} {v}' for k, v in (meta.get('lrs_sampling') or {}).items())})"),
-        ("repeats", f"{meta.get('repeats')}, interleaved across methods; a fresh engine per cell"
+        ("repeats", (f"{meta.get('repeats')} rounds of alternating timed runs: per batch size one engine per method, "
+                     "all alive at once; each round times every method once, the order rotated"
+                     if meta.get("alternate") else
+                     f"{meta.get('repeats')}, interleaved across methods; a fresh engine per cell")
                     + (" (in-process engine core)" if meta.get("inprocess") and engine == "vllm" else "")),
         ("engine flags (every method)", f"`{json.dumps(meta.get('common_engine_args') or {})}`"),
         ("telltale settings", "; ".join(f"{m}: `{json.dumps(v, sort_keys=True)}`"
@@ -505,7 +516,11 @@ def _parser() -> argparse.ArgumentParser:
                                                 "which collapses when other processes share the cores)")
     ap.add_argument("--inprocess", action="store_true", help="run the engine core inside the cell's process "
                     "(VLLM_ENABLE_V1_MULTIPROCESSING=0: faster start-up; default: vLLM's multiprocess engine)")
-    ap.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds per cell (default 1800)")
+    ap.add_argument("--alternate", action="store_true", help="keep one engine per method alive at each batch size "
+                    "and alternate their timed runs: each of --repeats rounds times every method once, the order "
+                    "rotated (drift between runs cancels; every method's engine is in memory at once)")
+    ap.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds per cell (default 1800; with "
+                    "--alternate per engine start and per timed run)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"), help="report directory (default results/bench)")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "bench"), help="cell specs, results and logs")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 2, 16 tokens, 16-token prompts, 1 repeat, "
@@ -541,6 +556,8 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
         ap.error(f"--cell-timeout must be > 0, got {a.cell_timeout}")
     if a.engine == "hf" and a.eager:
         ap.error("--eager is a vLLM setting; --engine hf runs transformers eagerly")
+    if a.engine == "hf" and a.alternate:
+        ap.error("--alternate drives vLLM engines; --engine hf times one generate call per cell")
     try:
         knobs = json_object(a.knobs, "--knobs")
         engine_args = json_object(a.engine_args, "--engine-args")
@@ -664,6 +681,124 @@ def run_cell(cmd: list[str], log: Path, env: dict, timeout: float) -> int | str:
             raise
 
 
+class LiveCell:
+    """``--alternate``: one cell's engine process kept up for several timed runs, driven through its
+    stdin (``run K``, ``quit``) and answering on a pipe of its own (``ready``, ``done K``), so that
+    vLLM's output on stdout/stderr can go to the log. Its own process group, as :func:`run_cell`."""
+
+    def __init__(self, spec: dict, spec_path: Path, log: Path, env: dict):
+        rfd, wfd = os.pipe()
+        spec_path.write_text(json.dumps({**spec, "control_fd": wfd}))
+        self.log = log
+        with log.open("wb") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lm_eval_telltale.tools.bench", "--worker", str(spec_path)],
+                                         stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, pass_fds=(wfd,))
+        os.close(wfd)
+        self.rfd = rfd
+        self.buf = b""
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, word: str, timeout: float) -> bool:
+        """Wait for the line ``word``; False if the process ended or went silent for ``timeout`` s."""
+        import select
+
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
+                return False
+            chunk = os.read(self.rfd, 4096)
+            if not chunk:
+                return False
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode().strip() == word
+
+    def close(self, timeout: float = 60.0) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.send("quit")
+            self.proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+            os.close(self.rfd)
+
+
+def rotated(methods: list[str], r: int) -> list[str]:
+    """``--alternate``: the order of round ``r`` (rotated by one per round)."""
+    k = r % len(methods)
+    return methods[k:] + methods[:k]
+
+
+def _run_alternating(a, batches: list[int], cms: list[str], spec_of, work: Path, env: dict, cells: list) -> str:
+    """``--alternate``: per batch size, start one engine per method (one after another, each until
+    its warm-up is done), then ``--repeats`` rounds; a round times one run of every method, the
+    order rotated by one each round. Appends a cell per (round, method) to ``cells``; returns the
+    status."""
+    status = "complete"
+    for b in batches:
+        live: dict[str, LiveCell] = {}
+        try:
+            for m in cms:
+                stem = f"b{b}-{m}"
+                spec = spec_of(None, b, m, stem + ".r{k}")
+                head = f"[bench] batch {b}, {label(m, a.engine)}"
+                print(f"{head}: starting the engine ...", flush=True)
+                t0 = time.time()
+                cell = LiveCell(spec, work / f"{stem}.spec.json", work / f"{stem}.log", env)
+                if cell.expect("ready", a.cell_timeout):
+                    live[m] = cell
+                    print(f"{head}: ready ({time.time() - t0:.0f} s)", flush=True)
+                else:
+                    print(f"{head}: FAILED to start; last lines of {cell.log}:\n{_tail(cell.log)}", file=sys.stderr,
+                          flush=True)
+                    cell.close(timeout=5)
+            for r in range(a.repeats):
+                for m in rotated(cms, r):
+                    cell = {"method": m, "batch": b, "repeat": r, "ok": False, "log": str(work / f"b{b}-{m}.log")}
+                    cells.append(cell)
+                    lc = live.get(m)
+                    if lc is None:
+                        cell["error"] = "engine not running"
+                        status = "some cells failed"
+                        continue
+                    res_path = work / f"b{b}-{m}.r{r}.result.json"
+                    res_path.unlink(missing_ok=True)
+                    head = f"[bench] round {r + 1}/{a.repeats}, batch {b}, {label(m, a.engine)}"
+                    try:
+                        lc.send(f"run {r}")
+                        ok = lc.expect(f"done {r}", a.cell_timeout) and res_path.is_file()
+                    except OSError:
+                        ok = False
+                    if ok:
+                        cell.update(json.loads(res_path.read_text()))
+                        cell["ok"] = True
+                        print(f"{head}: {cell['tps']:.1f} tok/s ({cell['generated_tokens']} tokens in "
+                              f"{cell['wall_s']:.2f} s)", flush=True)
+                    else:
+                        cell["error"] = "the engine stopped or timed out"
+                        print(f"{head}: FAILED ({cell['error']}); last lines of {lc.log}:\n{_tail(lc.log)}",
+                              file=sys.stderr, flush=True)
+                        status = "some cells failed"
+                        lc.close(timeout=5)
+                        live.pop(m)
+        finally:
+            for lc in live.values():
+                lc.close()
+    return status
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
@@ -673,7 +808,8 @@ def main(argv=None) -> int:
     chk = _validate(ap, a)
     command = shlex.join(["telltale", "bench", *argv])
     batches, cms, R = chk["batches"], chk["cell_methods"], a.repeats
-    plan = [(r, b, m) for r in range(R) for b in batches for m in cms]
+    plan = ([(r, b, m) for b in batches for r in range(R) for m in rotated(cms, r)] if a.alternate else
+            [(r, b, m) for r in range(R) for b in batches for m in cms])
     if chk["added"]:
         print(f"[bench] added the stock baseline cell(s) the ratios need: {', '.join(chk['added'])}")
     print(f"[bench] {a.model} ({chk['arch']}, {chk['num_layers']} layers): {len(plan)} cells = {R} repeat(s) × "
@@ -685,6 +821,9 @@ def main(argv=None) -> int:
               f"unless given)")
     for m, v in chk["method_args"].items():
         print(f"[bench]   {m}: {json.dumps(v, sort_keys=True)} → layers {chk['cfgs'][m].layers}")
+    if a.alternate:
+        print(f"[bench] --alternate: at each batch size {len(cms)} engines (one per method) stay up together for "
+              f"{R} round(s) of timed runs", flush=True)
     if a.plan:
         for i, (r, b, m) in enumerate(plan, 1):
             print(f"[bench]   cell {i}: repeat {r + 1}, batch {b}, {label(m, a.engine)} "
@@ -710,21 +849,27 @@ def main(argv=None) -> int:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def spec_of(r: int | None, b: int, m: str, stem: str) -> dict[str, Any]:
+        kw, kv = common_engine_args(a, chk, b)
+        return {"method": m, "engine_kind": a.engine, "batch": b, "repeat": r, "arch": chk["arch"],
+                "num_layers": chk["num_layers"],
+                "engine": kw, "cpu_kv_bytes": kv, "user_engine_keys": sorted(chk["engine_args"]),
+                "tt_args": chk["method_args"].get(m), "seed": a.seed, "threads": a.threads,
+                "prompts": prompts[:b], "warm_prompts": warm[:b], "max_tokens": a.max_tokens,
+                "warm_tokens": min(a.max_tokens, WARMUP_TOKENS),
+                "n_candidates": chk["n_candidates"] if m in ("lrs", SAMPLED_STOCK) else 1,
+                "sampling": LRS_SAMPLING if m in ("lrs", SAMPLED_STOCK) else None,
+                "result_path": str(work / f"{stem}.result.json")}
+
     cells: list[dict] = []
     status = "complete"
     try:
-        for i, (r, b, m) in enumerate(plan, 1):
-            kw, kv = common_engine_args(a, chk, b)
+        if a.alternate:
+            status = _run_alternating(a, batches, cms, spec_of, work, env, cells)
+        for i, (r, b, m) in enumerate([] if a.alternate else plan, 1):
             stem = f"r{r + 1}-b{b}-{m}"
-            spec = {"method": m, "engine_kind": a.engine, "batch": b, "repeat": r, "arch": chk["arch"],
-                    "num_layers": chk["num_layers"],
-                    "engine": kw, "cpu_kv_bytes": kv, "user_engine_keys": sorted(chk["engine_args"]),
-                    "tt_args": chk["method_args"].get(m), "seed": a.seed, "threads": a.threads,
-                    "prompts": prompts[:b], "warm_prompts": warm[:b], "max_tokens": a.max_tokens,
-                    "warm_tokens": min(a.max_tokens, WARMUP_TOKENS),
-                    "n_candidates": chk["n_candidates"] if m in ("lrs", SAMPLED_STOCK) else 1,
-                    "sampling": LRS_SAMPLING if m in ("lrs", SAMPLED_STOCK) else None,
-                    "result_path": str(work / f"{stem}.result.json")}
+            spec = spec_of(r, b, m, stem)
             spec_path = work / f"{stem}.spec.json"
             spec_path.write_text(json.dumps(spec))
             res_path = Path(spec["result_path"])
@@ -753,7 +898,8 @@ def main(argv=None) -> int:
     meta = {
         "command": command, "engine": a.engine, "model": a.model, "model_name": chk["name"], "architecture": chk["arch"],
         "num_layers": chk["num_layers"], "methods": chk["methods"], "cell_methods": cms, "batch_sizes": batches,
-        "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "repeats": R, "eager": a.eager, "dtype": a.dtype,
+        "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "repeats": R, "alternate": a.alternate,
+        "eager": a.eager, "dtype": a.dtype,
         "seed": a.seed, "threads": a.threads, "inprocess": a.inprocess, "engine_args": chk["engine_args"],
         "common_engine_args": {k: v for k, v in common_engine_args(a, chk, batches[0])[0].items()
                                if k not in ("max_num_seqs", "model")},
@@ -934,45 +1080,70 @@ def worker_main(argv: list[str]) -> int:
         warmup = time.perf_counter() - t0
         if telltale:
             collect(llm, tags, [len(o.outputs[0].token_ids) for o in outs])
-            state0 = llm.collective_rpc("telltale_state")
-        ps, sps, tags = requests(spec["prompts"], int(spec["max_tokens"]), "t")
-        lengths, finish, timing = timed_run(llm, ps, sps, tags)
-        gen, wall = sum(lengths), timing["wall_s"]
-        res: dict[str, Any] = {
-            "requests": len(ps), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in ps),
-            "generated_tokens": gen, "tps": gen / wall if wall > 0 else None, **timing,
-            "startup_s": startup, "warmup_s": warmup, "engine": _engine_info(llm), "engine_kwargs": {
-                k: v for k, v in kw.items() if k != "hf_overrides"},
-        }
-        if telltale:
-            t0 = time.perf_counter()
-            recs = collect(llm, tags, lengths)
-            res["collect_s"] = time.perf_counter() - t0
-            state1 = llm.collective_rpc("telltale_state")
-            summ = RunSummary(cfg)
-            for tag, n, why in zip(tags, lengths, finish):
-                r = recs.get(tag) or {}
-                summ.add({"n_generated_tokens": n, "finish_reason": why,
-                          "n_decode_tokens": r.get("n_decode_tokens", 0), "layers": r.get("layers", {})})
-            s = summ.to_dict()
-            inter = {k: 0.0 for k in EVENT_NAMES if k != "above_tau"}  # the summary lists events that happened
-            inter.update({k: v["per_1k_tokens"] for k, v in s.items() if isinstance(v, dict) and "per_1k_tokens" in v})
-            above = s.get("above_tau_per_1k") or {}
-            inter["above_tau"] = float(sum(above.values()))
-            res["interventions"] = inter
-            res["collected"] = len(recs)
-            res["telltale_layers"] = cfg.layers
-            if method == "alrr":
-                tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
-                res["alrr"] = {k: _method_total(state1, k, tp) - _method_total(state0, k, tp)
-                               for k in ("rerun_calls", "rerun_rows")}
-        Path(spec["result_path"]).write_text(json.dumps(res, default=str))
+
+        def measure(prefix: str) -> dict[str, Any]:
+            """One timed run of the cell's requests, its counters and the requests' statistics."""
+            if telltale:
+                state0 = llm.collective_rpc("telltale_state")
+            ps, sps, tags = requests(spec["prompts"], int(spec["max_tokens"]), prefix)
+            lengths, finish, timing = timed_run(llm, ps, sps, tags)
+            gen, wall = sum(lengths), timing["wall_s"]
+            res: dict[str, Any] = {
+                "requests": len(ps), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in ps),
+                "generated_tokens": gen, "tps": gen / wall if wall > 0 else None, **timing,
+                "startup_s": startup, "warmup_s": warmup, "engine": _engine_info(llm), "engine_kwargs": {
+                    k: v for k, v in kw.items() if k != "hf_overrides"},
+            }
+            if telltale:
+                t0 = time.perf_counter()
+                recs = collect(llm, tags, lengths)
+                res["collect_s"] = time.perf_counter() - t0
+                state1 = llm.collective_rpc("telltale_state")
+                summ = RunSummary(cfg)
+                for tag, n, why in zip(tags, lengths, finish):
+                    r = recs.get(tag) or {}
+                    summ.add({"n_generated_tokens": n, "finish_reason": why,
+                              "n_decode_tokens": r.get("n_decode_tokens", 0), "layers": r.get("layers", {})})
+                s = summ.to_dict()
+                inter = {k: 0.0 for k in EVENT_NAMES if k != "above_tau"}  # the summary lists events that happened
+                inter.update({k: v["per_1k_tokens"] for k, v in s.items() if isinstance(v, dict) and "per_1k_tokens" in v})
+                above = s.get("above_tau_per_1k") or {}
+                inter["above_tau"] = float(sum(above.values()))
+                res["interventions"] = inter
+                res["collected"] = len(recs)
+                res["telltale_layers"] = cfg.layers
+                if method == "alrr":
+                    tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+                    res["alrr"] = {k: _method_total(state1, k, tp) - _method_total(state0, k, tp)
+                                   for k in ("rerun_calls", "rerun_rows")}
+            return res
+
+        if spec.get("control_fd") is None:
+            Path(spec["result_path"]).write_text(json.dumps(measure("t"), default=str))
+        else:
+            _serve(spec, measure)
     finally:
         try:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
     return 0
+
+
+def _serve(spec: dict, measure) -> None:
+    """``--alternate``: the cell's engine stays up. It says ``ready`` on its control pipe, then for
+    each ``run K`` read from stdin times one run, writes its result to ``result_path`` with ``{k}``
+    replaced by K and says ``done K``; ``quit`` (or the end of stdin) ends it."""
+    with os.fdopen(int(spec["control_fd"]), "w", buffering=1) as ctl:
+        ctl.write("ready\n")
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            k = int(cmd[1])
+            res = measure(f"t{k}.")
+            Path(spec["result_path"].replace("{k}", str(k))).write_text(json.dumps(res, default=str))
+            ctl.write(f"done {k}\n")
 
 
 #: --dtype → transformers' dtype

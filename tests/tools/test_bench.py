@@ -156,6 +156,39 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     assert (out / "tiny.png").stat().st_size > 1000
 
 
+@pytest.mark.engine
+def test_quick_alternating_run_keeps_one_engine_per_method(tiny_model_dir, tmp_path, capsys):
+    """--alternate: one engine per method stays up; two rounds time every method once each, the
+    order rotated; each round's requests are collected on their own."""
+    out = tmp_path / "out"
+    rc = bench.main(["--model", str(tiny_model_dir), "--model-name", "alt", "--methods", "norms", "--quick", "--eager",
+                     "--repeats", "2", "--alternate", "--layers", "4-6", "--out", str(out), "--work", str(tmp_path / "w"),
+                     "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}}'])
+    err = capsys.readouterr()
+    assert rc == 0, err.err
+    rep = json.loads((out / "alt.json").read_text())
+    cells = rep["cells"]
+    assert [(c["repeat"], c["method"]) for c in cells] == [(0, "vllm"), (0, "norms"), (1, "norms"), (1, "vllm")]
+    assert all(c["ok"] and c["generated_tokens"] == 2 * 16 and c["decode_tokens"] == 2 * 15 for c in cells)
+    for m in ("vllm", "norms"):  # one engine each: started once, timed twice
+        first, second = [c for c in cells if c["method"] == m]
+        assert first["startup_s"] == second["startup_s"] and first["wall_s"] != second["wall_s"]
+    assert err.out.count("starting the engine") == 2
+    for c in cells:
+        if c["method"] == "norms":
+            assert c["collected"] == 2 and c["interventions"]["above_tau"] > 0
+    assert rep["meta"]["alternate"] is True
+    row = {r["method"]: r for r in rep["rows"]}["norms"]
+    assert row["ratio"] > 0
+    assert "rounds of alternating timed runs" in (out / "alt.md").read_text()
+
+
+def test_alternate_is_refused_for_the_hf_engine(tiny_model_dir, no_engine, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", str(tiny_model_dir), "--engine", "hf", "--alternate", "--plan"])
+    assert e.value.code == 2 and "--alternate drives vLLM engines" in capsys.readouterr().err
+
+
 def test_method_counters_are_summed_over_stages_once_per_tp_group():
     """Pipeline stages count their own layers' re-runs (summed); tensor-parallel ranks count the same
     re-runs (not double-counted). (Records are merged by ``driver.merge_worker_records``.)"""
