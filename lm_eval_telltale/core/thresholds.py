@@ -91,29 +91,26 @@ class P2Quartiles:
         """Advance the state by ``step(q, n, np_, count, dn, *inputs)``, a pure function that returns
         the new ``q, n, np_, count`` and anything else, which is returned. ``tokens``: the inputs'
         first dimension counts the step's tokens (it changes from step to step)."""
-        if not self.fused:
-            out = step(self.q, self.n, self.np_, self.count, self.dn, *inputs)
-        else:
-            with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
-                args = (self.q, self.n, self.np_, self.count, self.dn, *(_plain(t, tokens) for t in inputs))
-                try:
-                    out = compiled(step, dynamic=tokens)(*args)
-                except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
-                    self.fused = False
-                    out = fallback(step, e)(*args)
+        out = self._call(step, inputs, tokens)
         self.q, self.n, self.np_, self.count = out[:4]
         return tuple(out[4:])
 
     def warm(self, step, *inputs, tokens: bool = False) -> None:
         """Compile ``step`` for these input shapes now (a dry call: the state is not advanced)."""
         if self.fused:
-            with torch.inference_mode():
-                args = (self.q, self.n, self.np_, self.count, self.dn, *(_plain(t, tokens) for t in inputs))
-                try:
-                    compiled(step, dynamic=tokens)(*args)
-                except Exception as e:  # noqa: BLE001
-                    self.fused = False
-                    fallback(step, e)
+            self._call(step, inputs, tokens)
+
+    def _call(self, step, inputs: tuple, tokens: bool):
+        state = (self.q, self.n, self.np_, self.count, self.dn)
+        if not self.fused:
+            return step(*state, *inputs)
+        with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
+            args = (*state, *(_plain(t, tokens) for t in inputs))
+            try:
+                return compiled(step, dynamic=tokens)(*args)
+            except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
+                self.fused = False
+                return fallback(step, e)(*args)
 
     def fuse(self) -> None:
         """Let :meth:`run` call compiled steps (:func:`~lm_eval_telltale.core.fuse.compiled`) instead

@@ -92,6 +92,7 @@ import json
 import math
 import os
 import re
+import select
 import shlex
 import signal
 import statistics
@@ -704,8 +705,6 @@ class LiveCell:
 
     def expect(self, word: str, timeout: float) -> bool:
         """Wait for the line ``word``; False if the process ended or went silent for ``timeout`` s."""
-        import select
-
         end = time.monotonic() + timeout
         while b"\n" not in self.buf:
             left = end - time.monotonic()
@@ -749,10 +748,12 @@ def _run_alternating(a, batches: list[int], cms: list[str], spec_of, work: Path,
     status = "complete"
     for b in batches:
         live: dict[str, LiveCell] = {}
+        results: dict[str, str] = {}  # per method: its result file, "{k}" standing for the round
         try:
             for m in cms:
                 stem = f"b{b}-{m}"
                 spec = spec_of(None, b, m, stem + ".r{k}")
+                results[m] = spec["result_path"]
                 head = f"[bench] batch {b}, {label(m, a.engine)}"
                 print(f"{head}: starting the engine ...", flush=True)
                 t0 = time.time()
@@ -773,7 +774,7 @@ def _run_alternating(a, batches: list[int], cms: list[str], spec_of, work: Path,
                         cell["error"] = "engine not running"
                         status = "some cells failed"
                         continue
-                    res_path = work / f"b{b}-{m}.r{r}.result.json"
+                    res_path = Path(results[m].replace("{k}", str(r)))
                     res_path.unlink(missing_ok=True)
                     head = f"[bench] round {r + 1}/{a.repeats}, batch {b}, {label(m, a.engine)}"
                     try:

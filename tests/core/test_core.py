@@ -125,6 +125,7 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
                  (fused.p2.count, eager.p2.count)):
         _same(a, b)
     assert torch.isfinite(eager.tau_slots()).any()  # the streams did reach the main phase
+    assert fused.fused  # the compiled step ran throughout (a failure would have fallen back to eager)
 
 
 def test_a_failing_compiled_update_falls_back_to_the_same_numbers(caplog, monkeypatch):

@@ -83,16 +83,11 @@ def test_a_compiled_engine_runs_the_fused_threshold_update(mixed_engine, request
     """vLLM compiling the model ⇒ the per-step threshold update runs as one compiled kernel
     (bit-identical to the eager operations: tests/core/test_core.py); enforce_eager ⇒ nothing is
     compiled."""
-    from lm_eval_telltale.core import fuse
-    from lm_eval_telltale.core.thresholds import request_step
-
     compiled = request.node.callspec.params["mixed_engine"] == "compiled"
-    assert rpc(mixed_engine, "telltale_state")["fused"] is compiled
-    assert worker(mixed_engine)._tt.core.thr.p2.fused is compiled
-    if compiled:
-        assert (request_step, True) in fuse._COMPILED
     pos, norm, tau = _traces(mixed_engine, _prompts([9]), [14], ["f0"])["f0"]
     assert np.isnan(tau[:5]).all() and np.isfinite(tau[5:]).all()  # estimates from the 6th generated token on
+    # after those steps: still compiled (a compile failure during a step falls back and says fused=False)
+    assert rpc(mixed_engine, "telltale_state")["fused"] is compiled
 
 
 def test_attribution_test_detects_a_wrong_row_order(mixed_engine, monkeypatch):
