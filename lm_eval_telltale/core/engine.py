@@ -49,11 +49,19 @@ class Method:
     #: True when the adapter should pass each step's sampling logits to :meth:`observe_logits`
     wants_logits = False
 
+    #: whether :meth:`apply` runs as a compiled kernel (None: a method with no step of its own to
+    #: compile; subclasses that have one start at False and set it in :meth:`fuse`)
+    fused: bool | None = None
+
     def __init__(self, cfg, table: SlotTable, num_layers: int, device=None):
         self.cfg = cfg
         self.table = table
         self.L = num_layers
         self.device = device
+
+    def fuse(self) -> None:
+        """Compile :meth:`apply`'s operations from now on (:meth:`CoreEngine.fuse`), where the method
+        has a per-layer step worth it; the same numbers bit for bit."""
 
     def apply(self, core: "CoreEngine", j: int, h: torch.Tensor, r: torch.Tensor, x: torch.Tensor,
               n: torch.Tensor, tau: torch.Tensor, rerun: Rerun | None):
@@ -91,15 +99,22 @@ class CoreEngine:
         table.on_reset(thresholds.reset_slot)
 
     def fuse(self) -> None:
-        """Run the per-step threshold update as a compiled kernel (:mod:`~lm_eval_telltale.core.fuse`):
-        the same results, fewer small operations. Adapters call it when their model runs compiled."""
+        """Run the per-step threshold update, and the method's per-layer step where it has one
+        (ERSS), as compiled kernels (:mod:`~lm_eval_telltale.core.fuse`): the same results, fewer
+        small operations. Adapters call it when their model runs compiled."""
         self.thr.fuse()
+        self.method.fuse()
 
     @property
     def fused(self) -> bool:
         """Whether the threshold update runs compiled (False in eager adapters, fixed/calibrated τ,
         or after a compile failure fell back to the plain operations)."""
         return self.thr.fused
+
+    @property
+    def method_fused(self) -> bool | None:
+        """Whether the method's per-layer step runs compiled; None for a method without one."""
+        return self.method.fused
 
     def any(self, mask: torch.Tensor) -> bool:
         """Whether any element of ``mask`` is set — the one host-side decision a method may take

@@ -36,11 +36,18 @@ request acquires its slot): ``erss_bank`` [S, L, K+1, hidden] float32 (allocated
 step, when the hidden size is known), ``erss_bank_norm`` [S, L, K+1] (−inf = empty),
 ``erss_streak`` and ``erss_cooldown`` [S, L]. Entry K of each bank is a scratch entry that absorbs
 the writes of tokens that store nothing, so one ``index_put_`` per step writes the bank with no
-host sync and no duplicate indices among real writes. A step works on the first min(N, S) tokens
-in "new first" order (a stable sort; at most one new token per request per step), so a prefill
-chunk of thousands of tokens costs no bank gathers. Memory: S·L·(K+1)·hidden·4 bytes, e.g.
+host sync and no duplicate indices among real writes. A step of N ≤ S tokens works on all of them
+in their order (each token's work is its own); a longer one (a prefill chunk of thousands of
+tokens) on the first S in "new first" order (a stable sort; at most one new token per request per
+step), gathered and scattered back, so it costs no more bank gathers than S. Memory: S·L·(K+1)·hidden·4 bytes, e.g.
 S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 → 0.8 GiB (allocated after vLLM
 sized its KV cache; lower ``max_num_seqs`` or ``bank_k`` if the device is tight).
+
+Compiled: when the model runs compiled (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`),
+each layer's step (:func:`erss_layer`) is one compiled kernel instead of ~60 small operations,
+compiled at a request's first steps (one graph for a single token, one for any count up to S). Its
+dot products with the bank stay an opaque op (:func:`bank_dots`), so it gives the plain
+operations' numbers bit for bit (tested); a step of more than S tokens runs the plain operations.
 
 Draws: :func:`~lm_eval_telltale.core.rng.uniform` of (request seed, position, model layer,
 ``STREAM``) — reproducible and independent of the batch.
@@ -61,6 +68,7 @@ import numpy as np
 import torch
 
 from .engine import Method
+from .fuse import compiled, dynamic_tokens, fallback, plain
 from .params import checks_of, keys_of, knob
 from .rng import uniform
 from .stats import EV_BANKED, EV_INJECTED
@@ -106,6 +114,8 @@ class ErssMethod(Method):
         table.register("erss_cooldown", (L,), torch.int32, 0)
         self.hidden: int | None = None
         self._step = None
+        self._jt = None  # per patched layer: (its index, its model layer) as tensors
+        self.fused = False  # True: each layer's step runs as one compiled kernel (:meth:`fuse`)
 
     # -- state ---------------------------------------------------------------------------------
     def _ensure_bank(self, hidden: int) -> None:
@@ -116,23 +126,31 @@ class ErssMethod(Method):
             raise ValueError(f"erss: hidden size changed from {self.hidden} to {hidden}")
 
     def _prepare(self, step) -> None:
-        """Once per step: the tokens that may carry state (new ones first), at most one per slot."""
-        m = min(step.num_tokens, self.table.capacity)
-        key = (~(step.new & step.act)).to(torch.int8)
-        order = torch.argsort(key, stable=True)[:m]
+        """Once per step: the tokens that may carry state. Up to the table's size that is every token
+        in the step's order; a step with more tokens (a long prefill chunk) keeps the first
+        ``capacity`` in "new first" order (at most one new token per slot)."""
         self._step = step
-        self._order = order
-        self._live = (step.new & step.act)[order]
-        self._sl = step.slot[order].clamp(min=0)
-        self._seed = step.seed[order]
-        self._pos = step.position[order]
+        live, sl = step.new & step.act, step.slot.clamp(min=0)
+        if step.num_tokens <= self.table.capacity:
+            self._order = None
+            rows = torch.arange(step.num_tokens, device=sl.device)
+            self._sel = (live, sl, step.seed, step.position, rows)
+            return
+        o = torch.argsort((~live).to(torch.int8), stable=True)[: self.table.capacity]
+        self._order = o
+        self._sel = (live[o], sl[o], step.seed[o], step.position[o], o)
 
-    @staticmethod
-    def _scatter_col(col: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
-        """``col[idx] = val`` for a per-slot column, where idx == len(col) means 'drop'."""
-        ext = torch.cat([col, col.new_zeros(1)])
-        ext.scatter_(0, idx, val.to(col.dtype))
-        col.copy_(ext[:-1])
+    def fuse(self) -> None:
+        self.fused = True
+
+    def _state(self, j: int) -> tuple:
+        t = self.table.t
+        if self._jt is None or self._jt[0][0].device != t["erss_streak"].device:
+            dev = t["erss_streak"].device
+            with torch.inference_mode():
+                self._jt = [(torch.tensor(i, device=dev), torch.tensor(l, device=dev))
+                            for i, l in enumerate(self.layer_ids)]
+        return (t["erss_bank"], t["erss_bank_norm"], t["erss_streak"], t["erss_cooldown"], *self._jt[j])
 
     # -- the step --------------------------------------------------------------------------------
     def apply(self, core, j, h, r, x, n, tau, rerun):
@@ -140,67 +158,36 @@ class ErssMethod(Method):
         self._ensure_bank(int(x.shape[-1]))
         if step is not self._step:
             self._prepare(step)
-        o, sl = self._order, self._sl
-        if o.numel() == 0:
+        if step.num_tokens == 0:
             return h, r, None
-        t = self.table.t
-        K, S = self.p.bank_k, self.table.capacity
-        ts, ns, xs = tau[o], n[o], x[o]
-        act = self._live & torch.isfinite(ts)
-
-        bn = t["erss_bank_norm"][sl, j, :K]            # [M, K] copies
-        bank = t["erss_bank"][sl, j, :K]               # [M, K, H]
-        streak = t["erss_streak"][sl, j]
-        cd = t["erss_cooldown"][sl, j]
-        ar = torch.arange(o.numel(), device=o.device)
-
-        # 1. cooldown
-        blocked = cd > 0
-        cd1 = (cd - 1).clamp(min=0)
-        # 2. bank update (copy of x; the smallest entry is replaced, empties first)
-        minv, pos = bn.min(dim=1)
-        store = act & (ns > ts) & (ns > minv)
-        bn[ar, pos] = torch.where(store, ns, bn[ar, pos])
-        bank[ar, pos] = torch.where(store[:, None], xs, bank[ar, pos])
-        filled = torch.isfinite(bn)
-        # 3. streak, trigger
-        streak1 = torch.where(ns < self.p.gamma * ts, streak + 1, torch.zeros_like(streak))
-        u = uniform(self._seed, self._pos, self.layer_ids[j], STREAM)
-        attempt = act & (streak1 >= self.p.low_k) & ~blocked & (u < self.p.p_inject)
-        vn = torch.where(filled, bn, torch.zeros_like(bn))
-        dots = torch.einsum("mkh,mh->mk", bank, xs)
-        cos = dots / ((vn + 1e-6) * (ns + 1e-6)[:, None])
-        cos = torch.where(filled, cos, torch.full_like(cos, float("-inf")))
-        best_cos, best = cos.max(dim=1)
-        inject = attempt & (best_cos >= self.p.cos_min)
-        # 4. injection
-        v = bank[ar, best]
-        hs = h[o]
-        delta = v if r is None else v - r[o].float()
-        h_new = torch.where(inject[:, None], (hs.float() + self.p.beta * delta).to(h.dtype), hs)
+        o, p, cols = self._order, self.p, core.columns
+        hs, rs, xs, ns = (h, r, x, n) if o is None else (h[o], None if r is None else r[o], x[o], n[o])
+        cols = (cols["erss_cos"], cols["erss_vnorm"], cols["erss_bank"])
+        h_s, ev_s = self._call(erss_layer, self._state(j), (hs, rs, xs, ns, core.tau, *self._sel), cols,
+                               (p.bank_k, p.gamma, p.low_k, p.p_inject, p.cos_min, p.cooldown, p.beta))
+        if o is None:
+            return h_s, r, ev_s
         h2 = h.clone()
-        h2[o] = h_new
-        streak2 = torch.where(inject, torch.zeros_like(streak1), streak1)
-        cd2 = torch.where(inject, torch.full_like(cd1, self.p.cooldown), cd1)
-
-        # write back (only act tokens; the others go to the dump index / scratch entry)
-        drop = torch.where(act, sl, torch.full_like(sl, S))
-        self._scatter_col(t["erss_streak"][:, j], drop, streak2)
-        self._scatter_col(t["erss_cooldown"][:, j], drop, cd2)
-        pos_w = torch.where(store, pos, torch.full_like(pos, K))
-        t["erss_bank_norm"][:, j].index_put_((sl, pos_w), torch.where(store, ns, torch.full_like(ns, float("-inf"))))
-        t["erss_bank"][:, j].index_put_((sl, pos_w), xs)
-
-        # records
-        nan = torch.full_like(ns, float("nan"))
-        cols = core.columns
-        cols["erss_cos"][o, j] = torch.where(attempt & torch.isfinite(best_cos), best_cos, nan)
-        cols["erss_vnorm"][o, j] = torch.where(inject, vn[ar, best], nan)
-        cols["erss_bank"][o, j] = torch.where(act, filled.sum(1).to(torch.float32), nan)
-        ev_s = (torch.where(store, EV_BANKED, 0) | torch.where(inject, EV_INJECTED, 0)).to(torch.int16)
+        h2[o] = h_s
         ev = torch.zeros(n.shape[0], dtype=torch.int16, device=n.device)
         ev[o] = ev_s
         return h2, r, ev
+
+    def _call(self, fn, state: tuple, tokens: tuple, written: tuple, consts: tuple):
+        """``fn(*state, *tokens, *written, *consts)``: compiled when fused (and the step is not a
+        gathered one). ``state``: the slot tables (and the layer's index tensors), written in place;
+        ``tokens``: per-token inputs, read only; ``written``: the step's record columns."""
+        if not self.fused or self._order is not None:
+            return fn(*state, *tokens, *written, *consts)
+        with torch.inference_mode():
+            # per-token inputs as the graphs were compiled for (copied if not) with their token
+            # dimension dynamic; the written columns are never copied
+            args = (*state, *(plain(t, tokens=True) for t in tokens), *(dynamic_tokens(c) for c in written), *consts)
+            try:
+                return compiled(fn, dynamic=True)(*args)
+            except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
+                self.fused = False
+                return fallback(fn, e)(*args)
 
     # -- reporting -------------------------------------------------------------------------------
     def summarize_columns(self, position: np.ndarray, cols: dict[str, np.ndarray], events: np.ndarray,
@@ -235,6 +222,83 @@ class ErssMethod(Method):
             "bank_mib": round(nbytes / 2**20, 3),
             "live_with_state": int((live & (has | armed)).sum()),
         }
+
+
+def bank_dots(bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[M, K] dot products of each token's bank vectors [M, K, hidden] with its x [M, hidden]."""
+    return torch.einsum("mkh,mh->mk", bank, x)
+
+
+# the same as an op opaque to the compiler: a compiled ERSS step computes the dot products as the
+# plain operations do (a compiled reduction sums in another order; eager and compiled engines
+# agree bit for bit)
+_bank_dots_op = torch.library.custom_op("telltale::erss_bank_dots", bank_dots, mutates_args=())
+_bank_dots_op.register_fake(lambda bank, x: bank.new_empty(bank.shape[:2]))
+
+
+def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_all, live, sl, seed, pos, rows,
+               col_cos, col_vn, col_bank, K, gamma, low_k, p_inject, cos_min, cooldown, beta):
+    """ERSS at patched layer ``j`` (model layer ``layer``; both 0-dim int64 tensors) for M tokens of
+    a step: ``h``, ``r`` [M, hidden] (``r`` may be None), ``x`` = h + r and its norm ``n``, ``live``
+    (new generated tokens the method may act on), ``sl`` (slot), ``seed``, ``pos`` [M] — at most
+    one live token per slot — and ``rows`` [M], their rows in the step (``tau_all`` and the record
+    columns ``col_*`` are [N, L]). Reads and writes the slot tables in place, in the module
+    docstring's order, and writes the records into column ``j`` at ``rows``. Returns (h' [M, hidden],
+    event bits int16 [M]). The engine's per-layer step: one kernel when the model runs compiled."""
+    S = streak_t.shape[0]
+    jv = j.expand_as(sl)
+    tau = tau_all[rows, jv]  # index tensors throughout: a 0-dim index would be read on the host
+    act = live & torch.isfinite(tau)
+    bn = bank_norm[sl, jv, :K]                     # [M, K] copies
+    bank_m = bank[sl, jv, :K]                      # [M, K, H]
+    streak = streak_t[sl, jv]
+    cd = cd_t[sl, jv]
+    ar = torch.arange(sl.shape[0], device=sl.device)
+
+    # 1. cooldown
+    blocked = cd > 0
+    cd1 = (cd - 1).clamp(min=0)
+    # 2. bank update (copy of x; the smallest entry is replaced, empties first)
+    minv, p = bn.min(dim=1)
+    store = act & (n > tau) & (n > minv)
+    bn[ar, p] = torch.where(store, n, bn[ar, p])
+    bank_m[ar, p] = torch.where(store[:, None], x, bank_m[ar, p])
+    filled = torch.isfinite(bn)
+    # 3. streak, trigger
+    streak1 = torch.where(n < gamma * tau, streak + 1, torch.zeros_like(streak))
+    u = uniform(seed, pos, layer, STREAM)
+    attempt = act & (streak1 >= low_k) & ~blocked & (u < p_inject)
+    vn = torch.where(filled, bn, torch.zeros_like(bn))
+    dots = _bank_dots_op(bank_m, x) if torch.compiler.is_compiling() else bank_dots(bank_m, x)
+    cos = dots / ((vn + 1e-6) * (n + 1e-6)[:, None])
+    cos = torch.where(filled, cos, torch.full_like(cos, float("-inf")))
+    best_cos, best = cos.max(dim=1)
+    inject = attempt & (best_cos >= cos_min)
+    # 4. injection
+    v = bank_m[ar, best]
+    delta = v if r is None else v - r.float()
+    h_new = torch.where(inject[:, None], (h.float() + beta * delta).to(h.dtype), h)
+    streak2 = torch.where(inject, torch.zeros_like(streak1), streak1)
+    cd2 = torch.where(inject, torch.full_like(cd1, cooldown), cd1)
+
+    # write back: only act tokens (the others land in a dump row S, or in a bank's scratch entry K,
+    # so no two real writes share an index and nothing needs a host-side selection)
+    drop = torch.where(act, sl, torch.full_like(sl, S))
+    for tab, val in ((streak_t, streak2), (cd_t, cd2)):
+        ext = torch.cat([tab, tab.new_zeros(1, tab.shape[1])])
+        ext.index_put_((drop, jv), val.to(tab.dtype))
+        tab.copy_(ext[:-1])
+    pos_w = torch.where(store, p, torch.full_like(p, K))
+    bank_norm.index_put_((sl, jv, pos_w), torch.where(store, n, torch.full_like(n, float("-inf"))))
+    bank.index_put_((sl, jv, pos_w), x)
+
+    nan = torch.full_like(n, float("nan"))
+    at = (rows, jv)
+    col_cos.index_put_(at, torch.where(attempt & torch.isfinite(best_cos), best_cos, nan))
+    col_vn.index_put_(at, torch.where(inject, vn[ar, best], nan))
+    col_bank.index_put_(at, torch.where(act, filled.sum(1).to(torch.float32), nan))
+    ev = (torch.where(store, EV_BANKED, 0) | torch.where(inject, EV_INJECTED, 0)).to(torch.int16)
+    return h_new, ev
 
 
 METHOD = ErssMethod

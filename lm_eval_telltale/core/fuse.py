@@ -6,14 +6,20 @@ dispatch (on a GPU, a launch) rather than its arithmetic, so together they outwe
 Adapters decide when (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`): the vLLM adapter
 does whenever vLLM compiles the model, and not under ``enforce_eager=True``, so eager mode
 compiles nothing. The compiled functions compute the same arithmetic in the same order; tests
-hold them to bit-identical results.
+hold them to bit-identical results. A sum over many elements would not be (a compiled reduction
+adds in another order), so a function keeps such sums as opaque ops (ERSS's dot products with its
+bank: :func:`~lm_eval_telltale.core.erss.bank_dots`) or leaves them to its caller (the norms).
+
+Compiled now: the threshold update of request and global τ (once per step) and ERSS's layer step
+(once per patched layer).
 
 Shapes are static (``dynamic=False``): each function is compiled for the shapes of the tables it
 updates (a slot table's size), once per shape and process, with torch's on-disk caches making a
 second process's compile cheaper. A function that also takes the step's tokens is compiled with
-``dynamic=True`` asked for: its callers mark the token dimension dynamic, so one graph serves every
-token count (torch compiles a single token apart). Up to :data:`SHAPES` shapes per function and process (engines
-built one after another in one process share it); past that, or if compiling fails at all, the
+``dynamic=True`` asked for: its callers mark the token dimension dynamic (:func:`plain`,
+:func:`dynamic_tokens`), so one graph serves every token count (torch compiles a single token
+apart). Up to :data:`SHAPES` shapes per function and process (engines built one after another in
+one process share it); past that, or if compiling fails at all, the
 caller runs the plain operations again and logs why (:func:`fallback`) — never a wrong number.
 """
 
@@ -52,3 +58,25 @@ def fallback(fn: Callable, err: BaseException) -> Callable:
     logger.warning("telltale: the compiled %s failed (%s: %s); running its operations one by one instead "
                    "(same results, slower)", getattr(fn, "__name__", fn), type(err).__name__, str(err).splitlines()[0][:200])
     return fn
+
+
+def plain(t, tokens: bool = False):
+    """A compiled step's input as its graph was warmed: a contiguous inference tensor that is not a
+    view (else a copy; a graph specialises on each of these); with ``tokens``, its first (token)
+    dimension marked dynamic — one graph for every token count ≥ 2 (and one for a single token).
+    Anything but a tensor passes through."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t._is_view() or not t.is_contiguous() or not t.is_inference():
+        t = t.to(memory_format=torch.contiguous_format, copy=True)
+    if tokens and t.ndim and t.shape[0] >= 2:
+        torch._dynamo.mark_dynamic(t, 0)
+    return t
+
+
+def dynamic_tokens(t):
+    """A compiled step's input that it writes in place (a step's record column): never copied, its
+    first (token) dimension marked dynamic as :func:`plain` does."""
+    if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] >= 2:
+        torch._dynamo.mark_dynamic(t, 0)
+    return t

@@ -32,7 +32,7 @@ import contextlib
 import torch
 
 from ..spec import TAU_MODES
-from .fuse import compiled, fallback
+from .fuse import compiled, fallback, plain
 
 _P = (0.25, 0.75)
 
@@ -105,7 +105,7 @@ class P2Quartiles:
         if not self.fused:
             return step(*state, *inputs)
         with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
-            args = (*state, *(_plain(t, tokens) for t in inputs))
+            args = (*state, *(plain(t, tokens) for t in inputs))
             try:
                 return compiled(step, dynamic=tokens)(*args)
             except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
@@ -121,8 +121,9 @@ class P2Quartiles:
         A compiled graph is specialised on its inputs, inference-mode tensors or not included, and
         vLLM steps run under ``torch.inference_mode``: so the fused estimator keeps its state as
         inference tensors, and calls (and warms) its graphs under inference mode with the step's
-        inputs as contiguous inference tensors that are not views (:func:`_plain` copies those that
-        are not: a graph also specialises on that) — one graph per shape, whoever calls."""
+        inputs as contiguous inference tensors that are not views
+        (:func:`~lm_eval_telltale.core.fuse.plain` copies those that are not: a graph also
+        specialises on that) — one graph per shape, whoever calls."""
         self.fused = True
         with torch.inference_mode():
             self.q, self.n, self.np_, self.count = (t.clone() for t in (self.q, self.n, self.np_, self.count))
@@ -132,19 +133,6 @@ class P2Quartiles:
         # the state's in-place writes: inference tensors (a fused estimator's, or any estimator's
         # after a step under vLLM's inference mode) take them in inference mode only
         return torch.inference_mode() if self.q.is_inference() else contextlib.nullcontext()
-
-
-def _plain(t, tokens: bool):
-    """A compiled step's input as its graph was warmed: a contiguous inference tensor that is not a
-    view (else a copy); with ``tokens``, its first (token) dimension marked dynamic — one graph for
-    every token count ≥ 2 (and one for a single token)."""
-    if not isinstance(t, torch.Tensor):
-        return t
-    if t._is_view() or not t.is_contiguous() or not t.is_inference():
-        t = t.to(memory_format=torch.contiguous_format, copy=True)
-    if tokens and t.ndim and t.shape[0] >= 2:
-        torch._dynamo.mark_dynamic(t, 0)
-    return t
 
 
 def p2_update(q, n, np_, count, dn, x, mask):

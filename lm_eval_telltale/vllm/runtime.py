@@ -305,6 +305,7 @@ class VllmRuntime:
             "records": self.records,
             "step_digest": self.step_digest,
             "fused": self.core.fused,
+            "method_fused": self.core.method_fused,
             "method": self.method.summary(),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -308,3 +309,120 @@ def test_defaults_and_checks():
     # knobs from a preset; explicit model_args win
     cfg = resolve("erss", {"beta": 0.25}, 28, preset={"telltale": {"low_k": 10, "beta": 0.1}})
     assert cfg.params["low_k"] == 10 and cfg.params["beta"] == 0.25
+
+
+def _same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_layer_step_is_bit_identical_to_eager(dtype):
+    """The compiled per-layer step (what a compiled vLLM engine runs) gives the plain operations'
+    numbers bit for bit over a random stream: several requests in request-τ mode, decode steps with
+    prefill chunks and a preempted request's re-fed positions mixed in, requests that end and are
+    replaced (slots reset), a table that grows and a step with more tokens than slots (the gathered
+    path); the inputs made in inference mode (as vLLM's) or not. And it does something: tokens are
+    banked and injected, so a step that silently did nothing would differ."""
+    from torch._dynamo.utils import counters
+
+    H, layers = 64, "5;6"
+    args = {"layers": layers, "tau_mode": "request", "warmup": 5, "low_k": 2, "p_inject": 0.5, "cos_min": 0.0,
+            "cooldown": 2, "bank_k": 3, "gamma": 1.0, "beta": 0.5}
+    cores = [build_core(resolve("erss", args, 8), 4) for _ in range(2)]
+    eager, fused = cores
+    fused.fuse()
+    assert fused.method.fused and not eager.method.fused and eager.method_fused is False
+    g = torch.Generator().manual_seed(11)
+    pos: dict[str, int] = {}
+    live: list[str] = []
+    serial = 0
+
+    def admit(prompt_len):
+        nonlocal serial
+        key = f"q{serial}"
+        serial += 1
+        with torch.inference_mode():  # as in vLLM (a table written in inference mode stays so)
+            for c in cores:
+                c.table.acquire(key, prompt_len=prompt_len, seed=serial)
+        pos[key] = 0
+        live.append(key)
+        return key
+
+    for _ in range(3):
+        admit(3)
+    banked = injected = 0
+    graphs = None
+    for t in range(140):
+        if t == 40:
+            for _ in range(3):
+                admit(3)  # 6 live requests: the table grows from 4 to 8 slots
+        if t % 23 == 22:  # a request ends; a new one comes
+            gone = live.pop(int(torch.randint(0, len(live), (1,), generator=g)))
+            with torch.inference_mode():
+                for c in cores:
+                    c.table.release(gone)
+            admit(2 + t % 3)
+        plan = []  # (key, positions)
+        for key in live:
+            p0 = pos[key]
+            plen = cores[0].table.t["prompt_len"][cores[0].table.by_key[key].slot].item()
+            if p0 == 0:  # its prefill, then its first generated token
+                plan.append((key, list(range(plen + 1))))
+            elif t % 29 == 5 and key == live[0]:  # preempted and resumed: old positions re-fed + a new one
+                plan.append((key, list(range(p0 + 1))))
+            else:
+                plan.append((key, [p0]))
+        if t == 100:  # a long prefill chunk: more tokens than slots (the gathered path)
+            key = admit(12)
+            plan.append((key, list(range(13))))
+        n = sum(len(ps) for _k, ps in plan)
+        ctx = torch.inference_mode() if t % 2 else contextlib.nullcontext()
+        with ctx:  # the step's inputs made in inference mode (as vLLM's) or not
+            xs = torch.randn(n, H, generator=g) * torch.exp(0.3 * torch.randn(n, 1, generator=g))
+            rs = torch.randn(n, H, generator=g)
+            hr = [((xs - rs).to(dtype) + j, rs.to(dtype)) for j in range(2)]
+        outs = []
+        with torch.inference_mode():  # vLLM's steps run in it
+            for c in cores:
+                infos = [c.table.by_key[k] for k, _ in plan]
+                begin_step(c, infos, [ps for _k, ps in plan])
+                hs = [c.layer(j, *hr[j]) for j in range(2)]
+                outs.append((hs, c.end()))
+        (hs_e, rec_e), (hs_f, rec_f) = outs
+        for (a, ra), (b, rb) in zip(hs_e, hs_f):
+            _same(b, a)
+            _same(rb, ra)
+        assert rec_e.keys() == rec_f.keys()
+        for k in rec_e:
+            _same(rec_f[k], rec_e[k])
+        banked += int(((rec_e["event"] & EV_BANKED) != 0).sum())
+        injected += int(((rec_e["event"] & EV_INJECTED) != 0).sum())
+        for key, ps in plan:
+            pos[key] = max(pos[key], ps[-1] + 1)
+        if t == 120:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # compiled early on, not step after step
+    assert eager.table.capacity == fused.table.capacity == 8
+    for name in ("erss_bank", "erss_bank_norm", "erss_streak", "erss_cooldown"):
+        _same(fused.table.t[name], eager.table.t[name])
+    assert banked > 20 and injected > 10, (banked, injected)
+    assert fused.method.fused  # compiled throughout: a failure would have fallen back to the plain operations
+
+
+def test_a_failing_compiled_layer_step_falls_back_to_the_same_numbers(caplog, monkeypatch):
+    import lm_eval_telltale.core.erss as E
+
+    def broken(*a):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(E, "compiled", lambda fn, dynamic=False: broken)
+    (core, tab, (info,)), (ref, rtab, (rinfo,)) = make({"low_k": 2}), make({"low_k": 2})
+    core.fuse()
+    assert core.method_fused
+    with caplog.at_level("WARNING", logger="lm_eval_telltale"):
+        out, want = feed(core, tab, info, [HIGH, LOW, LOW, LOW]), feed(ref, rtab, rinfo, [HIGH, LOW, LOW, LOW])
+    assert core.method_fused is False
+    assert "no compiler here" in caplog.text and caplog.text.count("failed") == 1
+    assert injected(out) == injected(want) == [False, False, True, False]
+    for a, b in zip(out, want):
+        assert a["ev"] == b["ev"] and torch.equal(a["h_out"], b["h_out"])

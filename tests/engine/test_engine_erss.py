@@ -42,11 +42,13 @@ def injections(rec):
     return {l: (st["inject_positions"], st["inject_cos"], st["inject_vnorm"]) for l, st in rec["layers"].items()}
 
 
-@pytest.fixture(scope="module")
-def erss_engine(engines, tiny_model_dir):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def erss_engine(engines, tiny_model_dir, request):
     # a small token budget with chunked prefill mixes prefill chunks and decode tokens in one step
+    # (32 tokens, more than the 16 slots: the gathered path too); compiled, the per-layer step runs
+    # as one compiled kernel
     llm = engines.make(tiny_model_dir, "erss", KNOBS, max_num_seqs=8, max_num_batched_tokens=32,
-                       enable_chunked_prefill=True)
+                       enable_chunked_prefill=True, compiled=request.param == "compiled")
     yield llm
     engines.close(llm)
 
@@ -94,6 +96,14 @@ def test_injections_are_the_same_alone_and_in_a_batch_of_8(erss_engine, batch8):
         assert injections(solo) == injections(recs[i])
         assert solo["tokens"]["event"] == recs[i]["tokens"]["event"]
         assert solo["tokens"]["norm"] == recs[i]["tokens"]["norm"]
+
+
+def test_a_compiled_engine_runs_the_fused_layer_step(erss_engine, batch8, request):
+    """vLLM compiling the model ⇒ ERSS's per-layer step ran as a compiled kernel through every step
+    of the batch (a compile failure in a step falls back to the plain operations, and says so)."""
+    compiled = request.node.callspec.params["erss_engine"] == "compiled"
+    state = rpc(erss_engine, "telltale_state")
+    assert state["method_fused"] is compiled and state["fused"] is compiled
 
 
 def test_concurrent_banks_hold_only_their_own_vectors(erss_engine):
