@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from .engine import Method
-from .fuse import compiled, dynamic_tokens, fallback, plain
+from .fuse import run
 from .params import checks_of, keys_of, knob
 from .rng import uniform
 from .stats import EV_BANKED, EV_INJECTED
@@ -114,7 +114,9 @@ class ErssMethod(Method):
         table.register("erss_cooldown", (L,), torch.int32, 0)
         self.hidden: int | None = None
         self._step = None
-        self._jt = None  # per patched layer: (its index, its model layer) as tensors
+        # per patched layer: (its index, its model layer) as 0-dim tensors — one compiled graph for all
+        self._jt = [(torch.tensor(i, device=device), torch.tensor(l, device=device))
+                    for i, l in enumerate(self.layer_ids)]
         self.fused = False  # True: each layer's step runs as one compiled kernel (:meth:`fuse`)
 
     # -- state ---------------------------------------------------------------------------------
@@ -133,8 +135,7 @@ class ErssMethod(Method):
         live, sl = step.new & step.act, step.slot.clamp(min=0)
         if step.num_tokens <= self.table.capacity:
             self._order = None
-            rows = torch.arange(step.num_tokens, device=sl.device)
-            self._sel = (live, sl, step.seed, step.position, rows)
+            self._sel = (live, sl, step.seed, step.position, None)  # rows: every one, in order
             return
         o = torch.argsort((~live).to(torch.int8), stable=True)[: self.table.capacity]
         self._order = o
@@ -145,11 +146,6 @@ class ErssMethod(Method):
 
     def _state(self, j: int) -> tuple:
         t = self.table.t
-        if self._jt is None or self._jt[0][0].device != t["erss_streak"].device:
-            dev = t["erss_streak"].device
-            with torch.inference_mode():
-                self._jt = [(torch.tensor(i, device=dev), torch.tensor(l, device=dev))
-                            for i, l in enumerate(self.layer_ids)]
         return (t["erss_bank"], t["erss_bank_norm"], t["erss_streak"], t["erss_cooldown"], *self._jt[j])
 
     # -- the step --------------------------------------------------------------------------------
@@ -179,15 +175,8 @@ class ErssMethod(Method):
         ``tokens``: per-token inputs, read only; ``written``: the step's record columns."""
         if not self.fused or self._order is not None:
             return fn(*state, *tokens, *written, *consts)
-        with torch.inference_mode():
-            # per-token inputs as the graphs were compiled for (copied if not) with their token
-            # dimension dynamic; the written columns are never copied
-            args = (*state, *(plain(t, tokens=True) for t in tokens), *(dynamic_tokens(c) for c in written), *consts)
-            try:
-                return compiled(fn, dynamic=True)(*args)
-            except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
-                self.fused = False
-                return fallback(fn, e)(*args)
+        out, self.fused = run(fn, state, tokens, written, consts, tokens=True)
+        return out
 
     # -- reporting -------------------------------------------------------------------------------
     def summarize_columns(self, position: np.ndarray, cols: dict[str, np.ndarray], events: np.ndarray,
@@ -241,19 +230,19 @@ def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_all, l
     """ERSS at patched layer ``j`` (model layer ``layer``; both 0-dim int64 tensors) for M tokens of
     a step: ``h``, ``r`` [M, hidden] (``r`` may be None), ``x`` = h + r and its norm ``n``, ``live``
     (new generated tokens the method may act on), ``sl`` (slot), ``seed``, ``pos`` [M] — at most
-    one live token per slot — and ``rows`` [M], their rows in the step (``tau_all`` and the record
-    columns ``col_*`` are [N, L]). Reads and writes the slot tables in place, in the module
+    one live token per slot — and ``rows`` [M], their rows in the step (None: rows 0…M−1;
+    ``tau_all`` and the record columns ``col_*`` are [N, L]). Reads and writes the slot tables in place, in the module
     docstring's order, and writes the records into column ``j`` at ``rows``. Returns (h' [M, hidden],
     event bits int16 [M]). The engine's per-layer step: one kernel when the model runs compiled."""
-    S = streak_t.shape[0]
     jv = j.expand_as(sl)
+    ar = torch.arange(sl.shape[0], device=sl.device)
+    rows = ar if rows is None else rows
     tau = tau_all[rows, jv]  # index tensors throughout: a 0-dim index would be read on the host
     act = live & torch.isfinite(tau)
     bn = bank_norm[sl, jv, :K]                     # [M, K] copies
     bank_m = bank[sl, jv, :K]                      # [M, K, H]
     streak = streak_t[sl, jv]
     cd = cd_t[sl, jv]
-    ar = torch.arange(sl.shape[0], device=sl.device)
 
     # 1. cooldown
     blocked = cd > 0
@@ -281,13 +270,12 @@ def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_all, l
     streak2 = torch.where(inject, torch.zeros_like(streak1), streak1)
     cd2 = torch.where(inject, torch.full_like(cd1, cooldown), cd1)
 
-    # write back: only act tokens (the others land in a dump row S, or in a bank's scratch entry K,
-    # so no two real writes share an index and nothing needs a host-side selection)
-    drop = torch.where(act, sl, torch.full_like(sl, S))
-    for tab, val in ((streak_t, streak2), (cd_t, cd2)):
-        ext = torch.cat([tab, tab.new_zeros(1, tab.shape[1])])
-        ext.index_put_((drop, jv), val.to(tab.dtype))
-        tab.copy_(ext[:-1])
+    # write back, only for act tokens, with no host-side selection. Streak and cooldown: each token
+    # adds its change (0 unless act; integers, so exact), as other tokens of an act token's slot
+    # may sit in the step (a resumed request's re-fed positions). The bank: the others write a
+    # scratch entry K, so no two real writes share an index.
+    streak_t.index_put_((sl, jv), torch.where(act, streak2 - streak, 0).to(streak_t.dtype), accumulate=True)
+    cd_t.index_put_((sl, jv), torch.where(act, cd2 - cd, 0).to(cd_t.dtype), accumulate=True)
     pos_w = torch.where(store, p, torch.full_like(p, K))
     bank_norm.index_put_((sl, jv, pos_w), torch.where(store, n, torch.full_like(n, float("-inf"))))
     bank.index_put_((sl, jv, pos_w), x)

@@ -60,6 +60,22 @@ def fallback(fn: Callable, err: BaseException) -> Callable:
     return fn
 
 
+def run(fn: Callable, state: tuple, inputs: tuple, written: tuple = (), consts: tuple = (), *,
+        tokens: bool) -> tuple[object, bool]:
+    """``fn(*state, *inputs, *written, *consts)`` compiled, under inference mode (vLLM's steps run in
+    it, and a graph specialises on it): ``state`` as it is (tables the step may write in place),
+    ``inputs`` read only, as :func:`plain` makes them, ``written`` (tensors it writes in place with
+    a token dimension) as :func:`dynamic_tokens` does. ``tokens``: the inputs' first dimension
+    counts the step's tokens. Returns (its result, True), or if compiling fails the plain
+    operations' result and False — the caller runs them from then on."""
+    with torch.inference_mode():
+        args = (*state, *(plain(t, tokens) for t in inputs), *(dynamic_tokens(w) for w in written), *consts)
+        try:
+            return compiled(fn, dynamic=tokens)(*args), True
+        except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
+            return fallback(fn, e)(*args), False
+
+
 def plain(t, tokens: bool = False):
     """A compiled step's input as its graph was warmed: a contiguous inference tensor that is not a
     view (else a copy; a graph specialises on each of these); with ``tokens``, its first (token)

@@ -32,7 +32,7 @@ import contextlib
 import torch
 
 from ..spec import TAU_MODES
-from .fuse import compiled, fallback, plain
+from .fuse import run
 
 _P = (0.25, 0.75)
 
@@ -104,13 +104,8 @@ class P2Quartiles:
         state = (self.q, self.n, self.np_, self.count, self.dn)
         if not self.fused:
             return step(*state, *inputs)
-        with torch.inference_mode():  # the inputs the compiled graph was warmed with (see fuse)
-            args = (*state, *(plain(t, tokens) for t in inputs))
-            try:
-                return compiled(step, dynamic=tokens)(*args)
-            except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers
-                self.fused = False
-                return fallback(step, e)(*args)
+        out, self.fused = run(step, state, inputs, tokens=tokens)  # inputs as warmed (see fuse)
+        return out
 
     def fuse(self) -> None:
         """Let :meth:`run` call compiled steps (:func:`~lm_eval_telltale.core.fuse.compiled`) instead

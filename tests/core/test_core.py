@@ -129,12 +129,12 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
 
 
 def test_a_failing_compiled_update_falls_back_to_the_same_numbers(caplog, monkeypatch):
-    import lm_eval_telltale.core.thresholds as T
+    import lm_eval_telltale.core.fuse as F
 
     def broken(*a):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(T, "compiled", lambda fn, dynamic=False: broken)
+    monkeypatch.setattr(F, "compiled", lambda fn, dynamic=False: broken)
     thr, ref = Thresholds("request", num_layers=2, capacity=4), Thresholds("request", num_layers=2, capacity=4)
     thr.p2.fuse()  # as if warmed: the failure comes in a step
     assert thr.fused

@@ -410,12 +410,12 @@ def test_compiled_layer_step_is_bit_identical_to_eager(dtype):
 
 
 def test_a_failing_compiled_layer_step_falls_back_to_the_same_numbers(caplog, monkeypatch):
-    import lm_eval_telltale.core.erss as E
+    import lm_eval_telltale.core.fuse as F
 
     def broken(*a):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(E, "compiled", lambda fn, dynamic=False: broken)
+    monkeypatch.setattr(F, "compiled", lambda fn, dynamic=False: broken)
     (core, tab, (info,)), (ref, rtab, (rinfo,)) = make({"low_k": 2}), make({"low_k": 2})
     core.fuse()
     assert core.method_fused
