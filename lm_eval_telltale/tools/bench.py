@@ -344,6 +344,41 @@ def _compilation_line(per_method: dict) -> str | None:
     return "; ".join(f"{k} ({', '.join(ms)})" for k, ms in groups.items()) or None
 
 
+def _kernels_of(cells: list[dict], engine: str) -> dict[str, dict[str, bool | None]]:
+    """Per method (label): whether its core kernels ran compiled in every finished cell (``kernels``
+    of :func:`_kernels`; a cell without them, a stock or hf one, is left out)."""
+    out: dict[str, dict[str, bool | None]] = {}
+    for c in cells:
+        k = c.get("kernels") if c.get("ok") else None
+        if not k:
+            continue
+        o = out.setdefault(label(c["method"], engine), {"core": True, "method": k.get("method")})
+        o["core"] = o["core"] and bool(k.get("core"))
+        if k.get("method") is not None:
+            o["method"] = bool(o["method"]) and bool(k["method"])
+    return out
+
+
+def _kernels_line(per_method: dict) -> str | None:
+    """How the telltale core's per-step work ran, per method: compiled (the threshold update, and
+    the method's layer step where it has one), plain operations, or partly (a compile that failed
+    and fell back)."""
+    groups: dict[str, list[str]] = {}
+    for m, k in per_method.items():
+        core, meth = k.get("core"), k.get("method")
+        if core and meth is not False:
+            word = "compiled"
+        elif not core and not meth:
+            word = "plain operations"
+        else:
+            word = f"partly compiled (threshold update {'compiled' if core else 'plain'}, " \
+                   f"layer step {'compiled' if meth else 'plain'})"
+        groups.setdefault(word, []).append(m)
+    if len(groups) == 1 and len(per_method) > 1:
+        return f"{next(iter(groups))} (every telltale method)"
+    return "; ".join(f"{w} ({', '.join(ms)})" for w, ms in groups.items()) or None
+
+
 def render_markdown(rep: dict) -> str:
     meta, rows = rep["meta"], rep["rows"]
     out = [f"# telltale bench: {meta.get('model_name', '')}", "", "```", meta.get("command", ""), "```", ""]
@@ -358,6 +393,7 @@ def render_markdown(rep: dict) -> str:
         ("transformers / torch", f"{versions.get('transformers')} / {versions.get('torch')}"),
         ("dtype", eng.get("dtype")),
         ("compilation", _compilation_line(meta.get("compilation") or {})),
+        ("telltale's per-step kernels", _kernels_line(meta.get("kernels") or {})),
         ("requests", f"B distinct prompts × {meta.get('prompt_len')} tokens, {meta.get('max_tokens')} generated tokens "
                      f"each (ignore_eos), greedy; LRS: B prompts × {meta.get('n_candidates')} sampled candidates "
                      f"({', '.join(f'{k} {v}' for k, v in (meta.get('lrs_sampling') or {}).items())})"),
@@ -911,6 +947,7 @@ def main(argv=None) -> int:
         "compilation": {label(m, a.engine): (c.get("engine") or {}).get("compilation")
                         for m in cms for c in cells if c.get("ok") and c["method"] == m and c["repeat"] == 0
                         and c["batch"] == batches[0]},
+        "kernels": _kernels_of(cells, a.engine),
         "versions": _versions(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "status": status,
     }
@@ -959,6 +996,17 @@ def _method_total(states: list, key: str, tp: int) -> int:
     (pipeline stages own different layers) and divided by the tensor-parallel size (its ranks all
     run, and count, the same re-runs)."""
     return sum(int(((st or {}).get("method") or {}).get(key, 0)) for st in states or []) // max(1, tp)
+
+
+def _kernels(states: list) -> dict[str, bool | None]:
+    """Whether the telltale core's own per-step work ran compiled on every worker, from their
+    ``telltale_state``: ``core`` the threshold update, ``method`` the method's layer step (None for
+    a method without one). A kernel whose compile failed falls back for good, so the state after a
+    run says how that run ran."""
+    sts = [st for st in states or [] if st]
+    mf = [st.get("method_fused") for st in sts]
+    return {"core": bool(sts) and all(bool(st.get("fused")) for st in sts),
+            "method": None if all(m is None for m in mf) else all(bool(m) for m in mf)}
 
 
 def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list[int], list, dict[str, Any]]:
@@ -1113,6 +1161,7 @@ def worker_main(argv: list[str]) -> int:
                 res["interventions"] = inter
                 res["collected"] = len(recs)
                 res["telltale_layers"] = cfg.layers
+                res["kernels"] = _kernels(state1)
                 if method == "alrr":
                     tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
                     res["alrr"] = {k: _method_total(state1, k, tp) - _method_total(state0, k, tp)

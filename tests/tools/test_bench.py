@@ -147,12 +147,15 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     assert rep["meta"]["rate"] == "decode"
     assert cells["alrr"]["engine"]["enforce_eager"] and cells["alrr"]["engine"]["dtype"] == "float32"
     assert cells["alrr"]["alrr"]["rerun_calls"] > 0 and cells["alrr"]["alrr"]["rerun_rows"] > 0
+    # --eager: the core's per-step work ran as plain operations, and the report says so
+    assert cells["alrr"]["kernels"] == {"core": False, "method": None} and "kernels" not in cells["vllm"]
     assert cells["alrr"]["interventions"]["above_tau"] >= 0
     rows = {r["method"]: r for r in rep["rows"]}
     assert rows["alrr"]["ratio"] > 0
     assert 0 < rows["alrr"]["compute_limit_ratio"] < 1
     md = (out / "tiny.md").read_text()
     assert "telltale bench --model" in md and "| vllm-alrr | 2 | 2 |" in md
+    assert "- telltale's per-step kernels: plain operations (vllm-alrr)" in md
     assert (out / "tiny.png").stat().st_size > 1000
 
 
@@ -195,3 +198,28 @@ def test_method_counters_are_summed_over_stages_once_per_tp_group():
     states = [{"method": {"rerun_rows": 40}}, {"method": {"rerun_rows": 40}}, None]
     assert bench._method_total(states, "rerun_rows", tp=2) == 40
     assert bench._method_total(states, "rerun_rows", tp=1) == 80
+
+
+def test_report_says_whether_each_methods_kernels_ran_compiled():
+    """The workers' ``telltale_state`` → a cell's ``kernels`` → one line per report: a method is
+    "compiled" only if every cell (and every worker) ran compiled; one fallback shows."""
+    assert bench._kernels([{"fused": True, "method_fused": None}, {"fused": True, "method_fused": None}]) == \
+        {"core": True, "method": None}
+    assert bench._kernels([{"fused": True, "method_fused": True}, {"fused": True, "method_fused": False}]) == \
+        {"core": True, "method": False}
+    assert bench._kernels([None]) == {"core": False, "method": None}
+
+    def cell(m, core, meth, ok=True, repeat=0):
+        return {"method": m, "ok": ok, "repeat": repeat, "kernels": {"core": core, "method": meth}}
+
+    cells = [cell("norms", True, None), cell("norms", True, None, repeat=1),
+             cell("erss", True, True), cell("erss", True, False, repeat=1),
+             cell("suppress", False, None, ok=False), {"method": "vllm", "ok": True, "repeat": 0}]
+    per = bench._kernels_of(cells, "vllm")
+    assert per == {"vllm-norms": {"core": True, "method": None}, "vllm-erss": {"core": True, "method": False}}
+    line = bench._kernels_line(per)
+    assert line == ("compiled (vllm-norms); partly compiled (threshold update compiled, layer step plain) "
+                    "(vllm-erss)")
+    per["vllm-erss"]["method"] = True
+    assert bench._kernels_line(per) == "compiled (every telltale method)"
+    assert bench._kernels_line({}) is None
