@@ -17,12 +17,13 @@ Modes:
 need no extra "ready" mask.
 
 The P² algorithm (Jain & Chlamtac, 1985) is vectorised here over any leading shape: one
-``update`` call feeds one sample to every estimator selected by ``mask``. Each mode's step is a
-pure function (:func:`request_step`, :func:`global_step`) that also returns τ for the next step,
-so ``tau_slots`` reads it instead of recomputing it. Adapters whose model runs compiled also
-compile that step (:meth:`Thresholds.fuse`): one kernel instead of ~200 small operations per step
-(in request mode the scatter of the step's tokens to their slots included), with the same results
-bit for bit.
+``update`` call feeds one sample to every estimator selected by ``mask``. Each mode's step is one
+function that also gives τ for the next step, so ``tau_slots`` reads it instead of recomputing it:
+:func:`global_step` returns the new state; :func:`request_step` reads and writes, in place, only
+the rows of the slots that have a token in the step (its cost follows the step's tokens, not the
+slot table's size). Adapters whose model runs compiled also compile that step
+(:meth:`Thresholds.fuse`): one kernel instead of ~200 small operations per step, with the same
+results bit for bit.
 """
 
 from __future__ import annotations
@@ -95,15 +96,23 @@ class P2Quartiles:
         self.q, self.n, self.np_, self.count = out[:4]
         return tuple(out[4:])
 
-    def warm(self, step, *inputs, tokens: bool = False) -> None:
-        """Compile ``step`` for these input shapes now (a dry call: the state is not advanced)."""
-        if self.fused:
-            self._call(step, inputs, tokens)
+    def write(self, step, *inputs, tables: tuple = (), tokens: bool = False) -> None:
+        """Advance the state in place: ``step(q, n, np_, count, dn, *tables, *inputs)`` writes the
+        rows it updates, of the state and of ``tables`` (the caller's own, e.g. τ), and returns
+        nothing."""
+        self._call(step, inputs, tokens, tables)
 
-    def _call(self, step, inputs: tuple, tokens: bool):
-        state = (self.q, self.n, self.np_, self.count, self.dn)
+    def warm(self, step, *inputs, tables: tuple = (), tokens: bool = False) -> None:
+        """Compile ``step`` for these input shapes now (a dry call that must not advance the state:
+        a :meth:`write` step is given only masked-out tokens)."""
+        if self.fused:
+            self._call(step, inputs, tokens, tables)
+
+    def _call(self, step, inputs: tuple, tokens: bool, tables: tuple = ()):
+        state = (self.q, self.n, self.np_, self.count, self.dn, *tables)
         if not self.fused:
-            return step(*state, *inputs)
+            with self._mode():
+                return step(*state, *inputs)
         out, self.fused = run(step, state, inputs, tokens=tokens)  # inputs as warmed (see fuse)
         return out
 
@@ -206,18 +215,21 @@ def p2_tau(q, count, iqr_k: float, min_iqr: float, tau_floor: float | None, read
     return torch.where(count >= ready_at, tau, torch.full_like(tau, float("nan")))
 
 
-def request_step(q, n, np_, count, dn, slot, norms, mask, iqr_k, min_iqr, tau_floor, ready_at):
-    """One step of request mode (pure): each new generated token's norms (``norms`` [N, L] float32,
-    ``mask`` [N]) fed to its slot's (``slot`` [N]) estimators, at most one token per slot; returns
-    the new state and τ [S, L] for the next step."""
-    S, L = q.shape[0], q.shape[1]
-    idx = torch.where(mask, slot, torch.full_like(slot, S))  # other tokens land in a dump row S
-    x = torch.zeros(S + 1, L, dtype=torch.float32, device=norms.device)
-    x[idx] = norms
-    has = torch.zeros(S + 1, dtype=torch.bool, device=norms.device)
-    has[idx] = True
-    q, n, np_, count = p2_update(q, n, np_, count, dn, x[:S], has[:S, None].expand(S, L))
-    return q, n, np_, count, p2_tau(q, count, iqr_k, min_iqr, tau_floor, ready_at)
+def request_step(q, n, np_, count, dn, tau, slot, norms, mask, iqr_k, min_iqr, tau_floor, ready_at):
+    """One step of request mode, in place: each new generated token's norms (``norms`` [N, L]
+    float32, ``mask`` [N]) fed to its slot's (``slot`` [N]) estimators, at most one such token per
+    slot, and its slot's τ for the next step written (``tau`` [S + 1, L]). The state and ``tau``
+    have S + 1 rows: the last one is a dump row, where the step's other tokens read and write (it
+    is never read as a slot's). Only the step's rows are gathered, updated and written back."""
+    S = q.shape[0] - 1
+    idx = torch.where(mask, slot, torch.full_like(slot, S))
+    m = mask[:, None].expand(idx.shape[0], q.shape[1])
+    qs, ns, nps, cs = p2_update(q[idx], n[idx], np_[idx], count[idx], dn, norms, m)
+    q[idx] = qs
+    n[idx] = ns
+    np_[idx] = nps
+    count[idx] = cs
+    tau[idx] = p2_tau(qs, cs, iqr_k, min_iqr, tau_floor, ready_at)
 
 
 def global_step(q, n, np_, count, dn, x, mask, iqr_k, min_iqr, tau_floor, ready_at):
@@ -252,10 +264,12 @@ class Thresholds:
             # with a warm-up, no decision before `warmup` of the request's own generated tokens
             self.seen = torch.zeros(capacity, dtype=torch.int64, device=device) if self.warmup > 0 else None
         elif mode == "request":
-            self.p2 = P2Quartiles((capacity, num_layers), device=device)
+            # one row per slot and a dump row (request_step)
+            self.p2 = P2Quartiles((capacity + 1, num_layers), device=device)
         else:
             self.p2 = P2Quartiles((num_layers,), device=device)
-        self._tau = None  # τ from the last update (P² modes); None: compute it when asked
+        self._tau = None  # τ from the last update (P² modes; request mode's has the dump row); None: compute it
+        self.capacity = capacity
 
     @property
     def _counts_tokens(self) -> bool:
@@ -271,6 +285,7 @@ class Thresholds:
         step's tokens to their slots too. Compiles now, for the table's shape."""
         if self.mode in ("request", "global"):
             self.p2.fuse()
+            self._tau = None  # made again from the fused (inference) state
             self._warm()
 
     def _warm(self) -> None:
@@ -278,10 +293,11 @@ class Thresholds:
         if not p2.fused:
             return
         if self.mode == "request":
-            for n in (1, 2):  # one token (its own graph) and any count ≥ 2
+            self.tau_slots()  # the τ table the step writes
+            for n in (1, 2):  # one token (its own graph) and any count ≥ 2; masked out: only the dump row is written
                 slot = torch.zeros(n, dtype=torch.int64, device=p2.q.device)
                 p2.warm(request_step, slot, torch.zeros(n, self.L, device=p2.q.device), slot.bool(), *self._consts,
-                        tokens=True)
+                        tables=(self._tau,), tokens=True)
         else:
             p2.warm(global_step, torch.zeros(self.L, device=p2.q.device),
                     torch.zeros(self.L, dtype=torch.bool, device=p2.q.device), *self._consts)
@@ -291,12 +307,17 @@ class Thresholds:
         return self.mode in ("request", "global") and self.p2.fused
 
     def resize(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
         if self.mode == "request":
-            self.p2.resize(capacity)
+            old = self.capacity
+            self.p2.resize(capacity + 1)
+            self.p2.reset(old)  # the old dump row is a slot now
             self._tau = None
             self._warm()
-        elif self._counts_tokens and capacity > self.seen.shape[0]:
+        elif self._counts_tokens:
             self.seen = torch.cat([self.seen, self.seen.new_zeros(capacity - self.seen.shape[0])])
+        self.capacity = capacity
 
     def reset_slot(self, slot: int) -> None:
         if self.mode == "request":
@@ -312,15 +333,17 @@ class Thresholds:
             ready = (self.seen >= self.warmup)[:, None]
             return torch.where(ready, self._fixed, torch.full_like(self._fixed, float("nan")))
         if self._tau is None:  # before the first step, or after a slot was reset
-            self._tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
-        return self._tau if self.mode == "request" else self._tau[None, :]
+            with self.p2._mode():  # a table the fused step writes: made as its state is
+                self._tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
+        return self._tau[: self.capacity] if self.mode == "request" else self._tau[None, :]
 
     def update(self, slot: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed one step. ``slot``: [N] slot per token; ``norms``: [N, L]; ``mask``: [N] tokens
         that are new generated tokens. At most one such token per slot per step."""
         if self.mode == "request":
-            self._tau, = self.p2.run(request_step, slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool),
-                                     *self._consts, tokens=True)
+            self.tau_slots()  # the τ table exists
+            self.p2.write(request_step, slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool),
+                          *self._consts, tables=(self._tau,), tokens=True)
         elif self.mode == "global":
             m = mask.to(torch.float32)[:, None]
             cnt = m.sum(0)  # [1] broadcast per layer

@@ -67,6 +67,45 @@ def test_request_thresholds_are_per_request_and_respect_warmup():
     assert torch.isnan(thr.tau_slots()[1]).all()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
+def test_request_step_writes_only_its_slots_rows_in_place(fused):
+    """Request mode updates, in place, only the rows of the slots with a new generated token in the
+    step — what a full-table P² update of the same samples gives, bit for bit — with prefill tokens
+    sharing a slot with its new token, tokens without a slot (-1), and slots reset mid-stream."""
+    from lm_eval_telltale.core.thresholds import p2_tau
+
+    g = torch.Generator().manual_seed(5)
+    S, L = 6, 2
+    thr = Thresholds("request", num_layers=L, capacity=S, warmup=5)
+    if fused:
+        thr.fuse()
+    ref = P2Quartiles((S, L))
+    with torch.inference_mode():
+        tau0 = thr.tau_slots()
+        ptrs = [t.data_ptr() for t in (thr.p2.q, thr.p2.n, thr.p2.np_, thr.p2.count, tau0)]
+        for t in range(120):
+            k = 1 + t % 3
+            new = torch.randperm(S, generator=g)[:k]  # distinct slots with a new generated token
+            others = torch.cat([new[:1].repeat(t % 2), torch.tensor([-1] * (t % 3 == 0))])  # a prefill token, a slotless one
+            slot = torch.cat([others, new])
+            mask = torch.cat([torch.zeros(len(others), dtype=torch.bool), torch.ones(k, dtype=torch.bool)])
+            norms = torch.randn(len(slot), L, generator=g).abs() * (1 + slot.clamp(min=0)[:, None])
+            thr.update(slot, norms, mask)
+            x, has = torch.zeros(S, L), torch.zeros(S, L, dtype=torch.bool)
+            x[new], has[new] = norms[mask], True
+            ref.update(x, has)
+            if t % 41 == 40:
+                thr.reset_slot(int(new[0]))
+                ref.reset(int(new[0]))
+            _same(thr.tau_slots(), p2_tau(ref.q, ref.count, *thr._consts))
+            _same(thr.p2.q[:S], ref.q)
+            _same(thr.p2.count[:S], ref.count)
+        assert torch.isfinite(thr.tau_slots()).any() and thr.fused == fused
+        assert thr.tau_slots().shape == (S, L)
+        # the state was written in place (the τ table is made again only after a reset)
+        assert [t.data_ptr() for t in (thr.p2.q, thr.p2.n, thr.p2.np_, thr.p2.count)] == ptrs[:4]
+
+
 def test_global_thresholds_feed_one_batch_mean_per_step():
     thr = Thresholds("global", num_layers=1, capacity=4, warmup=5)
     for t in range(5):
@@ -104,7 +143,7 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
         if t in (79, 159):  # compiled at fuse() / resize(), never during a step (in inference mode or not)
             assert counters["stats"]["unique_graphs"] == graphs
         ctx = torch.inference_mode() if t % 2 else contextlib.nullcontext()  # vLLM steps run in it
-        S = eager.p2.shape[0] if mode == "request" else 8
+        S = eager.capacity if mode == "request" else 8
         with ctx:  # the inputs too: made in inference mode, as in vLLM, or not
             # 1 .. S-1 new generated tokens (distinct slots), then 0-2 other tokens (a prefill's) on any slot
             k = 1 + t % (S - 1)
@@ -121,9 +160,10 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
                 for thr in (eager, fused):
                     thr.reset_slot(int(slot[0]))
         _same(fused.tau_slots(), eager.tau_slots())
+    rows = slice(0, eager.capacity) if mode == "request" else slice(None)  # not request mode's dump row
     for a, b in ((fused.p2.q, eager.p2.q), (fused.p2.n, eager.p2.n), (fused.p2.np_, eager.p2.np_),
                  (fused.p2.count, eager.p2.count)):
-        _same(a, b)
+        _same(a[rows], b[rows])
     assert torch.isfinite(eager.tau_slots()).any()  # the streams did reach the main phase
     assert fused.fused  # the compiled step ran throughout (a failure would have fallen back to eager)
 
