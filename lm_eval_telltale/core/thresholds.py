@@ -28,8 +28,6 @@ results bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..spec import TAU_MODES
@@ -134,9 +132,11 @@ class P2Quartiles:
             self.dn = self.dn.clone()
 
     def _mode(self):
-        # the state's in-place writes: inference tensors (a fused estimator's, or any estimator's
-        # after a step under vLLM's inference mode) take them in inference mode only
-        return torch.inference_mode() if self.q.is_inference() else contextlib.nullcontext()
+        # the state's in-place writes, and the tables made for them (request mode's τ), in the
+        # state's own mode: inference tensors (a fused estimator's) are written in inference mode
+        # only, and a normal state (an eager one) stays normal whoever calls, in inference mode
+        # (vLLM's steps) or not
+        return torch.inference_mode(self.q.is_inference())
 
 
 def p2_update(q, n, np_, count, dn, x, mask):
