@@ -293,11 +293,11 @@ class Thresholds:
         if not p2.fused:
             return
         if self.mode == "request":
-            self.tau_slots()  # the τ table the step writes
+            tau = self._tau_table()  # the table the step writes
             for n in (1, 2):  # one token (its own graph) and any count ≥ 2; masked out: only the dump row is written
                 slot = torch.zeros(n, dtype=torch.int64, device=p2.q.device)
                 p2.warm(request_step, slot, torch.zeros(n, self.L, device=p2.q.device), slot.bool(), *self._consts,
-                        tables=(self._tau,), tokens=True)
+                        tables=(tau,), tokens=True)
         else:
             p2.warm(global_step, torch.zeros(self.L, device=p2.q.device),
                     torch.zeros(self.L, dtype=torch.bool, device=p2.q.device), *self._consts)
@@ -313,7 +313,9 @@ class Thresholds:
             old = self.capacity
             self.p2.resize(capacity + 1)
             self.p2.reset(old)  # the old dump row is a slot now
-            self._tau = None
+            if self._tau is not None:  # the new rows' τ: NaN, as of every reset estimator
+                with self.p2._mode():
+                    self._tau = torch.cat([self._tau[:old], self._tau.new_full((capacity + 1 - old, self.L), float("nan"))])
             self._warm()
         elif self._counts_tokens:
             self.seen = torch.cat([self.seen, self.seen.new_zeros(capacity - self.seen.shape[0])])
@@ -322,7 +324,9 @@ class Thresholds:
     def reset_slot(self, slot: int) -> None:
         if self.mode == "request":
             self.p2.reset(slot)
-            self._tau = None
+            if self._tau is not None:  # a reset estimator's τ is NaN (0 samples < ready_at)
+                with self.p2._mode():
+                    self._tau[slot] = float("nan")
         elif self._counts_tokens:
             self.seen[slot] = 0
 
@@ -332,18 +336,23 @@ class Thresholds:
                 return self._fixed
             ready = (self.seen >= self.warmup)[:, None]
             return torch.where(ready, self._fixed, torch.full_like(self._fixed, float("nan")))
-        if self._tau is None:  # before the first step, or after a slot was reset
+        tau = self._tau_table()
+        return tau[: self.capacity] if self.mode == "request" else tau[None, :]
+
+    def _tau_table(self) -> torch.Tensor:
+        """τ from the state (P² modes), computed only before the first step (or fusing): each step
+        writes the next one, and a slot's reset writes its own row."""
+        if self._tau is None:
             with self.p2._mode():  # a table the fused step writes: made as its state is
                 self._tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
-        return self._tau[: self.capacity] if self.mode == "request" else self._tau[None, :]
+        return self._tau
 
     def update(self, slot: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed one step. ``slot``: [N] slot per token; ``norms``: [N, L]; ``mask``: [N] tokens
         that are new generated tokens. At most one such token per slot per step."""
         if self.mode == "request":
-            self.tau_slots()  # the τ table exists
             self.p2.write(request_step, slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool),
-                          *self._consts, tables=(self._tau,), tokens=True)
+                          *self._consts, tables=(self._tau_table(),), tokens=True)
         elif self.mode == "global":
             m = mask.to(torch.float32)[:, None]
             cnt = m.sum(0)  # [1] broadcast per layer

@@ -14,7 +14,7 @@ from lm_eval_telltale.core.rng import seed_from, uniform
 from lm_eval_telltale.core.state import SlotTable
 from lm_eval_telltale.core.stats import EV_ABOVE, summarize
 from lm_eval_telltale.core.step import build_step, finish_step
-from lm_eval_telltale.core.thresholds import P2Quartiles, Thresholds, iqr_tau
+from lm_eval_telltale.core.thresholds import P2Quartiles, Thresholds, iqr_tau, p2_tau
 
 
 def test_p2_tracks_exact_quartiles_per_stream():
@@ -74,7 +74,6 @@ def test_request_step_writes_only_its_slots_rows_in_place(fused):
     sharing a slot with its new token, tokens without a slot (-1), slots reset mid-stream, and
     steps in inference mode (vLLM's) or not, in any order (a τ table made in one, written in the
     other)."""
-    from lm_eval_telltale.core.thresholds import p2_tau
 
     g = torch.Generator().manual_seed(5)
     S, L = 6, 2
@@ -162,6 +161,9 @@ def test_fused_threshold_update_is_bit_identical_to_eager(mode):
                 for thr in (eager, fused):
                     thr.reset_slot(int(slot[0]))
         _same(fused.tau_slots(), eager.tau_slots())
+        # τ kept up to date (written by the step, by a reset, by a resize) = τ of the state now
+        now = p2_tau(eager.p2.q, eager.p2.count, *eager._consts)
+        _same(eager.tau_slots(), now[: eager.capacity] if mode == "request" else now[None, :])
     rows = slice(0, eager.capacity) if mode == "request" else slice(None)  # not request mode's dump row
     for a, b in ((fused.p2.q, eager.p2.q), (fused.p2.n, eager.p2.n), (fused.p2.np_, eager.p2.np_),
                  (fused.p2.count, eager.p2.count)):
