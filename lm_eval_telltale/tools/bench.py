@@ -315,6 +315,9 @@ def build_report(cells: list[dict], meta: dict) -> dict:
                 for name, v in (c.get("interventions") or {}).items():
                     events.setdefault(name, []).append(v)
             row["interventions_per_1k"] = {k: statistics.median(v) for k, v in events.items()}
+            hooks = [c["hooks"] for c in cs if (c.get("hooks") or {}).get("ms_per_step") is not None]
+            row["hook_ms_per_step"] = _stats([h["ms_per_step"] for h in hooks])["median"]
+            row["hook_share"] = _stats([h["share"] for h in hooks if h.get("share") is not None])["median"]
             if m == "alrr":
                 rr = [c["alrr"]["rerun_rows"] / c["generated_tokens"] for c in cs
                       if c.get("alrr") and c.get("generated_tokens")]
@@ -415,8 +418,9 @@ def render_markdown(rep: dict) -> str:
     decode = meta.get("rate") == "decode"
     out += ["", f"| method | batch | requests | {'decode ' if decode else ''}tok/s median | min | max | ratio to stock | "
                 + ("end-to-end tok/s (ratio) | " if decode else "")
-                + "interventions /1k tokens | re-run rows / token | ALRR compute limit | start-up s |",
-            "|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if decode else "") + "---|--:|--:|--:|"]
+                + "interventions /1k tokens | telltale hooks ms/step (share of run) | re-run rows / token | "
+                  "ALRR compute limit | start-up s |",
+            "|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if decode else "") + "---|--:|--:|--:|--:|"]
     for r in rows:
         t = r["tps"]
         ratio = _f(r["ratio"], ".3f") if r["baseline"] else "(baseline)"
@@ -429,6 +433,9 @@ def render_markdown(rep: dict) -> str:
         if r.get("compute_limit_ratio") is not None:
             lim = f"{r['compute_limit_ratio']:.3f} ({_f(r.get('compute_limit_tps'))} tok/s)"
         fail = f" ({r['failed']} failed)" if r["failed"] else ""
+        hook = _f(r.get("hook_ms_per_step"), ".2f")
+        if r.get("hook_share") is not None:
+            hook += f" ({100 * r['hook_share']:.1f}%)"
         e2e = ""
         if decode:
             e2e = f"{_f((r.get('e2e_tps') or {}).get('median'))}"
@@ -436,8 +443,8 @@ def render_markdown(rep: dict) -> str:
                 e2e += f" ({_f(r.get('e2e_ratio'), '.3f')})"
             e2e += " | "
         out.append(f"| {r['label']}{fail} | {r['batch']} | {_f(r['requests'], 'd')} | {_f(t['median'])} | "
-                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {e2e}{ev} | {_f(r.get('rerun_rows_per_token'), '.2f')} | "
-                   f"{lim} | {_f(r['startup_s']['median'])} |")
+                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {e2e}{ev} | {hook} | "
+                   f"{_f(r.get('rerun_rows_per_token'), '.2f')} | {lim} | {_f(r['startup_s']['median'])} |")
     rate_note = (
         "- decode tok/s: the tokens generated after every request of the cell had its first token ÷ the time after "
         "that moment, in one timed run of all the cell's requests (the engine stepped, each step's new tokens "
@@ -456,6 +463,13 @@ def render_markdown(rep: dict) -> str:
             f"compared with stock {stock} running the same B × N seeded sampled requests, so the ratio is the cost of "
             "recording and scoring, not of sampling N candidates.",
             "- interventions: events per 1,000 generated tokens, summed over the patched layers (median over repeats).",
+            "- telltale hooks: the host time spent in the telltale hooks' bodies (the step's map and τ, each patched "
+            "layer's norm and method — ALRR's re-runs included —, the threshold update and the step's rows; LRS's "
+            "logits) per engine step, and its share of the timed run's wall time (median over repeats): telltale's "
+            "own cost, read without the run-to-run noise of the throughput ratio. It leaves out the custom op's "
+            "dispatch and the engine settings the types change. On an accelerator it includes the one wait for the "
+            "device at each step's end (the selection of the step's rows), so there it bounds the cost from above."
+            if engine == "vllm" else None,
             f"- ALRR compute limit: stock tok/s × L / (L + re-run rows per generated token), L = "
             f"{meta.get('num_layers')}: the throughput if the re-run's extra layer passes were ALRR's only cost "
             "(a re-run pushes every token row of its step through the layer again).",
@@ -465,7 +479,7 @@ def render_markdown(rep: dict) -> str:
             if engine == "vllm" else
             "- the hf-* types generate with the hf adapter's own loop (the patched layers' hooks, a DynamicCache, "
             "finished rows leaving the batch); stock is transformers' model.generate on the same batch."]
-    return "\n".join(out) + "\n"
+    return "\n".join(line for line in out if line is not None) + "\n"
 
 
 def plot_report(rep: dict, path: str | Path) -> Path:
@@ -1009,6 +1023,19 @@ def _kernels(states: list) -> dict[str, bool | None]:
             "method": None if all(m is None for m in mf) else all(bool(m) for m in mf)}
 
 
+def _hook_time(states0: list, states1: list, wall_s: float, tp: int = 1) -> dict[str, float | None]:
+    """The host time telltale's hooks took in a run (``hook_s`` of the workers' ``telltale_state``
+    before and after): ``ms_per_step`` per engine step and ``share`` of the run's wall time. Summed
+    over the workers and divided by the tensor-parallel size, as :func:`_method_total` counts (the
+    ranks of a stage run their hooks at the same time; a pipeline's stages one after another)."""
+    pairs = [(a, b) for a, b in zip(states0 or [], states1 or []) if a and b]
+    if not pairs:
+        return {"ms_per_step": None, "share": None}
+    s = sum(float(b.get("hook_s", 0.0)) - float(a.get("hook_s", 0.0)) for a, b in pairs) / max(1, tp)
+    steps = int(pairs[0][1].get("steps", 0)) - int(pairs[0][0].get("steps", 0))
+    return {"ms_per_step": 1e3 * s / steps if steps > 0 else None, "share": s / wall_s if wall_s > 0 else None}
+
+
 def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list[int], list, dict[str, Any]]:
     """Generate ``prompts`` by stepping ``llm``'s engine and time it. ``LLM.generate`` asks for the
     final outputs only; this loop asks for each step's new tokens (``DELTA``: one small output per
@@ -1162,8 +1189,9 @@ def worker_main(argv: list[str]) -> int:
                 res["collected"] = len(recs)
                 res["telltale_layers"] = cfg.layers
                 res["kernels"] = _kernels(state1)
+                tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+                res["hooks"] = _hook_time(state0, state1, res["wall_s"], tp)
                 if method == "alrr":
-                    tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
                     res["alrr"] = {k: _method_total(state1, k, tp) - _method_total(state0, k, tp)
                                    for k in ("rerun_calls", "rerun_rows")}
             return res

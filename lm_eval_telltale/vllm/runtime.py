@@ -17,7 +17,9 @@ It glues vLLM's V1 runner to the engine-agnostic core:
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,21 @@ def model_compiles(vllm_config) -> bool:
         return False
     mode = getattr(vllm_config.compilation_config, "mode", None)
     return mode is not None and int(getattr(mode, "value", mode)) != 0
+
+
+def _host_timed(fn):
+    """Add the host time a hook body takes to the runtime's ``hook_s`` (what telltale adds to a step
+    on the host, reported by ``telltale_state`` and ``telltale bench``)."""
+
+    @functools.wraps(fn)
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args)
+        finally:
+            self.hook_s += time.perf_counter() - t0
+
+    return timed
 
 
 class VllmRuntime:
@@ -76,6 +93,7 @@ class VllmRuntime:
         self.num_rows = 0
         self.step_active = False
         self.steps = 0
+        self.hook_s = 0.0  # host seconds spent in the hooks' bodies (begin/end of step, layers, logits)
         self.begin_calls = 0
         self.resumed = 0
         self.dropped_after_end = 0  # rows of forwards run after an answer had ended
@@ -144,6 +162,7 @@ class VllmRuntime:
         self.num_rows = bu.batch_size
 
     # -- model forward ---------------------------------------------------------------------------
+    @_host_timed
     def begin_step(self, positions: torch.Tensor) -> None:
         from vllm.forward_context import get_forward_context
 
@@ -171,6 +190,7 @@ class VllmRuntime:
             keep = last >= self.table.t["prompt_len"][row_slot] - 1
             self._sampling_rows = (row_slot, keep)
 
+    @_host_timed
     def apply_logits(self, logits: torch.Tensor) -> None:
         """Row mirror's ``apply``: the step's raw logits for methods that use them (LRS)."""
         if self._sampling_rows is None:
@@ -181,6 +201,7 @@ class VllmRuntime:
             raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
         self.method.observe_logits(slots, logits, keep)
 
+    @_host_timed
     def post_layer(self, j: int, h: torch.Tensor, r: torch.Tensor) -> None:
         """The body of ``telltale::post_layer`` after patched layer ``j``: the core's decision and
         the method's tensor operation, written back into (h, r) in place."""
@@ -197,6 +218,7 @@ class VllmRuntime:
         if r2 is not r:
             r.copy_(r2)
 
+    @_host_timed
     def end_step(self) -> None:
         ops.deactivate()
         self._positions = None
@@ -298,6 +320,7 @@ class VllmRuntime:
             "uncollected": len(self._infos),
             "log_rows": int(sum(r["serial"].numel() for r in self._log)),
             "steps": self.steps,
+            "hook_s": self.hook_s,
             "capacity": self.table.capacity,
             "resumed_after_preemption": self.resumed,
             "dropped_after_end": self.dropped_after_end,

@@ -150,6 +150,9 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     # --eager: the core's per-step work ran as plain operations, and the report says so
     assert cells["alrr"]["kernels"] == {"core": False, "method": None} and "kernels" not in cells["vllm"]
     assert cells["alrr"]["interventions"]["above_tau"] >= 0
+    # telltale's own host time: measured in its hooks (ALRR's re-runs among them), a part of the run
+    hooks = cells["alrr"]["hooks"]
+    assert hooks["ms_per_step"] > 0 and 0 < hooks["share"] < 1 and "hooks" not in cells["vllm"]
     rows = {r["method"]: r for r in rep["rows"]}
     assert rows["alrr"]["ratio"] > 0
     assert 0 < rows["alrr"]["compute_limit_ratio"] < 1
@@ -223,3 +226,25 @@ def test_report_says_whether_each_methods_kernels_ran_compiled():
     per["vllm-erss"]["method"] = True
     assert bench._kernels_line(per) == "compiled (every telltale method)"
     assert bench._kernels_line({}) is None
+
+
+def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
+    """The workers' ``hook_s`` before and after a run → ms per step and share of the run's wall time
+    (tensor-parallel ranks run theirs at once; pipeline stages add up) → the report's column."""
+    before = [{"hook_s": 1.0, "steps": 10}, {"hook_s": 1.0, "steps": 10}]
+    after = [{"hook_s": 1.2, "steps": 110}, {"hook_s": 1.2, "steps": 110}]
+    assert bench._hook_time(before, after, wall_s=4.0, tp=2) == pytest.approx({"ms_per_step": 2.0, "share": 0.05})
+    assert bench._hook_time(before, after, wall_s=4.0, tp=1) == pytest.approx({"ms_per_step": 4.0, "share": 0.1})
+    assert bench._hook_time([None], [None], wall_s=4.0) == {"ms_per_step": None, "share": None}
+    cells = [_cell("vllm", 1, r, 20 + r) for r in range(3)]
+    cells += [{**_cell("norms", 1, r, 19 + r), "hooks": {"ms_per_step": 1.0 + r, "share": 0.02 + 0.01 * r}}
+              for r in range(3)]
+    rep = bench.build_report(cells, {"num_layers": 8, "cell_methods": ["vllm", "norms"], "batch_sizes": [1],
+                                     "repeats": 3})
+    row = {r["method"]: r for r in rep["rows"]}
+    assert row["norms"]["hook_ms_per_step"] == 2.0 and row["norms"]["hook_share"] == pytest.approx(0.03)
+    assert row["vllm"]["hook_ms_per_step"] is None
+    md = bench.render_markdown(rep)
+    assert "| telltale hooks ms/step (share of run) |" in md
+    assert "| 2.00 (3.0%) |" in next(l for l in md.splitlines() if l.startswith("| vllm-norms |"))
+    assert "- telltale hooks: the host time" in md
