@@ -1005,11 +1005,16 @@ def _engine_info(llm) -> dict[str, Any]:
     return info
 
 
+def _engine_total(states: list, read, tp: int) -> float:
+    """A figure of the workers' ``telltale_state`` over the engine: ``read(state)`` summed over the
+    workers (pipeline stages own different layers) and divided by the tensor-parallel size (its
+    ranks all run, and count, the same work)."""
+    return sum(read(st) for st in states or [] if st) / max(1, tp)
+
+
 def _method_total(states: list, key: str, tp: int) -> int:
-    """A counter of the method's ``summary()`` over the engine: summed over the workers' ``telltale_state``
-    (pipeline stages own different layers) and divided by the tensor-parallel size (its ranks all
-    run, and count, the same re-runs)."""
-    return sum(int(((st or {}).get("method") or {}).get(key, 0)) for st in states or []) // max(1, tp)
+    """A counter of the method's ``summary()`` over the engine (:func:`_engine_total`)."""
+    return int(_engine_total(states, lambda st: int((st.get("method") or {}).get(key, 0)), tp))
 
 
 def _kernels(states: list) -> dict[str, bool | None]:
@@ -1025,14 +1030,19 @@ def _kernels(states: list) -> dict[str, bool | None]:
 
 def _hook_time(states0: list, states1: list, wall_s: float, tp: int = 1) -> dict[str, float | None]:
     """The host time telltale's hooks took in a run (``hook_s`` of the workers' ``telltale_state``
-    before and after): ``ms_per_step`` per engine step and ``share`` of the run's wall time. Summed
-    over the workers and divided by the tensor-parallel size, as :func:`_method_total` counts (the
-    ranks of a stage run their hooks at the same time; a pipeline's stages one after another)."""
-    pairs = [(a, b) for a, b in zip(states0 or [], states1 or []) if a and b]
-    if not pairs:
+    before and after, over the engine as :func:`_engine_total` counts: a stage's tensor-parallel
+    ranks run their hooks at the same time, a pipeline's stages one after another): ``ms_per_step``
+    per engine step and ``share`` of the run's wall time."""
+    after = next((st for st in states1 or [] if st), None)
+    if after is None:
         return {"ms_per_step": None, "share": None}
-    s = sum(float(b.get("hook_s", 0.0)) - float(a.get("hook_s", 0.0)) for a, b in pairs) / max(1, tp)
-    steps = int(pairs[0][1].get("steps", 0)) - int(pairs[0][0].get("steps", 0))
+    before = next((st for st in states0 or [] if st), {})
+
+    def hook(st):
+        return float(st.get("hook_s", 0.0))
+
+    s = _engine_total(states1, hook, tp) - _engine_total(states0, hook, tp)
+    steps = int(after.get("steps", 0)) - int(before.get("steps", 0))
     return {"ms_per_step": 1e3 * s / steps if steps > 0 else None, "share": s / wall_s if wall_s > 0 else None}
 
 
