@@ -14,7 +14,10 @@ when — ``lm_eval.api.registry`` is imported, the finder lets the module execut
 
 When ``lm_eval.tasks.manager`` is imported it also adds the packaged task directory to every
 ``TaskManager``'s include paths, so ``--tasks telltale_gsm8k`` works without ``--include_path``
-(set ``TELLTALE_NO_TASKS=1`` to opt out).
+(set ``TELLTALE_NO_TASKS=1`` to opt out). With ``TELLTALE_TASKS_ONLY=1`` a ``TaskManager`` built
+without an explicit ``include_defaults`` indexes only the telltale tasks and its include paths, not
+lm-eval's ~14,750 built-in tasks: about 15 s less at every ``lm_eval`` start on a 2-core CPU, for
+runs of telltale (or ``--include_path``) tasks only; ``make eval`` and the tests set it.
 
 Everything fails soft: a problem is printed to stderr and never breaks lm-eval.
 """
@@ -57,6 +60,8 @@ def _patch_task_manager(module) -> None:
     orig = cls.__init__
 
     def __init__(self, *args, include_path=None, **kwargs):
+        if os.environ.get("TELLTALE_TASKS_ONLY", "") not in ("", "0") and len(args) < 2:
+            kwargs.setdefault("include_defaults", False)  # see the module docstring
         try:
             from lm_eval_telltale import tasks_dir
 

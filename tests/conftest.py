@@ -25,6 +25,10 @@ os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 # configuration: each telltale setting would compile its identical graph again, ~45 s on 2 cores)
 os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# lm-eval indexes the telltale tasks and --include_path only, not its ~14,750 built-in tasks (~15 s
+# at every lm_eval start and bare TaskManager()); tests/tasks/test_tasks_load.py's installed copy
+# runs without it
+os.environ.setdefault("TELLTALE_TASKS_ONLY", "1")
 
 from lm_eval_telltale.tasksupport.scoring import BBH_KINDS  # noqa: E402  (after the offline switches)
 from lm_eval_telltale.tasksupport.taskdata import GSM_PLUS_TYPES, MMLU_PRO_SUBJECTS  # noqa: E402

@@ -2,7 +2,7 @@
 selector and "accuracy if selector X had been used").
 
 The model class sees lm-eval ``Instance`` objects (task name, doc), not tasks. This module reads
-the task's YAML config through lm-eval's TaskManager index (no dataset is loaded), builds the
+the task's YAML config through lm-eval's task index (:mod:`.taskindex`; no dataset is loaded), builds the
 task's first filter pipeline with lm-eval's own ``build_filter_ensemble`` and calls the task's
 ``process_results`` (or its first metric with the YAML's kwargs, against ``doc_to_target``).
 
@@ -19,15 +19,9 @@ from functools import lru_cache
 from typing import Any
 
 from .argv import argv_value
+from .taskindex import index_entry
 
 logger = logging.getLogger("lm_eval_telltale")
-
-
-@lru_cache(maxsize=4)
-def _task_manager(include_path: str | None):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=include_path)
 
 
 class TaskScorer:
@@ -99,8 +93,7 @@ def scorer_for(task_name: str) -> TaskScorer | None:
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
 
-        tm = _task_manager(argv_value("--include_path"))
-        entry = tm.task_index.get(task_name)
+        entry = index_entry(task_name, argv_value("--include_path"))
         if entry is None or not entry.yaml_path:
             raise LookupError(f"task {task_name!r} not found in lm-eval's index")
         return TaskScorer(load_yaml(entry.yaml_path, resolve_func=True))
@@ -117,7 +110,7 @@ def task_generation_kwargs(names: list[str]) -> list[dict[str, Any]] | None:
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
 
-        tm = _task_manager(argv_value("--include_path"))
+        include_path = argv_value("--include_path")
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
 
@@ -125,7 +118,7 @@ def task_generation_kwargs(names: list[str]) -> list[dict[str, Any]] | None:
             if name in seen:
                 return True
             seen.add(name)
-            entry = tm.task_index.get(name)
+            entry = index_entry(name, include_path)
             if entry is None or not entry.yaml_path or depth > 8:
                 return False
             cfg = load_yaml(entry.yaml_path, resolve_func=False)

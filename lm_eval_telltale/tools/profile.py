@@ -100,12 +100,14 @@ def build_prompts(tokenizer, tasks: list[str], *, limit: int | None, modes: list
     """[{mode, task, doc_id, prompt (text), gen_kwargs}] for every mode, task and document."""
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=include_path, metadata=metadata) if metadata else TaskManager(include_path=include_path)
-    if hasattr(tm, "load"):  # lm-eval >= 0.4.12: {"tasks": {name: Task}, "groups": ..., "group_map": ...}
-        leaves = list(tm.load(list(tasks))["tasks"].values())
+    if hasattr(TaskManager, "load"):  # lm-eval >= 0.4.12: {"tasks": {name: Task}, "groups": ..., "group_map": ...}
+        from ..harness.taskindex import load_tasks
+
+        leaves = list(load_tasks(list(tasks), include_path, metadata or None)["tasks"].values())
     else:
         from lm_eval.tasks import get_task_dict
 
+        tm = TaskManager(include_path=include_path, metadata=metadata) if metadata else TaskManager(include_path=include_path)
         leaves = list(_leaf_tasks(get_task_dict(tasks, tm)))
     out = []
     for task in leaves:

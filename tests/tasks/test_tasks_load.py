@@ -190,6 +190,7 @@ def test_installed_copy(tmp_path, telltale_data):
     site = _install_copy(tmp_path / "site")
     env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("TELLTALE_NO_TASKS", None)
+    env.pop("TELLTALE_TASKS_ONLY", None)  # as a user's environment: lm-eval's built-in tasks indexed too
     env.pop("TELLTALE_DATA_DIR", None)
     names = ",".join(TOP_LEVEL)
 
