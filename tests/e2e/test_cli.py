@@ -5,9 +5,9 @@ JSON's ``config.telltale``, one sidecar row per document joined to lm-eval's doc
 intervention counter, and — where a method could silently do nothing — a control run that must
 differ (or, for ``vllm-norms``, must equal stock ``vllm``). These runs use vLLM's default on this
 CPU, compiled (torch.compile with inductor), except where a case says ``enforce_eager=True``. The
-``vllm-norms`` equality runs eager on both sides: compiled, the telltale op splits inductor's graph
-where stock's fuses, and on some CPUs (an AVX2-only AMD EPYC) the different fusions round
-differently, so one of the four greedy answers parted from stock's at a near-tie. ``vllm-alrr`` runs
+``vllm-norms`` equality runs eager on both sides: compiled, inductor builds other kernels around the
+telltale op than stock's, and on some CPUs (an AVX2-only AMD EPYC) one of the four greedy answers
+parted from stock's at a near-tie (README, "Compiled like stock vLLM"). ``vllm-alrr`` runs
 at ``tensor_parallel_size=2`` (a rank that also wrote rows would duplicate every document).
 """
 
