@@ -17,7 +17,8 @@ When ``lm_eval.tasks.manager`` is imported it also adds the packaged task direct
 (set ``TELLTALE_NO_TASKS=1`` to opt out). With ``TELLTALE_TASKS_ONLY=1`` a ``TaskManager`` built
 without an explicit ``include_defaults`` indexes only the telltale tasks and its include paths, not
 lm-eval's ~14,750 built-in tasks: about 15 s less at every ``lm_eval`` start on a 2-core CPU, for
-runs of telltale (or ``--include_path``) tasks only; ``make eval`` and the tests set it.
+runs of telltale (or ``--include_path``) tasks only; ``make eval`` and the tests set it. Each
+switch of this module is off when unset, empty or ``0``.
 
 Everything fails soft: a problem is printed to stderr and never breaks lm-eval.
 """
@@ -51,30 +52,47 @@ def register_models() -> None:
         _warn(f"could not register model types with lm-eval: {exc!r}")
 
 
+def _on(name: str) -> bool:
+    """A switch of this hook: set to anything but empty or ``0``."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _with_ours(include_path):
+    """``include_path`` with the telltale task directory in front (once)."""
+    from lm_eval_telltale import tasks_dir
+
+    ours = str(tasks_dir())
+    if include_path is None:
+        return [ours]
+    if isinstance(include_path, (list, tuple)):
+        return [ours, *include_path] if ours not in map(str, include_path) else list(include_path)
+    return include_path if str(include_path) == ours else [ours, include_path]
+
+
 def _patch_task_manager(module) -> None:
-    if os.environ.get("TELLTALE_NO_TASKS"):
+    if _on("TELLTALE_NO_TASKS"):
         return
     cls = getattr(module, "TaskManager", None)
     if cls is None or getattr(cls.__init__, "_telltale", False):
         return
+    import inspect
+
     orig = cls.__init__
+    sig = inspect.signature(orig)
 
-    def __init__(self, *args, include_path=None, **kwargs):
-        if os.environ.get("TELLTALE_TASKS_ONLY", "") not in ("", "0") and len(args) < 2:
-            kwargs.setdefault("include_defaults", False)  # see the module docstring
+    def __init__(self, *args, **kwargs):
+        try:  # the caller's arguments by lm-eval's own signature, positional or not
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError:
+            return orig(self, *args, **kwargs)  # lm-eval's own error
+        given = bound.arguments
+        if _on("TELLTALE_TASKS_ONLY") and "include_defaults" not in given:
+            given["include_defaults"] = False  # see the module docstring
         try:
-            from lm_eval_telltale import tasks_dir
-
-            ours = str(tasks_dir())
-            if include_path is None:
-                include_path = [ours]
-            elif isinstance(include_path, (list, tuple)):
-                include_path = [ours, *include_path] if ours not in map(str, include_path) else list(include_path)
-            elif str(include_path) != ours:
-                include_path = [ours, include_path]
+            given["include_path"] = _with_ours(given.get("include_path"))
         except Exception as exc:  # pragma: no cover - defensive
             _warn(f"could not add the telltale task directory: {exc!r}")
-        orig(self, *args, include_path=include_path, **kwargs)
+        orig(*bound.args, **bound.kwargs)
 
     __init__._telltale = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
@@ -117,7 +135,7 @@ def install(force: bool = False) -> None:
     ``TELLTALE_NO_HOOK=1`` disables the start-up hook (``force`` overrides it: the
     ``python -m lm_eval_telltale`` fallback)."""
     try:
-        if os.environ.get("TELLTALE_NO_HOOK") and not force:
+        if _on("TELLTALE_NO_HOOK") and not force:
             return
         if not any(getattr(f, "_telltale", False) for f in sys.meta_path):
             sys.meta_path.insert(0, _Finder())

@@ -15,40 +15,34 @@ start-up hook (:mod:`lm_eval_telltale._lmeval_hook`) build that one without the 
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from typing import Any
 
 
 @lru_cache(maxsize=8)
-def _manager(include_path: str | None, defaults: bool, metadata: str | None):
+def _manager(include_path: str | None, defaults: bool):
+    return _build(include_path, defaults, None)
+
+
+def _build(include_path: str | None, defaults: bool, metadata: dict | None):
     from lm_eval.tasks import TaskManager
 
-    kw: dict[str, Any] = {"include_path": include_path, "include_defaults": defaults}
-    if metadata is not None:
-        kw["metadata"] = json.loads(metadata)
-    return TaskManager(**kw)
-
-
-def task_manager(include_path: str | None = None, *, defaults: bool = False, metadata: dict | None = None):
-    """A (cached) ``TaskManager``: the telltale tasks and ``include_path``, plus lm-eval's built-in
-    tasks when ``defaults``."""
-    return _manager(include_path, defaults, None if metadata is None else json.dumps(metadata, sort_keys=True))
+    return TaskManager(include_path=include_path, include_defaults=defaults, metadata=metadata)
 
 
 def index_entry(name: str, include_path: str | None = None):
     """lm-eval's index entry of ``name`` (None when no index has it): the small index first, the
-    full one only on a miss."""
-    entry = task_manager(include_path).task_index.get(name)
+    full one only on a miss (both kept for the process: the lookups come per task and request)."""
+    entry = _manager(include_path, False).task_index.get(name)
     if entry is None:
-        entry = task_manager(include_path, defaults=True).task_index.get(name)
+        entry = _manager(include_path, True).task_index.get(name)
     return entry
 
 
 def load_tasks(names: list[str], include_path: str | None = None, metadata: dict | None = None) -> dict:
-    """``TaskManager.load(names)`` (lm-eval >= 0.4.12): from the small index when it holds every
-    name and group member, else from the full one."""
+    """``TaskManager.load(names)``: from the small index when it holds every name and group member,
+    else (lm-eval's ``KeyError`` for a name it does not know) from the full one. Called once per
+    command, so nothing is kept."""
     try:
-        return task_manager(include_path, metadata=metadata).load(list(names))
-    except Exception:  # noqa: BLE001 - a name outside the small index: lm-eval's whole catalogue
-        return task_manager(include_path, defaults=True, metadata=metadata).load(list(names))
+        return _build(include_path, False, metadata).load(list(names))
+    except KeyError:
+        return _build(include_path, True, metadata).load(list(names))

@@ -1033,10 +1033,10 @@ def _hook_time(states0: list, states1: list, wall_s: float, tp: int = 1) -> dict
     before and after, over the engine as :func:`_engine_total` counts: a stage's tensor-parallel
     ranks run their hooks at the same time, a pipeline's stages one after another): ``ms_per_step``
     per engine step and ``share`` of the run's wall time."""
+    before = next((st for st in states0 or [] if st), None)
     after = next((st for st in states1 or [] if st), None)
-    if after is None:
+    if before is None or after is None:  # without both readings the time would include the warm-up's
         return {"ms_per_step": None, "share": None}
-    before = next((st for st in states0 or [] if st), {})
 
     def hook(st):
         return float(st.get("hook_s", 0.0))

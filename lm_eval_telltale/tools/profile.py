@@ -78,16 +78,6 @@ def qkey(q: float) -> str:
 # prompts
 # --------------------------------------------------------------------------------------------
 
-def _leaf_tasks(d: dict):
-    from lm_eval.api.task import Task
-
-    for v in d.values():
-        if isinstance(v, Task):
-            yield v
-        elif isinstance(v, dict):
-            yield from _leaf_tasks(v)
-
-
 def has_thinking_switch(tokenizer) -> bool:
     tpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tpl, dict):
@@ -98,17 +88,10 @@ def has_thinking_switch(tokenizer) -> bool:
 def build_prompts(tokenizer, tasks: list[str], *, limit: int | None, modes: list[str], include_path: str | None = None,
                   metadata: dict | None = None, chat_template: bool = True) -> list[dict[str, Any]]:
     """[{mode, task, doc_id, prompt (text), gen_kwargs}] for every mode, task and document."""
-    from lm_eval.tasks import TaskManager
+    from ..harness.taskindex import load_tasks
 
-    if hasattr(TaskManager, "load"):  # lm-eval >= 0.4.12: {"tasks": {name: Task}, "groups": ..., "group_map": ...}
-        from ..harness.taskindex import load_tasks
-
-        leaves = list(load_tasks(list(tasks), include_path, metadata or None)["tasks"].values())
-    else:
-        from lm_eval.tasks import get_task_dict
-
-        tm = TaskManager(include_path=include_path, metadata=metadata) if metadata else TaskManager(include_path=include_path)
-        leaves = list(_leaf_tasks(get_task_dict(tasks, tm)))
+    # {"tasks": {name: Task}, "groups": ..., "group_map": ...} (lm-eval >= 0.4.12, as pyproject requires)
+    leaves = list(load_tasks(list(tasks), include_path, metadata or None)["tasks"].values())
     out = []
     for task in leaves:
         if task.OUTPUT_TYPE != "generate_until":

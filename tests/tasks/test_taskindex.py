@@ -60,6 +60,21 @@ def test_tasks_only_switch_leaves_out_lm_evals_own_tasks(builds, monkeypatch, en
     assert "gsm8k" in TaskManager(include_defaults=True).task_index
 
 
+def test_hook_reads_the_callers_arguments_by_lm_evals_signature(builds, monkeypatch, tmp_path):
+    """Positional arguments (verbosity, include_path, include_defaults, metadata) work as keywords do."""
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_telltale.tasksupport.localtask import write_local_task
+
+    local = str(write_local_task(tmp_path / "task"))
+    monkeypatch.setenv("TELLTALE_TASKS_ONLY", "1")
+    tm = TaskManager(None, local)  # include_path given positionally
+    assert {"telltale_gsm8k", "telltale_local"} <= set(tm.task_index) and "gsm8k" not in tm.task_index
+    tm = TaskManager(None, [local], True)  # include_defaults too
+    assert {"telltale_gsm8k", "telltale_local", "gsm8k"} <= set(tm.task_index)
+    assert TaskManager(include_path=local).include_path == [str(lm_eval_telltale.tasks_dir()), local]
+
+
 def test_index_entry_builds_the_full_index_only_for_a_name_outside_the_small_one(builds):
     e = taskindex.index_entry("telltale_gsm8k")
     assert lm_eval_telltale.tasks_dir() in Path(e.yaml_path).parents
@@ -76,6 +91,10 @@ def test_load_tasks_falls_back_to_the_full_index(builds, tmp_path):
     local = str(write_local_task(tmp_path / "task"))
     out = taskindex.load_tasks(["telltale_local"], local)
     assert set(out["tasks"]) == {"telltale_local"} and len(builds) == 1 and builds.builtin not in builds[0]
-    with pytest.raises(Exception):  # noqa: B017 - lm-eval's own error for an unknown name, from the full index
+    with pytest.raises(KeyError):  # lm-eval's own error for an unknown name, from the full index
         taskindex.load_tasks(["no_such_task"], local)
-    assert builds.builtin in builds[-1]
+    assert len(builds) == 3 and builds.builtin in builds[-1]
+    # any other failure of a known task (here: its dataset, offline) is the answer: no second index
+    with pytest.raises(Exception) as err:  # noqa: B017
+        taskindex.load_tasks(["telltale_aime24"], local)
+    assert not isinstance(err.value, KeyError) and len(builds) == 4 and builds.builtin not in builds[-1]

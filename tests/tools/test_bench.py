@@ -236,6 +236,7 @@ def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
     assert bench._hook_time(before, after, wall_s=4.0, tp=2) == pytest.approx({"ms_per_step": 2.0, "share": 0.05})
     assert bench._hook_time(before, after, wall_s=4.0, tp=1) == pytest.approx({"ms_per_step": 4.0, "share": 0.1})
     assert bench._hook_time([None], [None], wall_s=4.0) == {"ms_per_step": None, "share": None}
+    assert bench._hook_time([None, None], after, wall_s=4.0) == {"ms_per_step": None, "share": None}
     cells = [_cell("vllm", 1, r, 20 + r) for r in range(3)]
     cells += [{**_cell("norms", 1, r, 19 + r), "hooks": {"ms_per_step": 1.0 + r, "share": 0.02 + 0.01 * r}}
               for r in range(3)]
