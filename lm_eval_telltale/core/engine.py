@@ -59,6 +59,13 @@ class Method:
         self.L = num_layers
         self.device = device
 
+    @classmethod
+    def observes_only(cls) -> bool:
+        """Whether the method never changes (h, r): it keeps the base :meth:`apply`. An adapter may
+        then compute ‖h + r‖ itself (inside a compiled graph) and hand the core only the norm
+        (:meth:`CoreEngine.observe`)."""
+        return cls.apply is Method.apply and not cls.modifies
+
     def fuse(self) -> None:
         """Compile :meth:`apply`'s operations from now on (:meth:`CoreEngine.fuse`), where the method
         has a per-layer step worth it; the same numbers bit for bit."""
@@ -153,6 +160,13 @@ class CoreEngine:
         if self.norm_out is not None:
             self.norm_out[:, j] = residual_norm(h2, r2)[1]
         return h2, r2
+
+    def observe(self, j: int, n: torch.Tensor) -> None:
+        """:meth:`layer` for a method that only observes (:meth:`Method.observes_only`), given the
+        norm ‖h + r‖ of :func:`residual_norm` the adapter computed."""
+        assert self.step is not None, "CoreEngine.observe called outside a step"
+        self.layer_calls += 1
+        self.norm[:, j] = n
 
     def end(self) -> dict[str, torch.Tensor]:
         """Feed the thresholds and return this step's rows for new generated tokens (on host)."""

@@ -56,7 +56,7 @@ vLLM 0.32's CPU runner, and stock vLLM fails the same way without it.
 at the same batch size (``--engine hf`` cells time one ``generate`` call, prefill included, and
 their ratios are end-to-end). The per-repeat paired ratios are in the JSON. The telltale types also bring their
 own engine settings (``engine_kwargs``: async scheduling off, the V1 model runner, and on GPU
-piecewise CUDA graphs split at ``telltale::post_layer``). Stock ``vllm`` keeps vLLM's defaults,
+piecewise CUDA graphs split at the telltale ops). Stock ``vllm`` keeps vLLM's defaults,
 so on GPU the ratio includes what those settings cost. To give stock the same settings, pass
 ``--engine-args '{"async_scheduling": false}'`` and set ``VLLM_USE_V2_MODEL_RUNNER=0`` in the
 environment. Each cell's effective settings are recorded in the JSON.
@@ -474,7 +474,7 @@ def render_markdown(rep: dict) -> str:
             f"{meta.get('num_layers')}: the throughput if the re-run's extra layer passes were ALRR's only cost "
             "(a re-run pushes every token row of its step through the layer again).",
             "- the telltale types run with their own engine settings (async scheduling off, the V1 model runner; on "
-            "GPU piecewise CUDA graphs split at telltale::post_layer); stock vLLM keeps its defaults unless "
+            "GPU piecewise CUDA graphs split at the telltale ops); stock vLLM keeps its defaults unless "
             "--engine-args / the environment say otherwise. Each cell's effective settings are in the JSON."
             if engine == "vllm" else
             "- the hf-* types generate with the hf adapter's own loop (the patched layers' hooks, a DynamicCache, "

@@ -132,22 +132,22 @@ def modifies_kv(cfg: TelltaleConfig) -> bool:
 
 def compilation_config(user: dict | None = None) -> dict | None:
     """vLLM's compilation settings for the telltale hooks. CPU (inductor, no CUDA graphs): vLLM's
-    defaults as they are — the hook op is opaque to torch.compile. GPU: piecewise CUDA graphs with
-    ``telltale::post_layer`` among the splitting ops (vLLM's own defaults kept), so the op runs
-    eagerly between the captured pieces; FULL graphs would replay without running any Python."""
+    defaults as they are — the hook ops are opaque to torch.compile. GPU: piecewise CUDA graphs with
+    the telltale ops (``telltale::post_layer``, ``telltale::observe_norm``) among the splitting ops
+    (vLLM's own defaults kept), so they run eagerly between the captured pieces; FULL graphs would
+    replay without running any Python."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         return user
     from vllm.config import CompilationConfig
 
-    from .ops import OP_NAME
+    from .ops import OP_NAMES
 
     cc = dict(user or {})
     split = list(cc.get("splitting_ops") or [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
                                               "vllm::unified_mla_kv_cache_update"])
-    if OP_NAME not in split:
-        split.append(OP_NAME)
+    split += [op for op in OP_NAMES if op not in split]
     cc["splitting_ops"] = split
     mode = str(cc.get("cudagraph_mode") or "PIECEWISE").upper().replace("CUDAGRAPHMODE.", "")
     if mode.startswith("FULL"):

@@ -5,9 +5,12 @@ construction in the worker, reads its settings from ``hf_config.telltale`` (carr
 ``hf_overrides``) and registers a ``torch`` forward hook on ``model.layers[l]`` for every patched
 layer l — stable hook sites named ``model.layers.<l>`` in the spirit of TransformerLens' hook
 points. The top-level ``forward`` (plain Python in every mode: vLLM compiles the inner ``*Model``)
-builds the step's token → request map once; each layer hook calls the opaque custom op
-``telltale::post_layer`` (:mod:`lm_eval_telltale.vllm.ops`), which hands (hidden_states,
-residual) to the core and writes the method's result back into them.
+builds the step's token → request map once; each layer hook calls one opaque custom op
+(:mod:`lm_eval_telltale.vllm.ops`). For a method that changes the residual stream it is
+``telltale::post_layer``, which hands (hidden_states, residual) to the core and writes the method's
+result back into them. For a method that only observes (norms, LRS) it is
+``telltale::observe_norm``, which gets the norm ‖h + r‖ computed in the traced graph and nothing
+else, so a compiled model computes its residual stream exactly as stock vLLM does.
 
 Because the hook's only work is that op, it survives torch.compile (the traced graph calls the op
 on every forward) and CUDA graphs (the op is a graph-splitting point: it runs eagerly between the
@@ -24,6 +27,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import TelltaleConfig
+from ..core.engine import residual_norm
+from ..core.methods import method_module
 from . import ops
 from .kvguard import check_separable_kv_write
 
@@ -33,6 +38,16 @@ def _post_layer_hook(module, args, output):
     that torch.compile traces exactly one opaque call."""
     h, r = output
     ops.post_layer(h, r, module._tt_index)
+    return output
+
+
+def _observe_hook(module, args, output):
+    """After a patched layer, for a method that only observes: ‖h + r‖ is computed here, inside the
+    traced graph (inductor fuses it with the kernels stock vLLM builds anyway), and only the norm
+    reaches the op. (h, r) stay graph values the op never reads, so the compiled model computes the
+    residual stream exactly as stock vLLM's does."""
+    h, r = output
+    ops.observe_norm(residual_norm(h, r)[1], module._tt_index)
     return output
 
 
@@ -66,7 +81,12 @@ class TelltaleModelMixin:
         # per-layer statistics of all stages into one record per answer
         owned = [l for l in self.telltale_cfg.layers if lo <= l < hi]
         self.telltale_stage_cfg = self.telltale_cfg.for_layers(owned)
-        hook = _plain_python_hook if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1" else _post_layer_hook
+        if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1":
+            hook = _plain_python_hook
+        elif method_module(self.telltale_cfg.method).METHOD.observes_only():
+            hook = _observe_hook
+        else:
+            hook = _post_layer_hook
         self._tt_handles = []
         self.telltale_layers = []        # the patched layer modules of this stage, in patched order (j)
         self.telltale_hook_names = []

@@ -219,6 +219,12 @@ class VllmRuntime:
             r.copy_(r2)
 
     @_host_timed
+    def observe_layer(self, j: int, n: torch.Tensor) -> None:
+        """The body of ``telltale::observe_norm`` after patched layer ``j`` (observe-only methods):
+        the norm the traced graph computed."""
+        self.core.observe(j, n)
+
+    @_host_timed
     def end_step(self) -> None:
         ops.deactivate()
         self._positions = None

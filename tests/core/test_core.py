@@ -239,7 +239,10 @@ def test_step_map_decides_decode_per_token():
     assert st2.decode.tolist() == [True, True, True] and st2.new.tolist() == [False, False, True]
 
 
-def test_core_engine_observe_records_norms_and_events():
+@pytest.mark.parametrize("path", ["layer", "observe"])
+def test_core_engine_observe_records_norms_and_events(path):
+    """The observe-only path (the adapter computes ‖h + r‖ in its graph and hands over the norm)
+    records what ``layer`` records from (h, r)."""
     tab = SlotTable(capacity=4)
     a = tab.acquire("a", prompt_len=2, seed=0)
     thr = Thresholds("fixed", num_layers=1, capacity=4, tau_values=[5.0])
@@ -247,13 +250,33 @@ def test_core_engine_observe_records_norms_and_events():
     core.begin(build_step(tab, torch.tensor([0, 3]), torch.tensor([a.slot]), torch.tensor([1, 2, 3])))
     h = torch.tensor([[3.0, 0.0], [6.0, 0.0], [1.0, 0.0]])
     r = torch.tensor([[0.0, 4.0], [0.0, 0.0], [0.0, 0.0]])
-    h2, r2 = core.layer(0, h, r)
-    assert h2 is h and r2 is r  # observing changes nothing
+    if path == "layer":
+        h2, r2 = core.layer(0, h, r)
+        assert h2 is h and r2 is r  # observing changes nothing
+    else:
+        core.observe(0, residual_norm(h, r)[1])
+    assert core.layer_calls == 1  # the per-step "every hook fired" check counts both paths
     rec = core.end()
     assert rec["position"].tolist() == [2, 3]  # position 1 is a prompt token
     assert rec["norm"][:, 0].tolist() == [6.0, 1.0]
     assert rec["event"][:, 0].tolist() == [EV_ABOVE, 0]
     assert residual_norm(h, r)[1].tolist() == [5.0, 6.0, 1.0]
+
+
+def test_only_observing_methods_take_the_norm_only_path():
+    """norms and lrs never change (h, r): their vLLM hooks hand the core only the norm (so a compiled
+    model keeps stock vLLM's kernels); every method that intervenes gets (h, r)."""
+    from lm_eval_telltale.core.methods import method_module
+    from lm_eval_telltale.spec import METHODS
+
+    only = {m for m in METHODS if method_module(m).METHOD.observes_only()}
+    assert only == {"norms", "lrs"}
+
+    class Sneaky(Method):  # overrides apply without declaring modifies: not observe-only
+        def apply(self, core, j, h, r, x, n, tau, rerun):
+            return h * 0, r, None
+
+    assert not Sneaky.observes_only()
 
 
 def test_summarize_statistics():

@@ -77,6 +77,25 @@ def test_engine_settings_forced_by_the_model_types():
         engine_kwargs(resolve("norms", {"layers": LAYERS, "batch_invariant": True}, 8), "Qwen3ForCausalLM")
 
 
+def test_gpu_compilation_splits_the_graph_at_every_telltale_op(monkeypatch):
+    """On GPU the telltale ops are splitting points of piecewise CUDA graphs (a captured op would
+    replay without running its Python); vLLM's own splitting ops stay; FULL graphs are refused."""
+    from vllm.platforms import current_platform
+
+    from lm_eval_telltale.vllm import compilation_config
+    from lm_eval_telltale.vllm.ops import OP_NAMES
+
+    assert compilation_config({"x": 1}) == {"x": 1}  # CPU: vLLM's defaults as they are
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    cc = compilation_config(None)
+    assert set(OP_NAMES) == {"telltale::post_layer", "telltale::observe_norm"} <= set(cc["splitting_ops"])
+    assert "vllm::unified_attention_with_output" in cc["splitting_ops"] and cc["cudagraph_mode"] == "PIECEWISE"
+    mine = compilation_config({"splitting_ops": ["my::op", "telltale::post_layer"]})["splitting_ops"]
+    assert mine == ["my::op", "telltale::post_layer", "telltale::observe_norm"]
+    with pytest.raises(UnsupportedModelError, match="FULL"):
+        compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"})
+
+
 def test_gpu_worker_never_imports_the_cpu_worker():
     """Importing vLLM's CPU worker replaces torch.cuda streams/events process-wide; the GPU
     worker_cls module must not pull it in."""
