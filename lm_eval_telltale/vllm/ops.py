@@ -11,11 +11,12 @@ eagerly between them. In eager mode it is an ordinary call to the same Python, s
 compute the same thing.
 
 ``telltale::observe_norm(n, j)`` (methods that only observe: norms, LRS) takes only the norm
-‖h + r‖, which the hook computes inside the traced graph. It reads nothing else, so inductor computes
-the residual stream as for stock vLLM (the norm joins a kernel it builds anyway). Compiled stock carries that stream in float32 between
-layers; an op reading (h, r) would force bfloat16 copies of them that later layers then read, and
-the numbers would part from stock's. It has no outputs and no mutations and is marked as having a
-side effect, so the traced graph keeps it. On GPU it is a splitting op too.
+‖h + r‖, which the hook computes inside the traced graph. It reads nothing else, so inductor
+computes the residual stream as for stock vLLM (the norm joins a kernel it builds anyway).
+Compiled stock carries that stream in float32 between layers; an op reading (h, r) would force
+bfloat16 copies of them that later layers then read, and the numbers would part from stock's. It
+has no outputs and no mutations and is marked as having a side effect, so the traced graph keeps
+it. On GPU it is a splitting op too.
 
 The ops act only while a real step runs: the runtime of that step is *active* (set by
 ``begin_step``, cleared by ``end_step``; one step runs at a time in a worker process). During
