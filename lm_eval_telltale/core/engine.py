@@ -148,13 +148,9 @@ class CoreEngine:
                         for c in self.method.columns}
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun: Rerun | None = None):
-        step = self.step
-        assert step is not None, "CoreEngine.layer called outside a step"
-        self.layer_calls += 1
         x, n = residual_norm(h, r)
-        tau = self.tau[:, j]
-        self.norm[:, j] = n
-        h2, r2, mev = self.method.apply(self, j, h, r, x, n, tau, rerun)
+        self.observe(j, n)
+        h2, r2, mev = self.method.apply(self, j, h, r, x, n, self.tau[:, j], rerun)
         if mev is not None:
             self.event[:, j] = mev  # "above τ" is added for every layer at once in end()
         if self.norm_out is not None:
@@ -162,9 +158,10 @@ class CoreEngine:
         return h2, r2
 
     def observe(self, j: int, n: torch.Tensor) -> None:
-        """:meth:`layer` for a method that only observes (:meth:`Method.observes_only`), given the
-        norm ‖h + r‖ of :func:`residual_norm` the adapter computed."""
-        assert self.step is not None, "CoreEngine.observe called outside a step"
+        """Record patched layer ``j``'s norm ‖h + r‖ (:func:`residual_norm`) and count its hook.
+        :meth:`layer` starts with it; an adapter calls it alone for a method that only observes
+        (:meth:`Method.observes_only`), with the norm it computed itself."""
+        assert self.step is not None, "CoreEngine.layer/observe called outside a step"
         self.layer_calls += 1
         self.norm[:, j] = n
 

@@ -51,17 +51,17 @@ def active():
 
 
 @torch.compiler.disable
-def _run(rt, j: int, h: torch.Tensor, r: torch.Tensor) -> None:
-    # called from inside compiled code: keep torch.compile from tracing what the op runs (the
+def _run(body, *args) -> None:
+    # called from inside compiled code: keep torch.compile from tracing what an op runs (the
     # method's tensor work, ALRR's eager re-run of the layer)
-    rt.post_layer(j, h, r)
+    body(*args)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=("h", "r"))
 def _post_layer(h: torch.Tensor, r: torch.Tensor, j: int) -> None:
     rt = _ACTIVE
     if rt is not None:
-        _run(rt, j, h, r)
+        _run(rt.post_layer, j, h, r)
 
 
 @_post_layer.register_fake
@@ -69,16 +69,11 @@ def _post_layer_fake(h: torch.Tensor, r: torch.Tensor, j: int) -> None:
     return None
 
 
-@torch.compiler.disable
-def _run_observe(rt, j: int, n: torch.Tensor) -> None:
-    rt.observe_layer(j, n)
-
-
 @torch.library.custom_op(OBSERVE_OP_NAME, mutates_args=())
 def _observe_norm(n: torch.Tensor, j: int) -> None:
     rt = _ACTIVE
     if rt is not None:
-        _run_observe(rt, j, n)
+        _run(rt.observe_layer, j, n)
 
 
 @_observe_norm.register_fake

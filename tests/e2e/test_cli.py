@@ -79,7 +79,7 @@ def _check_erss(rows, res, run_dir):
 def _check_norms(rows, res, run_dir):
     assert res["config"]["telltale"]["config"]["layers"] == [4, 5, 6]
     assert all(r["n_decode_tokens"] == r["n_generated_tokens"] - 1 for r in rows)
-    assert all(r["layers"]["5"]["count"] > 0 for r in rows)
+    assert all(r["layers"]["5"]["count"] > 0 and r["layers"]["5"]["mean"] > 0 for r in rows)
     # the sidecar is joined to the right documents: its response is the one lm-eval scored
     by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples(run_dir, "telltale_local")}
     assert {r["doc_id"]: r["response"] for r in rows} == by_doc
