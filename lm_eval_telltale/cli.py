@@ -1,7 +1,7 @@
 """``telltale`` console command.
 
 Subcommands:
-  tiny-model   build a deterministic tiny model directory (tests, demo)
+  tiny-model   build a deterministic tiny model directory (tests, demo); an existing model needs --force
   run          alias of lm-eval's CLI with the telltale model types registered
                (``python -m lm_eval_telltale ...`` is the same, flags identical to ``lm_eval``)
   tasks-path   print the packaged task directory (for ``--include_path``)
@@ -24,10 +24,23 @@ def _tiny(argv):
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="replace the model in an --out directory that holds one "
+                                                         "(its config.json and weights; other files stay)")
     a = ap.parse_args(argv)
-    from .tools.tiny import build_tiny_model
+    from .tools.checks import unwritable
+    from .tools.tiny import build_tiny_model, model_files
 
-    p = build_tiny_model(a.out, a.arch, num_layers=a.layers, seed=a.seed)
+    why = unwritable(a.out, is_dir=True)
+    if why:
+        ap.error(f"--out {a.out}: {why}")
+    held = model_files(a.out)
+    if held and not a.force:
+        ap.error(f"--out {a.out}: already holds a model ({', '.join(f.name for f in held[:4])}"
+                 f"{', ...' if len(held) > 4 else ''}); give an empty or new directory, or --force to replace it")
+    try:
+        p = build_tiny_model(a.out, a.arch, num_layers=a.layers, seed=a.seed)
+    except OSError as e:
+        ap.error(f"--out {a.out}: cannot write it: {e.strerror or e}")
     print(p)
     return 0
 

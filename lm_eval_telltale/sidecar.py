@@ -50,6 +50,26 @@ def append_lines(path: str | Path, rows: list[dict[str, Any]], fsync: bool = Fal
             os.fsync(f.fileno())
 
 
+def unwritable_sidecar(path: str | Path) -> str | None:
+    """Why a run cannot write its sidecar at ``path`` (None: it can). A sidecar belongs to one run:
+    an existing file would get this run's rows appended to another run's, so it is refused. The
+    directory is created here (as the writer would), so an impossible path fails now, before any
+    engine starts, not at the first finished answer."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; give the path of a new .jsonl file"
+    if path.exists():
+        return (f"{path} already exists (the sidecar of an earlier run?); this run's rows would be appended to "
+                "it and two runs' rows mixed. Give a new path, or move the old file away")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the directory {path.parent}: {e.strerror or e}"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"the directory {path.parent} is not writable"
+    return None
+
+
 class SidecarWriter:
     def __init__(self, path: str | Path, fsync_s: float = 10.0):
         self.path = Path(path)

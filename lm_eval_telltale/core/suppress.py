@@ -86,8 +86,9 @@ def finalize(params: dict, layers: list[int], read_rows) -> None:
         return
     if params.get("match_stats") is not None:
         p = Path(str(params["match_stats"])).expanduser()
+        rows = read_rows("match_stats", p)  # its ConfigError names the key and the file already
         try:
-            params["match_rate"] = rates_from_rows(read_rows("match_stats", p), layers)
+            params["match_rate"] = rates_from_rows(rows, layers)
         except ValueError as e:
             raise ConfigError("match_stats", f"{p}: {e}") from None
         params["match_stats"] = str(p.resolve())

@@ -18,6 +18,7 @@ import datetime as _dt
 import itertools
 import json
 import logging
+import os
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,18 @@ from typing import Any
 
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
 from ..core.lrs import SCORES, argmax_pick, pick_all, score
-from ..sidecar import RunSummary, SidecarWriter
+from ..sidecar import RunSummary, SidecarWriter, unwritable_sidecar
 from . import argv
 from .taskscore import scorer_for, task_generation_kwargs
 
 logger = logging.getLogger("lm_eval_telltale")
+
+
+def unknown_model_arg(model_type: str, method: str, key: str, engine: str) -> ConfigError:
+    """The one error for a model_arg that no layer takes (the same words for every engine):
+    ``engine`` says what else it could have been."""
+    return ConfigError(key, f"unknown model_arg for {model_type} (not a telltale key {sorted(all_keys(method))}, "
+                            f"nor {engine})")
 
 
 def default_stats_path(pretrained: str, method: str, output_path: str | None) -> Path | None:
@@ -150,8 +158,16 @@ class TelltaleLM:
         return cfg, arch
 
     def _tt_set_stats_path(self, cfg: TelltaleConfig, pretrained: str) -> None:
+        """The sidecar's path (``stats_path=``, else next to lm-eval's files), checked before any
+        engine starts: a new file in a writable directory (:func:`~lm_eval_telltale.sidecar.unwritable_sidecar`).
+        Data-parallel ranks other than 0 of the ``hf-*`` types share rank 0's file."""
+        key = "stats_path" if cfg.stats_path else "--output_path"
         stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, argv.output_path())
         cfg.stats_path = str(Path(stats_path).expanduser().resolve()) if stats_path else None
+        if cfg.stats_path and int(os.environ.get("RANK", "0") or 0) == 0:
+            why = unwritable_sidecar(cfg.stats_path)
+            if why:
+                raise ConfigError(key, why)
 
     def _tt_init_state(self, cfg: TelltaleConfig, arch: str) -> None:
         self.tt_cfg: TelltaleConfig = cfg
@@ -162,6 +178,14 @@ class TelltaleLM:
         self._tt_seen: dict = {}
         self._tt_writer = SidecarWriter(cfg.stats_path) if cfg.stats_path else None
         self._tt_summary = RunSummary(cfg)
+
+    def _tt_occurrence(self, key) -> int:
+        """The occurrence of ``key`` (a prompt's tokens) in this ``generate_until`` call, counted over
+        the whole call: lm-eval splits it into several ``_model_generate`` calls with a numeric
+        ``--batch_size``, and the repeats of a document in different chunks must not get the same
+        identity (nor, in LRS, the same candidate seeds)."""
+        k = self._tt_seen[key] = self._tt_seen.get(key, -1) + 1
+        return k
 
     # -- engine hooks --------------------------------------------------------------------------------
     def _tt_encode(self, strings: list[str]) -> list[list[int]]:

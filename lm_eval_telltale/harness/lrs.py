@@ -65,16 +65,16 @@ class VLLMLrs(LrsSelection, TelltaleVLLM):
                     setattr(sp, k, preset[k])
         return sp
 
-    def _tt_unit(self, prompt, sp, answer, seen) -> Unit:
+    def _tt_unit(self, prompt, sp, answer) -> Unit:
         sp = self._tt_sampling(sp)
         key = tuple(prompt)
-        occ = seen[("lrs", key)] = seen.get(("lrs", key), -1) + 1
+        occ = self._tt_occurrence(("lrs", key))
         tags, params = [], []
         for k in range(self.tt_cfg.params["n_candidates"]):
             spk = sp.clone()
             spk.n = 1
             spk.seed = candidate_seed(self.tt_cfg.seed, key, occ, k, sp.seed)
-            spk, tag = self._tt_tag(prompt, spk, seen)
+            spk, tag = self._tt_tag(prompt, spk)
             tags.append(tag)
             params.append(spk)
         return Unit(prompt, answer, tags, params)

@@ -4,7 +4,8 @@ Like lm-eval's ``steered`` model, each type is the stock backend plus a small su
 
 - ``__init__`` takes the telltale model_args out of the arguments (they would otherwise reach
   ``LLM(...)`` and be rejected), validates them against the model's config — before any engine is
-  built — and adds the engine arguments from :func:`lm_eval_telltale.vllm.engine_kwargs`;
+  built — and adds the engine arguments (:func:`lm_eval_telltale.vllm.assemble_engine_args`, the one
+  place that assembles a telltale engine's ``LLM(...)`` arguments);
 - ``generate_until`` first lays out a plan: every lm-eval Instance by its prompt tokens, with its
   repeat, the doc id lm-eval writes (the true one under ``--samples``), its ``doc_hash`` and its
   stop sequences — so each answer can be written the moment it is finished;
@@ -24,18 +25,18 @@ settings, the plan, the sidecar row, the results-JSON block — is in
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from lm_eval.models.vllm_causallms import VLLM
 
-from ..config import ConfigError, all_keys
+from ..config import ConfigError
 from ..core.rng import request_identity
-from ..vllm import engine_kwargs, modifies_kv
+from ..vllm import assemble_engine_args, modifies_kv, unknown_engine_keys
+from ..vllm.reaper import guarded
 from ..vllm.runtime import TAG_KEY
-from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path, define_model_type  # noqa: F401
+from .common import Answer, Plan, TelltaleLM, Unit, default_stats_path, define_model_type, unknown_model_arg  # noqa: F401
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -50,21 +51,14 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         cfg, arch = self._tt_resolve(pretrained, kwargs, tt_args, preset, seed=int(kwargs.get("seed", 1234) or 0))
         self._tt_configure(cfg, kwargs)
         self._tt_set_stats_path(cfg, pretrained)
-        user_ov = _json_arg("hf_overrides", kwargs.pop("hf_overrides", None))
-        cc = _json_arg("compilation_config", kwargs.pop("compilation_config", None))
-        if isinstance(cc, int):
-            cc = {"mode": cc}
         # every request gets its own cache_salt (_tt_run): prefix caching is safe for every method
-        ek = engine_kwargs(cfg, arch, user_ov, compilation=cc, salted_requests=True)
-        for k, v in ek.items():
-            if k in ("async_scheduling", "enable_prefix_caching") and kwargs.get(k) is not None:
-                continue  # the user's explicit choice wins (the worker warns about async scheduling)
-            kwargs[k] = v
+        kwargs = assemble_engine_args(cfg, arch, kwargs, salted_requests=True)
         if kwargs.get("batch_size", 1) in (1, "1"):
             logger.warning("telltale: batch_size=1 sends requests to vLLM one at a time; use --batch_size auto")
         self._tt_init_state(cfg, arch)
         self._tt_modifies = modifies_kv(cfg)
-        super().__init__(pretrained=pretrained, **kwargs)
+        # the engine's processes end with this one, also when it is killed (vllm/reaper.py)
+        guarded(lambda: super(TelltaleVLLM, self).__init__(pretrained=pretrained, **kwargs))
         if self._tt_writer is None:
             logger.warning("telltale: no --output_path and no stats_path=: per-sample statistics are not written")
 
@@ -81,22 +75,15 @@ class TelltaleVLLM(TelltaleLM, VLLM):
     def _tt_check_unknown(cls, kwargs: dict[str, Any]) -> None:
         """Every remaining model_arg must be an lm-eval VLLM argument or a vLLM engine argument;
         otherwise vLLM would reject it only after minutes of start-up."""
-        import dataclasses
         import inspect
 
-        from vllm.engine.arg_utils import EngineArgs
+        lm_eval_args = set(inspect.signature(VLLM.__init__).parameters) | {"device", "batch_size", "max_batch_size"}
+        for k in unknown_engine_keys(kwargs, also=lm_eval_args):
+            raise unknown_model_arg(cls._tt_model_type(), cls.METHOD, k, "an lm-eval/vLLM engine argument")
 
-        known = set(inspect.signature(VLLM.__init__).parameters) | {f.name for f in dataclasses.fields(EngineArgs)}
-        known |= {"device", "batch_size", "max_batch_size"}
-        for k in kwargs:
-            if k not in known:
-                raise ConfigError(k, f"unknown model_arg for vllm-{cls.METHOD} (not a telltale key "
-                                     f"{sorted(all_keys(cls.METHOD))}, nor an lm-eval/vLLM engine argument)")
-
-    # -- generation -----------------------------------------------------------------------------
-    def _tt_tag(self, prompt: list[int], sp, seen: dict) -> tuple[Any, str]:
+    def _tt_tag(self, prompt: list[int], sp) -> tuple[Any, str]:
         key = tuple(prompt)
-        k = seen[key] = seen.get(key, -1) + 1
+        k = self._tt_occurrence(key)
         tag = f"tt{next(self._tt_counter)}"
         sp = sp.clone()
         # the request's identity for random draws: its prompt and occurrence, not its batch position
@@ -130,8 +117,7 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(requests)
         plan = getattr(self, "_tt_plan", None)
-        seen: dict = {}
-        units = [self._tt_unit(list(p), sp, plan.take(p) if plan is not None else None, seen)
+        units = [self._tt_unit(list(p), sp, plan.take(p) if plan is not None else None)
                  for p, sp in zip(requests, sampling_params)]
         if self.data_parallel_size > 1:
             self._tt_run_dp(units)
@@ -139,19 +125,23 @@ class TelltaleVLLM(TelltaleLM, VLLM):
             self._tt_run(units)
         return [u.chosen for u in units]
 
-    def _tt_unit(self, prompt: list[int], sp, answer: Answer | None, seen: dict) -> Unit:
+    def _tt_unit(self, prompt: list[int], sp, answer: Answer | None) -> Unit:
         """One answer = one tagged request (``vllm-lrs`` makes N)."""
-        sp, tag = self._tt_tag(prompt, sp, seen)
+        sp, tag = self._tt_tag(prompt, sp)
         return Unit(prompt, answer, [tag], [sp])
 
     def _tt_requests(self, units: list[Unit]) -> list[tuple[str, list[int], Any]]:
         return [(tag, u.prompt, sp) for u in units for tag, sp in zip(u.tags, u.params)]
 
     def _tt_progress(self, units: list[Unit]):
+        """Answers finished (and saved) so far. lm-eval's own bar over the call moves only when a
+        whole ``_model_generate`` call returns — with ``--batch_size auto`` at the very end, so after
+        an interruption it reads 0 while answers were saved; this one is shown in logs too (not only
+        on a terminal) and reads what the sidecar holds."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=len(units), desc=f"vllm-{self.METHOD}: answers", unit="answer",
-                    disable=True if getattr(self, "_tt_quiet", False) else None)
+        return tqdm(total=len(units), desc=f"{self._tt_model_type()}: answers", unit="answer",
+                    disable=bool(getattr(self, "_tt_quiet", False)), mininterval=1.0)
 
     def _tt_run(self, units: list[Unit]) -> None:
         """Queue every request of ``units``, step the engine, and write each answer's row as soon
@@ -168,17 +158,18 @@ class TelltaleVLLM(TelltaleLM, VLLM):
 
     def _tt_finished(self, batch, owner: dict[str, Unit], pbar) -> None:
         """Finished requests ((tag, output, statistics)): each unit that is now complete becomes
-        its sidecar row, written at once."""
-        rows = []
+        its sidecar row, written at once; the progress bar counts them once written."""
+        rows, done = [], 0
         for tag, out, stats in batch:
             u = owner.pop(tag)
             u.outputs[tag], u.stats[tag] = out, stats
             if u.complete:
                 row = self._tt_answer(u)
-                pbar.update(1)
+                done += 1
                 if row is not None:
                     rows.append(row)
         self._tt_emit(rows)
+        pbar.update(done)
 
     def _tt_run_dp(self, units: list[Unit]) -> None:
         """lm-eval's data parallelism: one replica (its own engine, in a ray task) per share of
@@ -211,16 +202,6 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         for part in parts:
             if part:
                 Path(part).unlink(missing_ok=True)
-
-
-def _json_arg(key: str, value: Any) -> Any:
-    """A model_arg that vLLM takes as a dict, given as JSON text on the command line."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(key, f"not JSON ({e.msg} at column {e.colno}): {value!r}") from None
 
 
 def _has_cuda() -> bool:

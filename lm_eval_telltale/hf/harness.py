@@ -6,10 +6,12 @@ surface: ``__init__`` takes the telltale model_args out (the same keys, presets 
 ``vllm-*``: :mod:`lm_eval_telltale.harness.common`), and ``_model_generate`` — the one call of
 ``HFLM.generate_until`` that produces tokens — runs :class:`~lm_eval_telltale.hf.runtime.HFRuntime`'s
 generation loop instead of ``model.generate`` (it needs each step's logits, per-row request state
-and ALRR's cache replay). lm-eval's batching, sorting, stop sequences, truncation, chat template and
-decoding are untouched. Each finished answer's row goes to the same JSONL sidecar, and
-``config.telltale`` into the results JSON, as for ``vllm-*``: ``telltale table/view/profile`` read
-HF runs unchanged.
+and ALRR's cache replay). lm-eval's batching, sorting, stop sequences, truncation and chat template
+are untouched. The responses are decoded as lm-eval's vLLM type decodes them (special tokens such
+as ``<think>`` kept: :meth:`TelltaleHF._tt_text`), so that an unfinished thinking block is scored
+as such and the two engines' tables agree. Each finished answer's row goes to the same JSONL
+sidecar, and ``config.telltale`` into the results JSON, as for ``vllm-*``: ``telltale
+table/view/profile`` read HF runs unchanged.
 
 Differences from lm-eval's ``hf`` type, all in the generation loop: a row stops at its own stop
 sequence or EOS (``hf`` keeps a row generating until every row of the batch stopped, and cuts its
@@ -21,6 +23,7 @@ or temperature/top-k/top-p/min-p sampling (other generation kwargs are refused);
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +34,7 @@ from lm_eval.models.huggingface import HFLM
 
 from ..config import ConfigError, all_keys
 from ..core.rng import candidate_seed, request_identity
-from ..harness.common import LrsSelection, TelltaleLM, Unit, define_model_type
+from ..harness.common import LrsSelection, TelltaleLM, Unit, define_model_type, unknown_model_arg
 from ..spec import METHODS
 from .runtime import GenRequest, HFRuntime
 
@@ -81,13 +84,13 @@ class TelltaleHF(TelltaleLM, HFLM):
         self._tt_check_unknown(kwargs)
         seed = int(kwargs.pop("seed", 1234) or 0)
         cfg, arch = self._tt_resolve(pretrained, kwargs, tt_args, preset, seed=seed)
+        self._tt_check_loadable(pretrained, kwargs)
         if cfg.batch_invariant:
             raise ConfigError("batch_invariant", "a vLLM setting (its batch-invariant kernels); the hf-* types run "
                                                  "transformers' kernels — for batch-independent results use --batch_size 1")
         self._tt_configure(cfg, kwargs)
         self._tt_set_stats_path(cfg, pretrained)
         self._tt_init_state(cfg, arch)
-        self._tt_seen: dict = {}
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ConfigError("backend", f"{self._tt_model_type()} needs a causal (decoder-only) model")
@@ -95,45 +98,48 @@ class TelltaleHF(TelltaleLM, HFLM):
             logger.warning("telltale: %d data-parallel processes append to one sidecar; its rows interleave",
                            self.world_size)
         self._tt_think = self._tt_think_marker()
+        self._tt_responses: dict[tuple[int, int], str] = {}
         self._tt_rt = HFRuntime(self.model, cfg, engine_seed=seed, tokenizer=self.tokenizer,
                                 eos_token_ids=[self.eot_token_id])
         if self._tt_writer is None:
             logger.warning("telltale: no --output_path and no stats_path=: per-sample statistics are not written")
 
-    def _tt_think_marker(self) -> tuple[int | None, str | None]:
-        """(token id, text) of the end-of-thinking marker. A marker that is one token which decoding
-        drops (a special token: the shipped tiny models' ``</think>``) is handed to HFLM as its id,
-        so that lm-eval strips the thinking by token as it does for an integer ``think_end_token``;
-        the answers' texts keep the marker (:meth:`_tt_text`), as vLLM's do."""
-        te, tok = self.think_end_token, self.tokenizer
+    def _tt_think_marker(self) -> str | None:
+        """The end-of-thinking marker as text (``think_end_token``; an integer is a token id)."""
+        te = self.think_end_token
         if te is None or te == "":
-            return None, None
-        if isinstance(te, int):
-            return te, tok.decode([te], skip_special_tokens=False)
-        ids = tok.encode(te, add_special_tokens=False)
-        if len(ids) == 1 and tok.decode(ids, skip_special_tokens=True) != te:
-            self.think_end_token = ids[0]
-            return ids[0], te
-        return None, te
+            return None
+        return self.tokenizer.decode([te], skip_special_tokens=False) if isinstance(te, int) else te
 
     def _tt_think_end(self) -> str | None:
-        return self._tt_think[1]
+        return self._tt_think
 
-    def _tt_text(self, token_ids: list[int]) -> str:
-        """An answer's text as lm-eval decodes it (special tokens dropped), the end-of-thinking
-        marker kept."""
-        tid, marker = self._tt_think
-        if tid is None or tid not in token_ids:
-            return self.tok_decode(token_ids)
-        parts, cur = [], []
-        for t in token_ids:
-            if t == tid:
-                parts.append(cur)
-                cur = []
-            else:
-                cur.append(t)
-        parts.append(cur)
-        return marker.join(self.tok_decode(p) for p in parts)
+    def _tt_text(self, token_ids: list[int], eos_stop: bool) -> str:
+        """An answer's text as vLLM gives it to lm-eval (``skip_special_tokens=False``: the think
+        markers stay, also where the tokenizer marks them special; the EOS token that ended the
+        answer is not part of the text). lm-eval's ``hf`` type decodes with special tokens dropped:
+        an unfinished ``<think>`` block would then read as an answer, and the tables of the two
+        engines would disagree."""
+        ids = token_ids[:-1] if eos_stop and token_ids else token_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """lm-eval's ``hf`` loop (batching, chat template, stop sequences), with each response the one
+        the sidecar records: lm-eval's post-processing of the vLLM-like text (:meth:`_tt_text`), not
+        of ``HFLM``'s own decode."""
+        self._tt_responses: dict[tuple[int, int], str] = {}
+        try:
+            res = super().generate_until(requests, disable_tqdm)
+            # lm-eval sends the repeats of a document as the same Instance, in request order: the
+            # k-th occurrence is the answer the plan numbered repeat k
+            k: dict[int, int] = defaultdict(int)
+            out = []
+            for inst, r in zip(requests, res):
+                out.append(self._tt_responses.get((id(inst), k[id(inst)]), r))
+                k[id(inst)] += 1
+            return out
+        finally:
+            self._tt_responses = {}
 
     # -- hooks for subclasses -------------------------------------------------------------------
     def _tt_configure(self, cfg, kwargs: dict[str, Any]) -> None:
@@ -148,6 +154,39 @@ class TelltaleHF(TelltaleLM, HFLM):
         for k in kwargs:
             if k in other:
                 raise ConfigError(k, f"not a setting of {cls._tt_model_type()} (allowed: {sorted(mine)})")
+
+    @classmethod
+    def _tt_check_loadable(cls, pretrained: str, kwargs: dict[str, Any]) -> None:
+        """Every remaining model_arg must be taken by someone before the model loads: lm-eval's
+        ``HFLM``, transformers' ``from_pretrained`` (its parameters, and every name its installed
+        source quotes: the keyword arguments it takes out of ``**kwargs``, deprecated ones
+        included — generous on purpose, a valid argument must never be refused), or the model's
+        config (which takes its own fields). Anything else would end in a ``TypeError`` from the
+        model's constructor after the config was read — the same check and message as ``vllm-*``."""
+        import inspect
+        import re
+
+        from transformers import AutoConfig, PreTrainedModel
+
+        fp = PreTrainedModel.from_pretrained
+        known = set(inspect.signature(HFLM.__init__).parameters) | set(inspect.signature(fp).parameters)
+        try:
+            known |= set(re.findall(r"[\"']([A-Za-z_]\w*)[\"']", inspect.getsource(fp)))
+        except (OSError, TypeError):  # no source (a frozen install): the config check below still runs
+            pass
+        rest = {k: v for k, v in kwargs.items() if k not in known}
+        if not rest:
+            return
+        try:
+            _, unused = AutoConfig.from_pretrained(pretrained, revision=kwargs.get("revision") or "main",
+                                                   trust_remote_code=bool(kwargs.get("trust_remote_code")),
+                                                   return_unused_kwargs=True, **rest)
+        except Exception:  # noqa: BLE001  (the config cannot be read: the model load reports why)
+            return
+        for k in rest:
+            if k in unused:
+                raise unknown_model_arg(cls._tt_model_type(), cls.METHOD, k, "an lm-eval HFLM argument, a "
+                                        "transformers from_pretrained argument or a field of the model's config")
 
     # -- the engine's side of the shared code ---------------------------------------------------------
     def _tt_encode(self, strings: list[str]) -> list[list[int]]:
@@ -164,7 +203,7 @@ class TelltaleHF(TelltaleLM, HFLM):
     def _tt_request(self, prompt: list[int], sampling: Sampling, max_new: int, stop: list[str],
                     sampling_seed: int | None = None) -> GenRequest:
         key = tuple(prompt)
-        k = self._tt_seen[key] = self._tt_seen.get(key, -1) + 1
+        k = self._tt_occurrence(key)
         return GenRequest(prompt=list(prompt), max_new_tokens=max_new, tag=f"tt{next(self._tt_counter)}",
                           identity=request_identity(key, k), sampling_seed=sampling_seed,
                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -191,7 +230,7 @@ class TelltaleHF(TelltaleLM, HFLM):
         for u in units:
             for tag in u.tags:
                 res = results[tag]
-                text = self._tt_text(res.token_ids)
+                text = self._tt_text(res.token_ids, res.finish_reason == "stop" and res.stop_str is None)
                 if res.stop_str:  # like vLLM's text: up to the stop string
                     text = text.split(res.stop_str)[0]
                 u.outputs[tag] = _output(text, res.token_ids, res.finish_reason)
@@ -199,6 +238,7 @@ class TelltaleHF(TelltaleLM, HFLM):
             row = self._tt_answer(u)
             if row is not None:
                 rows.append(row)
+                self._tt_responses[(id(u.answer.inst), u.answer.repeat)] = row["response"]  # what generate_until returns
         self._tt_emit(rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         width = max([T0] + [T0 + len(u.chosen.outputs[0].token_ids) for u in units])
@@ -241,7 +281,7 @@ class HFLrs(LrsSelection, TelltaleHF):
     def _tt_unit(self, prompt, sampling, max_new, stop, answer) -> Unit:
         sampling = self._tt_sampling(sampling)
         key = tuple(prompt)
-        occ = self._tt_seen[("lrs", key)] = self._tt_seen.get(("lrs", key), -1) + 1
+        occ = self._tt_occurrence(("lrs", key))
         reqs = [self._tt_request(prompt, sampling, max_new, stop,
                                  sampling_seed=candidate_seed(self.tt_cfg.seed, key, occ, k, None))
                 for k in range(self.tt_cfg.params["n_candidates"])]

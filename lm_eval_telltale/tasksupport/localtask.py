@@ -48,16 +48,19 @@ metric_list:
     higher_is_better: true
 metadata:
   version: 1.0
-"""
+{extra}"""
 
 
 def write_local_task(directory: str | Path, name: str = "telltale_local", max_gen_toks: int = 24,
-                     rows=ROWS) -> Path:
+                     rows=ROWS, repeats: int = 1) -> Path:
+    """The task ``name`` in ``directory``; ``repeats`` > 1 asks lm-eval for that many answers per
+    document (lm-eval's ``repeats``)."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     data = d / f"{name}.jsonl"
     with data.open("w") as f:
         for q, a in rows:
             f.write(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n")
-    (d / f"{name}.yaml").write_text(YAML.format(name=name, data=json.dumps(str(data)), max_gen_toks=max_gen_toks))
+    (d / f"{name}.yaml").write_text(YAML.format(name=name, data=json.dumps(str(data)), max_gen_toks=max_gen_toks,
+                                                   extra=f"repeats: {int(repeats)}\n" if repeats > 1 else ""))
     return d

@@ -6,8 +6,10 @@
 - :mod:`.plots`   every figure (Δ bars, norm profiles)
 - :mod:`.view`    ``telltale view`` (page template: ``view.html``)
 - :mod:`.profile` ``telltale profile`` / ``telltale calibrate``
+- :mod:`.bench`   ``telltale bench``: decode throughput of every model type against stock vLLM
+- :mod:`.checks`  argument checks every command shares (writable destinations, vLLM engine keys)
 - :mod:`.demo`    the ``make eval`` driver
 - :mod:`.tiny`    ``telltale tiny-model``: deterministic tiny random models for tests
 
-Nothing here is imported by the engine-side code (core, vLLM adapter).
+Nothing here is imported by the engine-side code (core, vLLM adapter) or the lm-eval model types.
 """

@@ -15,7 +15,7 @@ drift of the machine hits every method alike. A cell:
 
 1. builds the engine the way the lm-eval model types do. For a telltale method that is
    :func:`lm_eval_telltale.config.resolve` followed by
-   :func:`lm_eval_telltale.vllm.engine_kwargs` with ``salted_requests=True`` (every request gets
+   :func:`lm_eval_telltale.vllm.assemble_engine_args` with ``salted_requests=True`` (every request gets
    its own ``cache_salt``). For ``vllm`` it is plain ``LLM(...)``. Every method receives the same
    common flags: ``--dtype``, ``--eager``, ``--engine-args``, seed, ``max_model_len`` =
    prompt + max tokens, ``max_num_seqs`` = the largest request count at this batch size, and on
@@ -617,6 +617,12 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
         ap.error(str(e))
     if "model" in engine_args:
         ap.error("--engine-args: give the model with --model")
+    if a.engine == "vllm":  # --engine hf: device and any from_pretrained argument
+        from .checks import unknown_engine_args
+
+        why = unknown_engine_args(engine_args)
+        if why:
+            ap.error(f"--engine-args: {why}")
     if (a.model is None) == (a.tiny_mid is None):
         ap.error("give exactly one of --model PATH and --tiny-mid DIR")
     out = Path(a.out).expanduser()
@@ -1108,7 +1114,7 @@ def worker_main(argv: list[str]) -> int:
     from ..core.rng import seed_from
     from ..core.stats import EVENT_NAMES
     from ..sidecar import RunSummary
-    from ..vllm import engine_kwargs, modifies_kv, whole_prompt_budget
+    from ..vllm import assemble_engine_args, modifies_kv, whole_prompt_budget
     from ..vllm.driver import collect
 
     method = spec["method"]
@@ -1118,12 +1124,8 @@ def worker_main(argv: list[str]) -> int:
     cfg = None
     if telltale:
         cfg = resolve(method, dict(spec["tt_args"]), spec["num_layers"], seed=int(kw.get("seed") or 0))
-        cc = kw.pop("compilation_config", None)
-        ek = engine_kwargs(cfg, spec["arch"], kw.pop("hf_overrides", None), compilation=cc, salted_requests=True)
-        for k, v in ek.items():
-            if k in ("async_scheduling", "enable_prefix_caching") and k in user:
-                continue  # the user's explicit choice wins, as in the lm-eval model types
-            kw[k] = v
+        # as the lm-eval model types assemble it (the user's explicit choices win where they may)
+        kw = assemble_engine_args(cfg, spec["arch"], kw, salted_requests=True, explicit=user)
     if current_platform.is_cpu():
         if "kv_cache_memory_bytes" not in kw:
             kw["kv_cache_memory_bytes"] = int(spec["cpu_kv_bytes"])

@@ -11,9 +11,11 @@ Both drive vLLM directly, in this process's driver (no lm-eval evaluation, no sc
    every prompt twice, ``enable_thinking=True`` and ``False``; ``on``/``off`` one of them;
    ``default`` passes nothing (the template's default); ``auto`` (profile's default) = ``both`` when
    the template has the switch, else ``default``;
-3. one engine: ``LLM(model, **engine_kwargs(resolve("norms", {layers, record_tokens: true,
-   warmup}), arch))`` — the ``vllm-norms`` observer on every layer by default (``--layers``), outputs
-   identical to stock vLLM; every request is tagged and its per-token trace (norm and the
+3. one engine: ``LLM(**assemble_engine_args(resolve("norms", {layers, record_tokens: true, warmup}),
+   arch, {model, seed, **engine_args}))`` — the user's explicit ``--engine-args`` win where they
+   may, as in the lm-eval model types, and ``profile.json`` records them and the engine's settings;
+   the ``vllm-norms`` observer on every layer by default (``--layers``), outputs identical to stock
+   vLLM; every request is tagged and its per-token trace (norm and the
    engine's adaptive request-mode τ per layer) collected with the ``telltale_collect`` RPC.
    ``--engine hf`` runs the same observer on transformers instead (the ``hf-norms`` generation
    loop, :mod:`lm_eval_telltale.hf.runtime`; ``--engine-args`` then holds ``device``,
@@ -41,7 +43,10 @@ Use it as ``tau_mode=calibrated,tau_file=FILE,tau_q=0.95`` or as a preset, ``con
 preset's own ``calibration`` section is then the τ file; ``tau_q`` 0.9 unless given).
 
 Every argument (quantiles, ``--tau-q``, ``--layers``, ``--trace-layer``, ``--trace-sample``, the JSON
-flags, the model's config, whether ``--out`` can be written) is checked before the engine starts.
+flags and the ``--engine-args`` keys vLLM takes, the ``--tasks`` names, the model's config, whether
+``--out`` can be written) is checked before the engine starts. No output is written over an input
+(the ``--collection`` file; when generating, the files of a local ``--model``, of ``--include_path``
+and the task YAML files given).
 Right after generation the raw collection is saved (``<out>/collection.npz`` for ``profile``,
 ``<out minus suffix>.collection.npz`` for ``calibrate``) before any later step that could fail;
 ``--collection FILE`` recomputes the outputs from such a file without generating again.
@@ -53,7 +58,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +65,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .checks import unknown_engine_args, unwritable
 from .plots import plot_layers, plot_trace
 
 PROFILE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -85,13 +90,20 @@ def has_thinking_switch(tokenizer) -> bool:
     return bool(tpl) and "enable_thinking" in str(tpl)
 
 
+class TaskLoadError(ValueError):
+    """lm-eval cannot load the tasks asked for (its ``KeyError``); raised before any engine starts."""
+
+
 def build_prompts(tokenizer, tasks: list[str], *, limit: int | None, modes: list[str], include_path: str | None = None,
                   metadata: dict | None = None, chat_template: bool = True) -> list[dict[str, Any]]:
     """[{mode, task, doc_id, prompt (text), gen_kwargs}] for every mode, task and document."""
     from ..harness.taskindex import load_tasks
 
     # {"tasks": {name: Task}, "groups": ..., "group_map": ...} (lm-eval >= 0.4.12, as pyproject requires)
-    leaves = list(load_tasks(list(tasks), include_path, metadata or None)["tasks"].values())
+    try:
+        leaves = list(load_tasks(list(tasks), include_path, metadata or None)["tasks"].values())
+    except KeyError as e:  # lm-eval's error for a name (or a group member) it does not know
+        raise TaskLoadError(str(e.args[0]) if e.args else repr(e)) from None
     out = []
     for task in leaves:
         if task.OUTPUT_TYPE != "generate_until":
@@ -191,7 +203,8 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
         ids.append(tok(p["prompt"], add_special_tokens=not p["chat_template"])["input_ids"])
     settings = [decoding(p["gen_kwargs"], max_tokens, temperature, seed + i) for i, p in enumerate(prompts)]
     run = _generate_hf if engine == "hf" else _generate_vllm
-    gens = run(model, cfg, arch, tok, prompts, ids, settings, engine_args or {}, seed, trust_remote_code)
+    used: dict[str, Any] = {}
+    gens = run(model, cfg, arch, tok, prompts, ids, settings, engine_args or {}, seed, trust_remote_code, used)
     L = len(cfg.layers)
     samples = []
     for p, (token_ids, text, finish, rec), enc in zip(prompts, gens, ids):
@@ -208,22 +221,27 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
             "tasks": tasks,
             "limit": limit, "modes": modes, "warmup": cfg.warmup, "iqr_k": cfg.iqr_k, "tau_mode": cfg.tau_mode,
             "chat_template": chat_template, "think_end_token_id": think_end,
+            "engine_args": dict(engine_args or {}), "engine_settings": json.loads(json.dumps(used, default=str)),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return {"meta": meta, "samples": samples}
 
 
-def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code):
-    """[(token_ids, text, finish_reason, record)] per prompt, from one vLLM engine."""
+def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code, used):
+    """[(token_ids, text, finish_reason, record)] per prompt, from one vLLM engine (``used`` receives
+    the engine's settings: :func:`lm_eval_telltale.vllm.assemble_engine_args`, the user's explicit
+    ones winning where they may)."""
     from vllm import LLM, SamplingParams
 
-    from ..vllm import engine_kwargs
+    from ..vllm import assemble_engine_args
     from ..vllm.driver import collect
+    from ..vllm.reaper import guarded
     from ..vllm.runtime import TAG_KEY
 
     kw = dict(model=model, seed=seed, trust_remote_code=trust_remote_code)
     kw.update(engine_args)
-    kw.update(engine_kwargs(cfg, arch, kw.pop("hf_overrides", None)))
-    llm = LLM(**kw)
+    kw = assemble_engine_args(cfg, arch, kw, salted_requests=False, explicit=engine_args)
+    used.update({k: v for k, v in kw.items() if k not in ("model", "hf_overrides")})
+    llm = guarded(lambda: LLM(**kw))  # its processes end with this one (vllm/reaper.py)
     try:
         sps = [SamplingParams(**st, extra_args={TAG_KEY: p["tag"]}) for p, st in zip(prompts, settings)]
         outs = llm.generate([{"prompt_token_ids": enc} for enc in ids], sps, use_tqdm=True)
@@ -237,7 +255,7 @@ def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, s
             for p, o in zip(prompts, outs)]
 
 
-def _generate_hf(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code):
+def _generate_hf(model, cfg, arch, tok, prompts, ids, settings, engine_args, seed, trust_remote_code, used):
     """The same, from transformers: the hf adapter's generation loop, ``batch_size`` prompts at a time
     (``engine_args``: ``device``, ``batch_size``, and ``from_pretrained`` arguments)."""
     import torch
@@ -250,6 +268,7 @@ def _generate_hf(model, cfg, arch, tok, prompts, ids, settings, engine_args, see
     device = kw.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     bs = int(kw.pop("batch_size", 16))
     kw.setdefault("dtype", "auto")
+    used.update({"device": device, "batch_size": bs, **kw})
     lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, **kw).to(device).eval()
     rt = HFRuntime(lm, cfg, engine_seed=seed, tokenizer=tok)
     reqs = [GenRequest(list(enc), st["max_tokens"], tag=p["tag"], sampling_seed=st["seed"],
@@ -412,28 +431,6 @@ def _json_object(ap: argparse.ArgumentParser, flag: str, value: str | None) -> d
     return obj
 
 
-def _unwritable(path: Path, is_dir: bool) -> str | None:
-    """Why ``path`` cannot be written as a directory (``is_dir``) or a file, or None."""
-    p = path.expanduser().absolute()
-    if p.exists():
-        if is_dir and not p.is_dir():
-            return f"{p} exists and is not a directory"
-        if not is_dir and p.is_dir():
-            return f"{p} is a directory; give a file name"
-        d = p if is_dir else p.parent
-        if not os.access(d, os.W_OK | os.X_OK) or not os.access(p, os.W_OK):
-            return f"{p} is not writable"
-        return None
-    anc = p.parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        return f"cannot create {p}: {anc} is a file, not a directory"
-    if not os.access(anc, os.W_OK | os.X_OK):
-        return f"cannot create {p}: {anc} is not writable"
-    return None
-
-
 def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs no engine, before one starts (``ap.error`` → exit 2 naming the flag).
     Returns {"engine_args", "metadata", "layers" (None with --collection)}."""
@@ -476,7 +473,54 @@ def _validate(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, A
         out["layers"] = parse_layers(f"0-{n_layers - 1}" if a.layers == "all" else a.layers, n_layers)
     except ConfigError as e:
         ap.error(f"--layers {a.layers}: {e}")
+    if a.engine == "vllm":  # --engine hf: device, batch_size and any from_pretrained argument
+        why = unknown_engine_args(out["engine_args"])
+        if why:
+            ap.error(f"--engine-args: {why}")
+    unknown = _unknown_tasks(a.tasks, a.include_path)
+    if unknown:
+        ap.error(f"--tasks: unknown task {', '.join(map(repr, unknown))}: not an lm-eval task, group or tag name"
+                 + (f" (built-in, telltale or in --include_path {a.include_path})" if a.include_path else "")
+                 + " nor a task YAML file")
     return out
+
+
+def _unknown_tasks(tasks: str, include_path: str | None) -> list[str]:
+    """The ``--tasks`` names lm-eval's task index does not have (and that are no YAML file): the small
+    index answers known names at once, an unknown one costs the full index (~15 s)."""
+    from ..harness.taskindex import index_entry
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    return [t for t in names if not Path(t).expanduser().is_file() and index_entry(t, include_path) is None]
+
+
+def _inputs(a: argparse.Namespace):
+    """What this run reads (:class:`~lm_eval_telltale.tools.runs.Inputs`), never to be written over:
+    the ``--collection`` file; when generating, the files of a local ``--model`` directory, of
+    ``--include_path`` and the task YAML files named in ``--tasks``."""
+    from .runs import Inputs
+
+    inputs = Inputs()
+    if a.collection is not None:
+        srcs = [a.collection]
+    else:
+        srcs = [a.model, a.include_path, *(t.strip() for t in (a.tasks or "").split(",") if t.strip())]
+    for src in srcs:
+        p = Path(src).expanduser() if src else None
+        if p is not None and p.is_file():
+            inputs.files.add(p.resolve())
+        elif p is not None and p.is_dir():
+            inputs.files.update(f.resolve() for f in p.rglob("*") if f.is_file())
+    return inputs
+
+
+def _refuse_inputs(ap: argparse.ArgumentParser, a: argparse.Namespace, dests: list[tuple[str, Path]]) -> None:
+    """``ap.error`` naming the flag when a file this run writes (``(flag, path)``) is one of its inputs."""
+    inputs = _inputs(a)
+    for flag, dest in dests:
+        why = inputs.conflict(dest)
+        if why:
+            ap.error(f"{flag}: {why}")
 
 
 def _collect_from(a, checked: dict, before_engine: Callable[[list[dict]], None] | None = None) -> dict:
@@ -597,15 +641,20 @@ def main_profile(argv=None) -> int:
     prog = "telltale profile"
     checked = _validate(ap, a)
     out = Path(a.out).expanduser()
-    why = _unwritable(out, is_dir=True)
+    why = unwritable(out, is_dir=True)
     if why:
         ap.error(f"--out {a.out}: {why}")
+    written = [out / n for n in ("profile.json", "profile_layers.png", "profile_trace.png")]
+    _refuse_inputs(ap, a, [("--out", p) for p in written + ([] if a.collection else [out / "collection.npz"])])
     if a.collection is None:
         _check_trace(ap, a, checked["layers"], None)
-    col, saved = _collection(
-        prog, a, checked, out / "collection.npz",
-        before_engine=lambda prompts: _check_trace(ap, a, checked["layers"], len(_doc_keys(prompts))),
-        on_loaded=lambda c: _check_trace(ap, a, c["meta"]["layers"], len(_doc_keys(c["samples"]))))
+    try:
+        col, saved = _collection(
+            prog, a, checked, out / "collection.npz",
+            before_engine=lambda prompts: _check_trace(ap, a, checked["layers"], len(_doc_keys(prompts))),
+            on_loaded=lambda c: _check_trace(ap, a, c["meta"]["layers"], len(_doc_keys(c["samples"]))))
+    except TaskLoadError as e:
+        ap.error(f"--tasks {a.tasks}: {e}")
 
     def finish():
         prof = summarize_profile(col, a.trace_layer, a.trace_sample)
@@ -649,11 +698,16 @@ def main_calibrate(argv=None) -> int:
     checked = _validate(ap, a)
     out = Path(a.out).expanduser()
     side = out.with_name(out.stem + ".collection.npz") if out.suffix else out.with_name(out.name + ".collection.npz")
-    for path, flag in ((out, "--out"), (side, "--out (its .collection.npz)")):
-        why = _unwritable(path, is_dir=False)
+    dests = [("--out", out)] + ([] if a.collection else [("--out (its .collection.npz)", side)])
+    for flag, path in dests:
+        why = unwritable(path, is_dir=False)
         if why:
             ap.error(f"{flag} {a.out}: {why}")
-    col, saved = _collection(prog, a, checked, side)
+    _refuse_inputs(ap, a, dests)
+    try:
+        col, saved = _collection(prog, a, checked, side)
+    except TaskLoadError as e:
+        ap.error(f"--tasks {a.tasks}: {e}")
 
     def finish():
         data = calibration_data(col, qs, a.tau_q)

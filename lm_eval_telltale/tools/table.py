@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.lrs import SELECTORS
+from .checks import unwritable
 from .runs import Inputs, NoResultsError, Run, collect_runs
 from .runs import is_num as _is_num
 
@@ -582,8 +583,9 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     if not any(r.extras.get("gen_tokens") is not None for r in rows):
         extra_cols = [c for c in extra_cols if c not in ("gen_tokens", "truncated")]
     metrics = sorted({c.metric for c in cols})
+    delta = "" if baseline.lower() == "none" else f" (Δ vs the same model's {baseline} row, in points)"
     notes.insert(0, "cells: " + " / ".join(metrics) + (" × 100" if any(c.scale == 100 for c in cols) else "")
-                 + " ± stderr (Δ vs the same model's " + baseline + " row, in points); avg: unweighted mean over "
+                 + " ± stderr" + delta + "; avg: unweighted mean over "
                  + ", ".join(top) + ("; * = not all columns present" if any(r.avg_partial for r in rows) else ""))
     return Table(cols, rows, extra_cols, notes, warnings, baseline, inputs)
 
@@ -628,6 +630,9 @@ def main(argv=None) -> int:
     for opt, dest in dests:
         if Path(dest).expanduser().is_dir():
             return error(f"{opt} {dest} is a directory; give the path of a file to write")
+        why = unwritable(dest)
+        if why:
+            return error(f"{opt} {dest}: {why}")
     if a.out and a.plot and Path(a.out).expanduser().resolve() == Path(a.plot).expanduser().resolve():
         return error(f"--out and --plot are the same file {a.out}")
     try:
@@ -644,14 +649,30 @@ def main(argv=None) -> int:
     from .render import render
 
     text = render(t, a.format)
+
+    def cannot(opt: str, dest: str, e: OSError) -> int:
+        return error(f"{opt} {dest}: cannot write it: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+
+    # the checks above cannot see everything (a root process passes every permission check): every
+    # directory is made first, so that nothing is written when one cannot be
+    for opt, dest in dests:
+        try:
+            Path(dest).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return cannot(opt, dest, e)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text, encoding="utf-8")
+        try:
+            Path(a.out).expanduser().write_text(text, encoding="utf-8")
+        except OSError as e:
+            return cannot("--out", a.out, e)
         print(f"telltale table: wrote {a.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     if a.plot:
-        plot_deltas(t, a.plot)
+        try:
+            plot_deltas(t, Path(a.plot).expanduser())
+        except OSError as e:
+            return cannot("--plot", a.plot, e)
         print(f"telltale table: wrote {a.plot}", file=sys.stderr)
     return 0
 

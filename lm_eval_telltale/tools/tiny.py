@@ -1,10 +1,12 @@
 """Deterministic tiny model directories for tests and the demo (random weights).
 
-``telltale tiny-model --arch qwen3|qwen2|llama --out DIR``: a small decoder (head_dim 64, which
+``telltale tiny-model --arch qwen3|qwen2|llama --out DIR [--force]``: a small decoder (head_dim 64, which
 vLLM's CPU attention needs) with a byte-level tokenizer and a chat template that knows
 ``<think>...</think>`` (Qwen3-style ``enable_thinking``). Special tokens get zero output
 embeddings so a greedy random model never stops early — generations run to their budget, which
-makes token counts predictable in tests.
+makes token counts predictable in tests. A directory that already holds a model (a ``config.json``
+or weights) is refused unless ``--force``: the new files would replace the weights and config while
+anything else there (a model card, a training report) stayed, describing weights that are gone.
 """
 
 from __future__ import annotations
@@ -52,9 +54,23 @@ def byte_tokenizer():
     return fast
 
 
+#: what makes a directory hold a model (``telltale tiny-model`` refuses to replace one without ``--force``)
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
+
+
+def model_files(out: str | Path) -> list[Path]:
+    """The files of ``out`` that make it a model directory (a config or weights; see :data:`MODEL_FILES`)."""
+    d = Path(out).expanduser()
+    if not d.is_dir():
+        return []
+    return sorted({f for pat in MODEL_FILES for f in d.glob(pat) if f.is_file()})
+
+
 def build_tiny_model(out: str | Path, arch: str = "qwen3", *, num_layers: int = 8, hidden: int = 128,
                      heads: int = 2, kv_heads: int = 1, intermediate: int = 256, seed: int = 0,
                      max_position: int = 4096) -> Path:
+    """Write the model into ``out`` (created; an existing model there is replaced: the command line
+    refuses that unless ``--force``, callers here pass fresh or their own directories)."""
     import torch
     import transformers
 

@@ -21,6 +21,9 @@ Everything (data, CSS, JS) is inline; no network access. The page sets ``data-re
 Token text: the run's tokenizer (``config.model_args.pretrained`` of the results JSON, or
 ``--model``) decodes incrementally, so a multi-byte character belongs to the token that completes
 it; control characters are shown as visible symbols. Without a tokenizer, token ids are shown.
+
+The run's files (the sidecar, the results JSON, lm-eval's samples files) are never written over:
+an ``--out`` page that would replace one is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -281,6 +284,11 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
 
+def _page_name(r: dict) -> str:
+    """The file name of a sample's page in an ``--out`` directory."""
+    return _slug(f"{r.get('task')}_doc{r.get('doc_id')}_r{r.get('repeat', 0)}") + ".html"
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -331,7 +339,16 @@ def main(argv=None) -> int:
               "(the sidecar grows by ≈ 35–40 bytes of JSON per generated token and patched layer)", file=sys.stderr)
         return 2
     traced.sort(key=lambda r: (str(r.get("task")), r.get("doc_id", 0), r.get("repeat", 0)))
-    from .runs import parse_model_args
+    # inputs are never written to: the run's files (sidecar, results, samples) against every page
+    from .runs import Inputs, parse_model_args
+
+    inputs = Inputs(files={f.resolve() for f in (Path(a.run).expanduser(), sidecar, res_path) if f and f.is_file()})
+    if res_path is not None:
+        inputs.files.update(f.resolve() for f in res_path.parent.glob("samples_*.jsonl"))
+    for dest in [out] if single else [out / "index.html", *(out / _page_name(r) for r in traced)]:
+        why = inputs.conflict(dest)
+        if why:
+            ap.error(f"--out: {why}")
 
     margs = parse_model_args(((res or {}).get("config") or {}).get("model_args"))
     tok = load_tokenizer(a.model or margs.get("tokenizer") or margs.get("pretrained"))
@@ -358,7 +375,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         links = []
         for r in tqdm(traced, desc="telltale view", unit="page", disable=None):
-            name = _slug(f"{r.get('task')}_doc{r.get('doc_id')}_r{r.get('repeat', 0)}") + ".html"
+            name = _page_name(r)
             (out / name).write_text(page(r), encoding="utf-8")
             links.append((name, r))
         items = "\n".join(f'<li><a href="{html.escape(n)}">{html.escape(str(r.get("task")))} doc {r.get("doc_id")} '

@@ -1,7 +1,9 @@
 """vLLM adapter. Import-light: vLLM is imported only by the submodules that need it.
 
 ``engine_kwargs(cfg, architecture)`` returns everything an ``LLM(...)`` needs to run a Telltale
-method on stock vLLM; the lm-eval model types call it, and so can plain vLLM scripts::
+method on stock vLLM; :func:`assemble_engine_args` merges it with a user's own engine settings (the
+one place that does: the lm-eval model types, ``telltale profile``/``calibrate`` and ``telltale
+bench`` call it). Plain vLLM scripts can use either::
 
     from vllm import LLM
     from lm_eval_telltale.config import resolve
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from ..config import TelltaleConfig
+from ..config import ConfigError, TelltaleConfig
 from .plugin import ARCHITECTURES
 
 ROW_MIRROR = "lm_eval_telltale.vllm.rows:TelltaleRowMirror"
@@ -211,3 +214,66 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
     if modifies_kv(cfg) and not salted_requests:
         kw["enable_prefix_caching"] = False
     return kw
+
+
+#: the engine settings of :func:`engine_kwargs` that a user may set otherwise (each is safe either
+#: way, with the trade-off its docstring names); every other one is the method's and is always set
+USER_MAY_SET = ("async_scheduling", "enable_prefix_caching")
+
+
+def json_arg(key: str, value: Any) -> Any:
+    """An engine argument that vLLM takes as a dict, given as JSON text (a command line's form)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(key, f"not JSON ({e.msg} at column {e.colno}): {value!r}") from None
+
+
+def assemble_engine_args(cfg: TelltaleConfig, architecture: str, user: dict[str, Any], *,
+                         salted_requests: bool, explicit: Iterable[str] | None = None) -> dict[str, Any]:
+    """The ``LLM(...)`` arguments of a telltale engine: the caller's and user's settings ``user``
+    with :func:`engine_kwargs` added — the one place that assembles them (the lm-eval model types,
+    ``telltale profile``/``calibrate`` and ``telltale bench`` call it).
+
+    ``hf_overrides`` and ``compilation_config`` (dicts, or JSON text) are merged into the method's;
+    a user's explicit :data:`USER_MAY_SET` settings win over the method's defaults (``explicit``:
+    the keys the user set; default, every key of ``user`` with a value). A setting that cannot work
+    raises here, before any engine starts (FULL CUDA graphs: :func:`compilation_config`)."""
+    kw = dict(user)
+    overrides = json_arg("hf_overrides", kw.pop("hf_overrides", None))
+    cc = json_arg("compilation_config", kw.pop("compilation_config", None))
+    if isinstance(cc, int):
+        cc = {"mode": cc}
+    mine = set(explicit) if explicit is not None else {k for k, v in user.items() if v is not None}
+    for k, v in engine_kwargs(cfg, architecture, overrides, compilation=cc, salted_requests=salted_requests).items():
+        if k in USER_MAY_SET and k in mine:
+            continue
+        kw[k] = v
+    return kw
+
+
+@lru_cache(maxsize=1)
+def engine_arg_names() -> frozenset[str]:
+    """Every keyword vLLM's ``LLM(...)`` takes: the fields of ``EngineArgs`` (its ``**kwargs``) and
+    ``LLM.__init__``'s own named parameters. Imports vLLM (seconds)."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    named = {n for n, p in inspect.signature(LLM.__init__).parameters.items()
+             if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(named | {f.name for f in dataclasses.fields(EngineArgs)})
+
+
+def unknown_engine_keys(keys: Iterable[str], also: Iterable[str] = ()) -> list[str]:
+    """The keys (in the order given) that are neither an ``LLM(...)`` argument nor in ``also`` (the
+    caller's own extra keys, e.g. lm-eval's ``VLLM`` arguments). No keys: vLLM is not imported."""
+    keys = list(keys)
+    if not keys:
+        return []
+    known = engine_arg_names() | set(also)
+    return [k for k in keys if k not in known]

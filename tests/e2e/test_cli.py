@@ -175,15 +175,19 @@ def _long_task(tmp_path):
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_path):
     """A run interrupted mid-generation (Ctrl-C, or killed) leaves every answer finished before the
-    signal as a valid sidecar line: rows are written as answers finish, not at the end."""
+    signal as a valid sidecar line: rows are written as answers finish, not at the end. Its engine's
+    processes (vLLM's default multiprocess engine: ``VLLM::EngineCore`` and its worker) end with it
+    within 15 s — after a SIGKILL too, where vLLM's own shutdown never runs."""
     import os
     import signal
     import subprocess
     import time
 
+    import psutil
+
     task = _long_task(tmp_path)
     out = tmp_path / "run"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in lm_eval's own process
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,max_num_seqs=2,"
              "enforce_eager=True,layers=4-6,warmup=4,stats_path=" + str(out / "side.jsonl"))
     log = (tmp_path / "stderr.log").open("w")
@@ -191,7 +195,7 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
                              "--include_path", str(task), "--batch_size", "auto", "--output_path", str(out)],
                             env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     side = out / "side.jsonl"
-    seen, deadline = 0, time.monotonic() + 400
+    seen, deadline, engine = 0, time.monotonic() + 400, []
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if side.exists():
@@ -200,21 +204,32 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
                     break
             time.sleep(0.2)
         assert proc.poll() is None and seen >= 3, f"the run ended or wrote nothing before the signal ({seen} rows)"
+        engine = psutil.Process(proc.pid).children(recursive=True)
+        assert any("VLLM" in p.name() for p in engine), [p.name() for p in engine]
         proc.send_signal(getattr(signal, sig))  # to lm_eval only, as a kill of its pid would
         proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(engine, timeout=15)
+        assert not alive, f"engine processes left behind: {[(p.pid, p.name()) for p in alive]}"
     finally:
         log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
+        for p in engine:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the engine's child processes
-            except ProcessLookupError:
+                p.kill()
+            except psutil.Error:
                 pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert not list(out.rglob("results_*.json")), "the run was meant to be interrupted before it finished"
     lines = [line for line in side.read_text().splitlines() if line.strip()]
     rows = [json.loads(line) for line in lines]  # every line is a whole, valid row
     assert len(rows) >= seen >= 3
+    if sig == "SIGINT":  # the progress bar's last word is what was saved (lm-eval's own bar reads 0)
+        import re
+
+        bars = re.findall(r"vllm-norms: answers:[^|]*\|[^|]*\| *(\d+)/36", (tmp_path / "stderr.log").read_text())
+        assert bars and int(bars[-1]) == len(rows), bars[-3:]
     ids = [r["doc_id"] for r in rows]
     assert len(set(ids)) == len(ids) and all(0 <= i < 36 for i in ids)
     for r in rows:
@@ -260,3 +275,29 @@ def test_lrs_with_greedy_tasks_fails_before_the_engine(tiny_model_dir, local_tas
 
     assert greedy({"do_sample": False}) and greedy({"temperature": 0}) and not greedy({"temperature": 0.6})
     assert not greedy({})  # vLLM's default temperature is 1
+
+
+@pytest.mark.e2e
+def test_lrs_repeats_split_over_batches_draw_new_candidates(tiny_model_dir, tmp_path):
+    """A task with ``repeats: 4`` and a numeric ``--batch_size 2``: lm-eval generates each document's
+    repeats in two ``_model_generate`` calls. The occurrence of a prompt is counted over the whole
+    ``generate_until`` call, so every repeat gets its own candidate seeds — with a per-call count,
+    repeat 2 equalled repeat 0 and repeat 3 repeat 1, candidate for candidate."""
+    from lm_eval_telltale.tasksupport.localtask import write_local_task
+
+    task = write_local_task(tmp_path / "task", name="telltale_rep", repeats=4)
+    out = tmp_path / "run"
+    margs = (f"pretrained={tiny_model_dir},kv_cache_memory_bytes=33554432,max_model_len=512,enforce_eager=True,"
+             "layers=4-6,n_candidates=2")
+    p = run([LM_EVAL, "--model", "vllm-lrs", "--model_args", margs, "--tasks", "telltale_rep", "--include_path",
+             str(task), "--limit", "1", "--batch_size", "2", "--gen_kwargs", "temperature=0.8,do_sample=True",
+             "--log_samples", "--output_path", str(out)], INPROCESS)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(out.rglob("results_*.json")).read_text())
+    rows = [json.loads(line) for line in Path(res["config"]["telltale"]["stats_path"]).read_text().splitlines()]
+    assert sorted(r["repeat"] for r in rows) == [0, 1, 2, 3] and {r["doc_id"] for r in rows} == {0}
+    cands = {r["repeat"]: tuple(c["text"] for c in r["candidates"]) for r in rows}
+    assert len(set(cands.values())) == 4, cands  # no repeat is a copy of another
+    # lm-eval scored, repeat by repeat, what the sidecar says LRS returned
+    (smp,) = samples(out, "telltale_rep")  # one Instance, its 4 responses in repeat order
+    assert smp["resps"][0] == [r["response"] for r in sorted(rows, key=lambda r: r["repeat"])]

@@ -51,31 +51,42 @@ def test_hf_alrr_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
     assert {r["doc_id"]: r["response"] for r in rows} == by_doc
 
 
-def test_hf_lrs_end_to_end(tiny_model_dir, local_task_dir, tmp_path):
+def test_hf_lrs_end_to_end(tiny_model_dir, tmp_path):
     """N sampled candidates per answer through the hf loop, LRS's pick returned, every selector's pick
-    and the candidates in the row (the selection is the vllm-lrs code: harness/common.py)."""
+    and the candidates in the row (the selection is the vllm-lrs code: harness/common.py). The task
+    asks for 3 repeats per document and ``--batch_size 2`` splits a document's repeats over two
+    ``_model_generate`` calls: every repeat still draws its own candidates, and lm-eval scores, repeat
+    by repeat, the response the sidecar records."""
     from lm_eval_telltale.spec import LRS_SELECTORS
+    from lm_eval_telltale.tasksupport.localtask import write_local_task
 
-    res, rows = _lm_eval("hf-lrs", f"pretrained={tiny_model_dir},layers=4-6,n_candidates=3", "telltale_local",
-                         tmp_path / "run", limit=2, include_path=local_task_dir,
+    task = write_local_task(tmp_path / "task", name="telltale_rep", repeats=3)
+    res, rows = _lm_eval("hf-lrs", f"pretrained={tiny_model_dir},layers=4-6,n_candidates=2", "telltale_rep",
+                         tmp_path / "run", limit=2, include_path=task,
                          extra=("--device", "cpu", "--batch_size", "2", "--gen_kwargs", "temperature=0.8,do_sample=True"))
-    by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples(tmp_path / "run", "telltale_local")}
+    assert sorted((r["doc_id"], r["repeat"]) for r in rows) == [(d, k) for d in range(2) for k in range(3)]
+    smp = {s["doc_id"]: s["resps"][0] for s in samples(tmp_path / "run", "telltale_rep")}
     for r in rows:
         cands = r["candidates"]
-        assert len(cands) == 3 and set(r["picks"]) == set(LRS_SELECTORS) and len({c["text"] for c in cands}) > 1
+        assert len(cands) == 2 and set(r["picks"]) == set(LRS_SELECTORS) and len({c["text"] for c in cands}) > 1
         assert r["picks"]["late_sum"] == r["chosen_index"]
-        assert by_doc[r["doc_id"]] == cands[r["chosen_index"]]["response"] == r["response"]
+        assert smp[r["doc_id"]][r["repeat"]] == cands[r["chosen_index"]]["response"] == r["response"]
         assert all(c["conf"] is not None and c["correct"] in (0.0, 1.0) for c in cands)
+    texts = [tuple(c["text"] for c in r["candidates"]) for r in rows]
+    assert len(set(texts)) == len(texts)  # no repeat is a copy of another
     assert set(res["config"]["telltale"]["summary"]["lrs_selectors"]) >= {"late_sum", "maj", "conf", "random"}
 
 
 def test_hf_and_vllm_runs_of_one_configuration_give_the_same_table(tmp_path):
     """hf-norms and vllm-norms on the shipped tiny reasoning model (``config=telltale-arith``,
-    chat template, greedy): the same responses, and ``telltale table`` shows the same accuracy."""
+    chat template, greedy) with a budget of 60 tokens, which some answers finish within and others
+    not: the same texts, think markers included (the tokenizer marks ``<think>`` special: a decode
+    that drops special tokens makes an unfinished thinking block read as an answer), the same
+    verdicts — truncated ones too — and ``telltale table`` shows the same accuracy."""
     from lm_eval_telltale.arith import model_dir
 
     base = f"pretrained={model_dir()},config=telltale-arith"
-    common = ("--apply_chat_template",)
+    common = ("--apply_chat_template", "--gen_kwargs", "max_gen_toks=60")
     _, hf_rows = _lm_eval("hf-norms", base, "telltale_arith", tmp_path / "hf", limit=2,
                           extra=(*common, "--device", "cpu", "--batch_size", "16"))
     _, v_rows = _lm_eval("vllm-norms", f"{base},enforce_eager=True,kv_cache_memory_bytes=33554432",
@@ -84,8 +95,21 @@ def test_hf_and_vllm_runs_of_one_configuration_give_the_same_table(tmp_path):
     key = lambda r: (r["task"], r["doc_id"])  # noqa: E731
     assert len(hf_rows) == len(v_rows) == 8
     hf, v = {key(r): r for r in hf_rows}, {key(r): r for r in v_rows}
-    assert {k: r["response"] for k, r in hf.items()} == {k: r["response"] for k, r in v.items()}
     assert {k: r["n_generated_tokens"] for k, r in hf.items()} == {k: r["n_generated_tokens"] for k, r in v.items()}
+    finished = {k for k, r in v.items() if "</think>" in r["raw_output"]}
+    assert 0 < len(finished) < len(v)  # the budget cuts some answers and not others
+    for k in v:
+        assert hf[k]["raw_output"].startswith("<think>") and v[k]["raw_output"].startswith("<think>")
+        assert ("</think>" in hf[k]["raw_output"]) == (k in finished)
+    # the answers (the thinking of the tiny model has near-ties between engines: words, not lengths)
+    assert {k: hf[k]["response"] for k in finished} == {k: v[k]["response"] for k in finished}
+
+    def verdicts(run):
+        return {(t, s["doc_id"]): (s["exact_match"], s["truncated"])
+                for t in sorted({k[0] for k in v}) for s in samples(run, t)}
+
+    assert verdicts(tmp_path / "hf") == verdicts(tmp_path / "vllm")
+    assert sum(tr for _, tr in verdicts(tmp_path / "hf").values()) == len(v) - len(finished)
     p = run([sys.executable, "-m", "lm_eval_telltale.cli", "table", str(tmp_path / "hf"), str(tmp_path / "vllm"),
              "--format", "json", "--baseline", "none"])
     assert p.returncode == 0, p.stderr[-2000:]

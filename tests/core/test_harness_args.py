@@ -1,0 +1,87 @@
+"""The model types' checks of their model_args, made before any engine or model is built: an
+existing sidecar is never appended to, an impossible ``stats_path`` names the key, and an unknown
+model_arg gets the same error from ``hf-*`` as from ``vllm-*`` (not a ``TypeError`` from
+transformers after the config was read). The engine's constructor is replaced by a tripwire."""
+
+from __future__ import annotations
+
+import pytest
+
+from lm_eval_telltale.config import ConfigError
+
+
+class Reached(Exception):
+    """The engine's (or model's) constructor was reached: every check before it passed."""
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.vllm_causallms import VLLM
+
+    for cls in (VLLM, HFLM):
+        def stop(self, *a, **kw):
+            raise Reached()
+
+        stop.__signature__ = inspect.signature(cls.__init__)  # the checks read lm-eval's signatures
+        monkeypatch.setattr(cls, "__init__", stop)
+
+
+def _types():
+    from lm_eval_telltale.harness.lrs import VLLMLrs
+    from lm_eval_telltale.harness.models import VLLMNorms
+    from lm_eval_telltale.hf.harness import HFLrs, HFNorms
+
+    return {"vllm-norms": VLLMNorms, "vllm-lrs": VLLMLrs, "hf-norms": HFNorms, "hf-lrs": HFLrs}
+
+
+@pytest.mark.parametrize("mtype", ["vllm-norms", "hf-norms", "vllm-lrs", "hf-lrs"])
+def test_stats_path_of_an_earlier_run_is_refused(mtype, tiny_model_dir, tmp_path, tripwire):
+    cls = _types()[mtype]
+    side = tmp_path / "side.jsonl"
+    side.write_text('{"task": "t", "doc_id": 0}\n')
+    extra = {"n_candidates": 1} if mtype.endswith("lrs") else {}
+    with pytest.raises(ConfigError, match="'stats_path'.*already exists") as e:
+        cls(str(tiny_model_dir), layers="4-6", stats_path=str(side), **extra)
+    assert "mixed" in str(e.value)
+    assert side.read_text() == '{"task": "t", "doc_id": 0}\n'  # the earlier run's rows are untouched
+    with pytest.raises(ConfigError, match="'stats_path'.*is a directory"):
+        cls(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path), **extra)
+    # a new path passes every check (the tripwire is the engine's constructor)
+    with pytest.raises(Reached):
+        cls(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "new" / "side.jsonl"), **extra)
+
+
+@pytest.mark.parametrize("mtype", ["vllm-norms", "hf-norms"])
+def test_unwritable_stats_path_names_the_key(mtype, tiny_model_dir, tmp_path, tripwire):
+    cls = _types()[mtype]
+    (tmp_path / "afile").write_text("x")
+    for bad in ("/proc/nope/x.jsonl", str(tmp_path / "afile" / "x.jsonl")):
+        with pytest.raises(ConfigError, match="'stats_path'.*cannot create the directory"):
+            cls(str(tiny_model_dir), layers="4-6", stats_path=bad)
+
+
+@pytest.mark.parametrize("mtype", ["vllm-norms", "hf-norms"])
+@pytest.mark.parametrize("arg", [{"foo": 1}, {"enforce_eager": True, "device": "cpu"}, {"max_num_seqs": 4}])
+def test_unknown_model_arg_same_error_on_every_engine(mtype, arg, tiny_model_dir, tmp_path, tripwire):
+    cls = _types()[mtype]
+    engine_only = "enforce_eager" in arg or "max_num_seqs" in arg
+    if mtype.startswith("vllm") and engine_only:
+        with pytest.raises(Reached):  # a vLLM engine argument: fine for vllm-*
+            cls(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "s.jsonl"), **arg)
+        return
+    key = next(k for k in arg if k != "device")
+    with pytest.raises(ConfigError, match=rf"'{key}': unknown model_arg for {mtype} \(not a telltale key"):
+        cls(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "s.jsonl"), **arg)
+
+
+def test_hf_takes_from_pretrained_and_config_arguments(tiny_model_dir, tmp_path, tripwire):
+    """What transformers takes is not refused: HFLM's own arguments, from_pretrained's keyword
+    arguments, and fields of the model's config."""
+    from lm_eval_telltale.hf.harness import HFNorms
+
+    with pytest.raises(Reached):
+        HFNorms(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "s.jsonl"), device="cpu",
+                attn_implementation="eager", low_cpu_mem_usage=True, use_cache=True, rms_norm_eps=1e-5)
