@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from . import model_configs_dir
-from .spec import METHODS, TAU_MODES, default_warmup
+from .core.params import checks_of, keys_of, knob
+from .spec import IQR_K, METHODS, MIN_IQR, TAU_MODES, TAU_Q, default_warmup, parse_bool
 
 
 class ConfigError(ValueError):
@@ -28,27 +29,45 @@ class ConfigError(ValueError):
         self.key = key
 
 
-#: the settings every method takes: key -> (default, help). A method's own knobs live in its core module.
-COMMON_KEYS: dict[str, tuple[Any, str]] = {
-    "layers": ("auto", "patched layers: 'auto' (last quarter without the final layer), '21-26', '21;23;25' or a list"),
-    "tau_mode": ("request", "request | global | fixed | calibrated (docs/methods.md §1)"),
-    "tau": (None, "fixed τ: a number (all layers), a JSON list/dict {layer: τ}, or a .json/.yaml file"),
-    "tau_file": (None, "calibration file from `telltale calibrate` (tau_mode=calibrated; given without tau_mode "
-                       "it implies tau_mode=calibrated)"),
-    "tau_q": (0.9, "quantile of the calibration file used as τ (tau_mode=calibrated only)"),
-    "iqr_k": (1.5, "τ = Q3 + iqr_k · max(IQR, min_iqr)"),
-    "min_iqr": (1e-3, "lower bound of the IQR in the τ rule"),
-    "tau_floor": (None, "optional lower bound of τ (>= 0)"),
-    "warmup": (None, "the request's own generated tokens (request, fixed, calibrated) or decode steps (global) "
-                     "before any decision; default (spec.default_warmup): 64 tokens in request mode, 500 steps "
-                     "(200 for erss) in global mode, none with a given τ"),
-    "record_tokens": (False, "write per-token traces (norm, τ, events) into the sidecar for `telltale view`: "
-                              "≈ 40 bytes of JSON per generated token and patched layer (more with a method's "
-                              "extra columns), e.g. 16k tokens × 6 layers ≈ 4 MB per answer"),
-    "batch_invariant": (False, "vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; GPU only): a request's "
-                               "logits independent of the rest of the batch, at some speed cost"),
-    "stats_path": (None, "sidecar JSONL path (default: next to lm-eval's --output_path)"),
-}
+@dataclass(frozen=True)
+class CommonParams:
+    """The settings every method takes, declared once (name, type, default, help, range check) in
+    the form of the methods' own knobs (:mod:`lm_eval_telltale.core.params`): ``COMMON_KEYS``
+    (validation and help), ``COMMON_CHECKS`` (:func:`resolve`), :class:`TelltaleConfig`'s defaults
+    and the table labels (:func:`lm_eval_telltale.tools.runs.telltale_knobs`: a label shows a
+    setting that differs from its default here) all read it. ``warmup`` has no single default:
+    :func:`lm_eval_telltale.spec.default_warmup` of the method and τ mode."""
+
+    layers: Any = knob("auto", "patched layers: 'auto' (last quarter without the final layer), '21-26', '21;23;25' "
+                               "or a list")
+    tau_mode: str = knob("request", "request | global | fixed | calibrated (docs/methods.md §1)",
+                         lambda v: v in TAU_MODES, f"must be one of {', '.join(TAU_MODES)}")
+    tau: Any = knob(None, "fixed τ: a number (all layers), a JSON list/dict {layer: τ}, or a .json/.yaml file")
+    tau_file: str | None = knob(None, "calibration file from `telltale calibrate` (tau_mode=calibrated; given "
+                                      "without tau_mode it implies tau_mode=calibrated)")
+    tau_q: float = knob(TAU_Q, "quantile of the calibration file used as τ (tau_mode=calibrated only)",
+                        lambda v: 0 < v < 1, "must be in (0, 1)")
+    iqr_k: float = knob(IQR_K, "τ = Q3 + iqr_k · max(IQR, min_iqr)", lambda v: v >= 0, "must be >= 0")
+    min_iqr: float = knob(MIN_IQR, "lower bound of the IQR in the τ rule", lambda v: v >= 0, "must be >= 0")
+    tau_floor: float | None = knob(None, "optional lower bound of τ (>= 0)", lambda v: v >= 0, "must be >= 0")
+    warmup: int | None = knob(None, "the request's own generated tokens (request, fixed, calibrated) or decode "
+                                    "steps (global) before any decision; default (spec.default_warmup): 64 tokens "
+                                    "in request mode, 500 steps (200 for erss) in global mode, none with a given τ",
+                              lambda v: v >= 0, "must be >= 0")
+    record_tokens: bool = knob(False, "write per-token traces (norm, τ, events) into the sidecar for `telltale "
+                                      "view`: ≈ 40 bytes of JSON per generated token and patched layer (more with a "
+                                      "method's extra columns), e.g. 16k tokens × 6 layers ≈ 4 MB per answer")
+    batch_invariant: bool = knob(False, "vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; GPU only): a "
+                                        "request's logits independent of the rest of the batch, at some speed cost")
+    stats_path: str | None = knob(None, "sidecar JSONL path (default: next to lm-eval's --output_path); a new file")
+
+
+#: the common settings: key -> (default, help); a method's own knobs live in its core module
+COMMON_KEYS: dict[str, tuple[Any, str]] = keys_of(CommonParams)
+#: their range checks (key -> check(value) -> (ok, message))
+COMMON_CHECKS = checks_of(CommonParams)
+_COMMON = CommonParams()
+
 
 def method_keys(method: str) -> dict[str, tuple[Any, str]]:
     """The method's own knobs, declared in its core module (``KEYS``)."""
@@ -61,7 +80,6 @@ PER_LAYER_PARAMS = ("match_rate",)
 
 #: keys a preset file may hold besides telltale keys (lm-eval VLLM arguments and documentation)
 PRESET_PASSTHROUGH = ("think_end_token", "enable_thinking", "max_model_len")
-PRESET_INFO = ("model", "architecture", "num_layers", "sampling", "telltale")
 
 
 @dataclass
@@ -69,17 +87,17 @@ class TelltaleConfig:
     method: str = "norms"
     layers: list[int] = field(default_factory=list)
     num_layers: int = 0
-    tau_mode: str = "request"
+    tau_mode: str = _COMMON.tau_mode
     tau_values: list[float] | None = None  # fixed / calibrated: one per patched layer
-    tau_q: float | None = None
+    tau_q: float | None = None  # the calibration quantile in use (calibrated mode only)
     tau_file: str | None = None
-    iqr_k: float = 1.5
-    min_iqr: float = 1e-3
-    tau_floor: float | None = None
-    warmup: int = 64
-    record_tokens: bool = False
-    batch_invariant: bool = False
-    stats_path: str | None = None
+    iqr_k: float = _COMMON.iqr_k
+    min_iqr: float = _COMMON.min_iqr
+    tau_floor: float | None = _COMMON.tau_floor
+    warmup: int = default_warmup("norms", "request")  # resolved: spec.default_warmup of method and mode
+    record_tokens: bool = _COMMON.record_tokens
+    batch_invariant: bool = _COMMON.batch_invariant
+    stats_path: str | None = _COMMON.stats_path
     params: dict[str, Any] = field(default_factory=dict)  # method knobs
     seed: int = 0
 
@@ -301,15 +319,10 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 
 
 def _as_bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(v, str) and v.lower() in ("false", "0", "no", "off"):
-        return False
-    if isinstance(v, int):
-        return bool(v)
-    raise ConfigError(key, f"expected true/false, got {v!r}")
+    b = parse_bool(v)
+    if b is None:
+        raise ConfigError(key, f"expected true/false, got {v!r}")
+    return b
 
 
 def _coerce(key: str, default: Any, v: Any) -> Any:
@@ -361,12 +374,18 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     def get(k):
         return _coerce(k, allowed[k][0], merged.get(k, allowed[k][0]))
 
+    def checked(k, v):
+        """``v`` after the declared range check of common setting ``k`` (None passes)."""
+        if v is not None:
+            ok, why = COMMON_CHECKS[k](v)
+            if not ok:
+                raise ConfigError(k, why)
+        return v
+
     layers = parse_layers(merged.get("layers", "auto"), num_layers)
     if merged.get("tau_mode") is None and merged.get("tau_file") is not None:
         merged["tau_mode"] = "calibrated"  # tau_file= alone: the intent is unambiguous
-    mode = str(get("tau_mode") or "request").lower()
-    if mode not in TAU_MODES:
-        raise ConfigError("tau_mode", f"must be one of {TAU_MODES}, got {mode!r}")
+    mode = checked("tau_mode", str(get("tau_mode") or _COMMON.tau_mode).lower())
     # a τ setting of another mode is an error, not silently ignored; a preset's value is dropped only
     # when --model_args itself chose the mode
     for key, own_mode, hint in (("tau", "fixed", "tau_mode=fixed"),
@@ -389,36 +408,22 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
             tau_file = preset["_path"]  # a file written by `telltale calibrate` is its own preset
         if not tau_file:
             raise ConfigError("tau_file", "tau_mode=calibrated needs tau_file=<file from `telltale calibrate`>")
-        tau_q = get("tau_q")
-        if not 0 < tau_q < 1:
-            raise ConfigError("tau_q", f"must be in (0, 1), got {tau_q}")
+        tau_q = checked("tau_q", get("tau_q"))
         tau_values = calibrated_tau(tau_file, tau_q, layers)
         tau_file = str(Path(tau_file).expanduser().resolve())
-    iqr_k = get("iqr_k")
-    if iqr_k < 0:
-        raise ConfigError("iqr_k", "must be >= 0")
-    min_iqr = get("min_iqr")
-    if min_iqr < 0:
-        raise ConfigError("min_iqr", "must be >= 0")
+    iqr_k = checked("iqr_k", get("iqr_k"))
+    min_iqr = checked("min_iqr", get("min_iqr"))
     tau_floor = merged.get("tau_floor")
-    if tau_floor is not None:
-        tau_floor = _finite("tau_floor", tau_floor)
-        if tau_floor < 0:
-            raise ConfigError("tau_floor", f"must be >= 0, got {merged['tau_floor']!r}")
+    tau_floor = checked("tau_floor", None if tau_floor is None else _finite("tau_floor", tau_floor))
     warmup = merged.get("warmup")
     if warmup is None:
         warmup = default_warmup(method, mode)
-    warmup = _coerce("warmup", 0, warmup)
-    if warmup < 0:
-        raise ConfigError("warmup", "must be >= 0")
+    warmup = checked("warmup", _coerce("warmup", 0, warmup))
     params = {}
     for k, (default, _help) in mkeys.items():
         params[k] = _coerce(k, default, merged.get(k, default))
-    from .core.methods import method_module
-
-    finalize = getattr(method_module(method), "finalize", None)
-    if finalize is not None:
-        finalize(params, layers, _read_sidecar_setting)
+    if method == "suppress":
+        _matched_rates(params, layers)  # file and JSON settings are read here, never in core/
     cfg = TelltaleConfig(
         method=method, layers=layers, num_layers=num_layers, tau_mode=mode, tau_values=tau_values,
         tau_q=tau_q, tau_file=tau_file, iqr_k=iqr_k, min_iqr=min_iqr,
@@ -428,6 +433,41 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
     )
     validate_params(cfg)
     return cfg
+
+
+def _matched_rates(params: dict[str, Any], layers: list[int]) -> None:
+    """``vllm-suppress``'s matched mode (docs/methods.md §5): ``match_stats`` (a high-mode run's
+    sidecar, read here) or ``match_rate`` (a number or a JSON list) → one rate per patched layer in
+    ``params["match_rate"]`` (None: online). The rates themselves: :func:`core.suppress.rates_from_rows`."""
+    from .core.suppress import rates_from_rows
+
+    if params.get("suppress_mode") != "matched":
+        if params.get("match_rate") is not None or params.get("match_stats") is not None:
+            raise ConfigError("match_rate" if params.get("match_rate") is not None else "match_stats",
+                              "only used with suppress_mode=matched")
+        return
+    if params.get("match_stats") is not None:
+        p = Path(str(params["match_stats"])).expanduser()
+        rows = _read_sidecar_setting("match_stats", p)  # its ConfigError names the key and the file already
+        try:
+            params["match_rate"] = rates_from_rows(rows, layers)
+        except ValueError as e:
+            raise ConfigError("match_stats", f"{p}: {e}") from None
+        params["match_stats"] = str(p.resolve())
+        return
+    r = params.get("match_rate")
+    if r is None:
+        return
+    if isinstance(r, str):
+        try:
+            r = json.loads(r)
+        except json.JSONDecodeError:
+            raise ConfigError("match_rate", f"not a number or JSON list: {r!r}") from None
+    if isinstance(r, (int, float)):
+        r = [float(r)] * len(layers)
+    if not isinstance(r, list) or len(r) != len(layers) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in r):
+        raise ConfigError("match_rate", f"need one rate in [0, 1] per patched layer {layers}, got {params['match_rate']!r}")
+    params["match_rate"] = [float(v) for v in r]
 
 
 def _read_sidecar_setting(key: str, path: Path) -> list[dict]:

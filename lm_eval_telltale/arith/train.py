@@ -42,11 +42,12 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 448, n_docs: int = 4000):
     """A byte-level BPE tokenizer trained on generated problems (digits always single tokens, as
     in Qwen's tokenizer): words of the generator become one token each, so a problem is ~90
     tokens instead of ~330 bytes. Any text still encodes (byte fallback through the byte
-    alphabet); decoding is exact. Same special tokens and chat template as :mod:`..tiny`."""
+    alphabet); decoding is exact. Same special tokens and chat template as the random tiny models (``spec.TINY_*``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lm_eval_telltale.tools.tiny import CHAT_TEMPLATE, SPECIALS
+    from lm_eval_telltale.spec import TINY_CHAT_TEMPLATE as CHAT_TEMPLATE
+    from lm_eval_telltale.spec import TINY_SPECIALS as SPECIALS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -21,9 +21,7 @@ next layer sees exactly the suppressed stream:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,40 +70,6 @@ def rates_from_rows(rows: list[dict], layers: list[int]) -> list[float]:
     if missing:
         raise ValueError(f"no generated tokens recorded for layer {missing[0]}")
     return [sup[l] / tok[l] for l in sup]
-
-
-def finalize(params: dict, layers: list[int], read_rows) -> None:
-    """Driver-side: turn match_stats/match_rate into one rate per patched layer (or None = online).
-    ``read_rows(key, path)`` reads a sidecar (the config layer's reader)."""
-    from ..config import ConfigError
-
-    if params.get("suppress_mode") != "matched":
-        if params.get("match_rate") is not None or params.get("match_stats") is not None:
-            raise ConfigError("match_rate" if params.get("match_rate") is not None else "match_stats",
-                              "only used with suppress_mode=matched")
-        return
-    if params.get("match_stats") is not None:
-        p = Path(str(params["match_stats"])).expanduser()
-        rows = read_rows("match_stats", p)  # its ConfigError names the key and the file already
-        try:
-            params["match_rate"] = rates_from_rows(rows, layers)
-        except ValueError as e:
-            raise ConfigError("match_stats", f"{p}: {e}") from None
-        params["match_stats"] = str(p.resolve())
-        return
-    r = params.get("match_rate")
-    if r is None:
-        return
-    if isinstance(r, str):
-        try:
-            r = json.loads(r)
-        except json.JSONDecodeError:
-            raise ConfigError("match_rate", f"not a number or JSON list: {r!r}") from None
-    if isinstance(r, (int, float)):
-        r = [float(r)] * len(layers)
-    if not isinstance(r, list) or len(r) != len(layers) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in r):
-        raise ConfigError("match_rate", f"need one rate in [0, 1] per patched layer {layers}, got {params['match_rate']!r}")
-    params["match_rate"] = [float(v) for v in r]
 
 
 class Suppress(Method):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import TAU_MODES
+from ..spec import IQR_K, MIN_IQR, TAU_MODES
 from .fuse import run
 
 _P = (0.25, 0.75)
@@ -249,7 +249,7 @@ class Thresholds:
 
     MODES = TAU_MODES
 
-    def __init__(self, mode: str, num_layers: int, capacity: int, *, iqr_k: float = 1.5, min_iqr: float = 1e-3,
+    def __init__(self, mode: str, num_layers: int, capacity: int, *, iqr_k: float = IQR_K, min_iqr: float = MIN_IQR,
                  tau_floor: float | None = None, warmup: int = 0, tau_values: list[float] | None = None,
                  device=None):
         if mode not in self.MODES:

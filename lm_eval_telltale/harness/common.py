@@ -3,12 +3,13 @@ model_args and their validation, the plan that joins each generated answer to lm
 documents, the sidecar row of an answer, the ``config.telltale`` block of the results JSON, and
 LRS's selection among N candidates. Nothing here imports an engine (vLLM or transformers): the
 ``vllm-*`` types (:mod:`lm_eval_telltale.harness.models`, :mod:`lm_eval_telltale.harness.lrs`) and
-the ``hf-*`` types (:mod:`lm_eval_telltale.hf.harness`) both build on it.
+the ``hf-*`` types (:mod:`lm_eval_telltale.harness.hf`) both build on it.
 
-An engine's model type provides: ``ENGINE`` (the model-type prefix), ``_tt_encode(strings)`` (prompt
-tokens as its ``generate_until`` will send them), ``_tt_until(gen_kwargs)`` (the stop sequences lm-eval
-post-processes its text with) and answers as vLLM-shaped outputs (``output.outputs[0]`` with
-``text``, ``token_ids``, ``finish_reason``).
+The protocol between this shared part and an engine's model type is written out in
+:class:`TelltaleLM` ("the engine's side"): ``ENGINE`` (the model-type prefix), ``_tt_encode``,
+``_tt_until`` and ``_tt_unit``, one signature each, implemented by ``harness/models.py`` (vLLM) and
+``harness/hf.py`` (transformers); answers come back as vLLM-shaped outputs (``output.outputs[0]``
+with ``text``, ``token_ids``, ``finish_reason``).
 """
 
 from __future__ import annotations
@@ -187,11 +188,22 @@ class TelltaleLM:
         k = self._tt_seen[key] = self._tt_seen.get(key, -1) + 1
         return k
 
-    # -- engine hooks --------------------------------------------------------------------------------
+    # -- the engine's side: what each engine's model type implements, one signature each ----------
     def _tt_encode(self, strings: list[str]) -> list[list[int]]:
+        """The prompt tokens of ``strings`` exactly as this engine's ``generate_until`` sends them
+        (the plan joins each generated answer to its Instance by them)."""
         raise NotImplementedError
 
     def _tt_until(self, gen_kwargs: dict) -> list[str]:
+        """The stop sequences lm-eval post-processes this engine's text with (its own rule)."""
+        raise NotImplementedError
+
+    def _tt_unit(self, prompt: list[int], params: Any, answer: Answer | None) -> Unit:
+        """One answer lm-eval asked for, as this engine's tagged requests: one, or LRS's N
+        candidates (each engine's LRS type overrides it). ``params``: the engine's decoding
+        settings of the answer (vLLM's ``SamplingParams``; the hf loop's ``Sampling``: sampling,
+        budget and stop sequences). Occurrences of a prompt are counted with
+        :meth:`_tt_occurrence`, over the whole ``generate_until`` call."""
         raise NotImplementedError
 
     # -- answers ------------------------------------------------------------------------------------
@@ -365,9 +377,8 @@ class LrsSelection:
 
 
 def define_model_type(base: type, method: str, name: str, doc: str) -> type:
-    """The lm-eval model type ``<engine>-<method>`` over ``base`` (a class named ``name`` in
-    ``base``'s module, so the lazy ``"module:Class"`` registration finds it)."""
-    from lm_eval.api.registry import register_model
-
-    cls = type(name, (base,), {"METHOD": method, "__doc__": doc, "__module__": base.__module__, "__qualname__": name})
-    return register_model(f"{base.ENGINE}-{method}")(cls)
+    """The lm-eval model type ``<engine>-<method>`` over ``base``: a class named ``name`` in
+    ``base``'s module. It registers nothing itself: the one registry is
+    :data:`lm_eval_telltale.spec.MODEL_TYPES` (lazy ``"module:Class"`` names, registered by the
+    start-up hook; pyproject's entry points list the same pairs, tested)."""
+    return type(name, (base,), {"METHOD": method, "__doc__": doc, "__module__": base.__module__, "__qualname__": name})

@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lm_eval.api.registry import register_model
-
 from ..core.rng import candidate_seed
 from ..vllm import whole_prompt_budget
 from .common import LrsSelection, greedy  # noqa: F401  (greedy: re-exported)
@@ -34,7 +32,6 @@ logger = logging.getLogger("lm_eval_telltale")
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
 
 
-@register_model("vllm-lrs")
 class VLLMLrs(LrsSelection, TelltaleVLLM):
     METHOD = "lrs"
 
@@ -65,8 +62,8 @@ class VLLMLrs(LrsSelection, TelltaleVLLM):
                     setattr(sp, k, preset[k])
         return sp
 
-    def _tt_unit(self, prompt, sp, answer) -> Unit:
-        sp = self._tt_sampling(sp)
+    def _tt_unit(self, prompt, params, answer) -> Unit:
+        sp = self._tt_sampling(params)
         key = tuple(prompt)
         occ = self._tt_occurrence(("lrs", key))
         tags, params = [], []

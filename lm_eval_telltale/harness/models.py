@@ -125,9 +125,9 @@ class TelltaleVLLM(TelltaleLM, VLLM):
             self._tt_run(units)
         return [u.chosen for u in units]
 
-    def _tt_unit(self, prompt: list[int], sp, answer: Answer | None) -> Unit:
-        """One answer = one tagged request (``vllm-lrs`` makes N)."""
-        sp, tag = self._tt_tag(prompt, sp)
+    def _tt_unit(self, prompt: list[int], params, answer: Answer | None) -> Unit:
+        """One answer = one tagged request (``vllm-lrs`` makes N); ``params``: its SamplingParams."""
+        sp, tag = self._tt_tag(prompt, params)
         return Unit(prompt, answer, [tag], [sp])
 
     def _tt_requests(self, units: list[Unit]) -> list[tuple[str, list[int], Any]]:
@@ -161,7 +161,9 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         its sidecar row, written at once; the progress bar counts them once written."""
         rows, done = [], 0
         for tag, out, stats in batch:
-            u = owner.pop(tag)
+            u = owner.pop(tag, None)
+            if u is None:  # already handed over (a flush interrupted after its rows were written)
+                continue
             u.outputs[tag], u.stats[tag] = out, stats
             if u.complete:
                 row = self._tt_answer(u)

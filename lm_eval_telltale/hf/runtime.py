@@ -1,6 +1,6 @@
 """Transformers adapter: the engine-agnostic core driven from a Hugging Face causal LM.
 
-The ``hf-*`` model types (:mod:`lm_eval_telltale.hf.harness`) generate with :class:`HFRuntime`, a
+The ``hf-*`` model types (:mod:`lm_eval_telltale.harness.hf`) generate with :class:`HFRuntime`, a
 batched generation loop over the stock ``*ForCausalLM`` with a :class:`TelltaleCache` (a
 ``DynamicCache``) and forward hooks on the patched decoder layers. It hands the core the same
 (h, r) as the vLLM adapter; the method logic is the core's (``lm_eval_telltale/core/``).

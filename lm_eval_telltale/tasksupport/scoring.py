@@ -56,6 +56,8 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
+from ..spec import parse_bool
+
 __all__ = [
     "LETTERS",
     "split_thinking",
@@ -108,8 +110,6 @@ def _think_tags() -> tuple[str, str]:
     )
 
 
-_ON = {"1", "true", "yes", "on"}
-_OFF = {"0", "false", "no", "off"}
 
 #: the decision a model class set explicitly (:func:`set_prompt_opens_think`); None = not set
 _PROMPT_OPENS_THINK: bool | None = None
@@ -182,13 +182,6 @@ def _argv_model_args(argv: Sequence[str]) -> dict[str, Any] | None:
     return out
 
 
-def _as_flag(v: Any) -> bool | None:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    return True if s in _ON else False if s in _OFF else None
-
-
 def auto_require_think_end() -> bool | None:
     """Whether this process's prompts end inside an open think block, detected once.
 
@@ -228,11 +221,11 @@ def _detect_from_argv() -> bool | None:
         kw: dict[str, Any] = {"local_files_only": True}
         if args.get("revision") and not args.get("tokenizer"):
             kw["revision"] = str(args["revision"])
-        if _as_flag(args.get("trust_remote_code", False)):
+        if parse_bool(args.get("trust_remote_code", False)):
             kw["trust_remote_code"] = True
         tok = AutoTokenizer.from_pretrained(str(name), **kw)
         tkw: dict[str, Any] = {}
-        thinking = _as_flag(args["enable_thinking"]) if "enable_thinking" in args else None
+        thinking = parse_bool(args["enable_thinking"]) if "enable_thinking" in args else None
         if thinking is not None:
             tkw["enable_thinking"] = thinking
         opens = prompt_opens_think(tok, **tkw)
@@ -256,11 +249,9 @@ auto_require_think_end.cache_clear = _detect_from_argv.cache_clear  # type: igno
 def _require_think_end() -> bool:
     """``TELLTALE_REQUIRE_THINK_END`` when set (both ways), else :func:`auto_require_think_end`,
     else False."""
-    env = os.environ.get("TELLTALE_REQUIRE_THINK_END", "").strip().lower()
-    if env in _ON:
-        return True
-    if env in _OFF:
-        return False
+    env = parse_bool(os.environ.get("TELLTALE_REQUIRE_THINK_END", ""))
+    if env is not None:
+        return env
     return bool(auto_require_think_end())
 
 

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 
-from .table import EVENT_COLUMNS, Cell, Table, build_table
+from .table import EVENT_COLUMNS, Cell, Table
 
 EXTRA_HEAD = {"gen_tokens": "gen tok", "truncated": "trunc %", **{ev: h for ev, h in EVENT_COLUMNS}}
 
@@ -92,9 +92,5 @@ def render(t: Table, fmt: str = "md") -> str:
         return "\n".join(lines) + "\n"
     raise ValueError(f"unknown format {fmt!r} (md, csv, latex, json)")
 
-
-def results_table(run_dirs, fmt: str = "md", **kw) -> str:
-    """The table of ``run_dirs`` rendered as ``fmt`` (Markdown by default); see :func:`build_table`."""
-    return render(build_table(run_dirs, **kw), fmt)
 
 

@@ -133,6 +133,7 @@ def _method_defaults(method: str) -> dict[str, Any] | None:
 def telltale_knobs(tt: dict) -> dict[str, str]:
     """The resolved settings of a telltale run that differ from their defaults."""
     from ..config import COMMON_KEYS, default_layers
+    from ..spec import default_warmup
 
     cfg = tt.get("config") or {}
     out: dict[str, str] = {}
@@ -155,10 +156,8 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
         if k in cfg and cfg[k] != COMMON_KEYS[k][0]:
             out[k] = _fmt_num(cfg[k])
     method = cfg.get("method") or tt.get("method") or "?"
-    if "warmup" in cfg:
-        dflt = 64 if mode == "request" else (200 if method == "erss" else 500)
-        if cfg["warmup"] != dflt:
-            out["warmup"] = _fmt_num(cfg["warmup"])
+    if "warmup" in cfg and cfg["warmup"] != default_warmup(method, mode):  # the one warm-up rule
+        out["warmup"] = _fmt_num(cfg["warmup"])
     defaults = _method_defaults(method)
     for k, v in (cfg.get("params") or {}).items():
         if k in _SKIP_KNOBS:

@@ -116,12 +116,6 @@ class Table:
     #: the input run directories and every file read or listed (never written to)
     inputs: Inputs = field(default_factory=Inputs)
 
-    # -- renderers -------------------------------------------------------------------------------
-    def to_markdown(self) -> str:
-        from .render import render
-
-        return render(self, "md")
-
     def to_dict(self) -> dict[str, Any]:
         def c(cell: Cell) -> dict[str, Any]:
             return {"value": cell.value, "stderr": cell.stderr, "delta": cell.delta,

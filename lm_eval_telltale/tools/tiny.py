@@ -14,19 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+from ..spec import TINY_CHAT_TEMPLATE as CHAT_TEMPLATE
+from ..spec import TINY_SPECIALS as SPECIALS
 
 ARCHS = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import ConfigError, TelltaleConfig
+from ..spec import parse_bool
 from .plugin import ARCHITECTURES
 
 ROW_MIRROR = "lm_eval_telltale.vllm.rows:TelltaleRowMirror"
@@ -67,8 +68,7 @@ def inspect_model(pretrained: str, revision: str | None = None, trust_remote_cod
         try:
             cfg = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code).to_dict()
         except Exception as e:  # noqa: BLE001
-            offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-                          for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+            offline = any(parse_bool(os.environ.get(k, "")) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
             tried = ("the local Hugging Face cache (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)" if offline
                      else "the Hugging Face Hub and its local cache")
             raise UnsupportedModelError(

@@ -89,7 +89,6 @@ class TelltaleModelMixin:
             hook = _post_layer_hook
         self._tt_handles = []
         self.telltale_layers = []        # the patched layer modules of this stage, in patched order (j)
-        self.telltale_hook_names = []
         for j, l in enumerate(owned):
             layer = inner.layers[l]
             if self.telltale_cfg.method == "alrr":
@@ -97,7 +96,6 @@ class TelltaleModelMixin:
             layer._tt_index = j
             self.telltale_layers.append(layer)
             self._tt_handles.append(layer.register_forward_hook(hook))
-            self.telltale_hook_names.append(f"model.layers.{l}")
 
     def telltale_attach(self, runtime) -> None:
         self._tt_runtime = runtime

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-QUALNAME = "lm_eval_telltale.vllm.rows:TelltaleRowMirror"
-
 
 class TelltaleRowMirror(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):

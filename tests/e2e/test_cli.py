@@ -165,6 +165,10 @@ def test_lm_eval_end_to_end(mtype, tiny_model_dir, local_task_dir, tmp_path):
 
 # -- crash safety and joins ------------------------------------------------------------------------
 
+def _tail(log, n: int = 3000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+
 def _long_task(tmp_path):
     from lm_eval_telltale.tasksupport.localtask import ROWS, write_local_task
 
@@ -203,13 +207,18 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
                 if seen >= 3:
                     break
             time.sleep(0.2)
-        assert proc.poll() is None and seen >= 3, f"the run ended or wrote nothing before the signal ({seen} rows)"
+        assert proc.poll() is None and seen >= 3, \
+            f"the run ended or wrote nothing before the signal ({seen} rows): {_tail(tmp_path / 'stderr.log')}"
         engine = psutil.Process(proc.pid).children(recursive=True)
         assert any("VLLM" in p.name() for p in engine), [p.name() for p in engine]
         proc.send_signal(getattr(signal, sig))  # to lm_eval only, as a kill of its pid would
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"lm_eval did not exit within 120 s of {sig}: {_tail(tmp_path / 'stderr.log')}") from None
         _, alive = psutil.wait_procs(engine, timeout=15)
-        assert not alive, f"engine processes left behind: {[(p.pid, p.name()) for p in alive]}"
+        assert not alive, f"engine processes left behind: {[(p.pid, p.name()) for p in alive]}, of " \
+                          f"{[(p.pid, p.name()) for p in engine]}: {_tail(tmp_path / 'stderr.log')}"
     finally:
         log.close()
         for p in engine:
@@ -229,7 +238,7 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
         import re
 
         bars = re.findall(r"vllm-norms: answers:[^|]*\|[^|]*\| *(\d+)/36", (tmp_path / "stderr.log").read_text())
-        assert bars and int(bars[-1]) == len(rows), bars[-3:]
+        assert bars and int(bars[-1]) == len(rows), (bars[-3:], len(rows), _tail(tmp_path / "stderr.log"))
     ids = [r["doc_id"] for r in rows]
     assert len(set(ids)) == len(ids) and all(0 <= i < 36 for i in ids)
     for r in rows:

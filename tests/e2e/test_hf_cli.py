@@ -33,7 +33,7 @@ def test_registration_resolves_hf_types_without_vllm():
             "assert 'vllm' not in sys.modules, 'the hf-* types imported vLLM'\n")
     p = run([sys.executable, "-c", code])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip() == "lm_eval_telltale.hf.harness:HFAlrr"
+    assert p.stdout.strip() == "lm_eval_telltale.harness.hf:HFAlrr"
 
 
 def test_hf_alrr_end_to_end(tiny_model_dir, local_task_dir, tmp_path):

@@ -196,7 +196,7 @@ def test_stop_string_ends_only_its_own_row(qwen3):
     ("HFNorms", {"batch_invariant": True}, "batch_invariant"),  # a vLLM setting: refused, not ignored
 ])
 def test_hf_model_types_fail_fast_before_loading(tiny_model_dir, cls, extra, key):
-    import lm_eval_telltale.hf.harness as harness
+    import lm_eval_telltale.harness.hf as harness
 
     t = time.time()
     with pytest.raises(ConfigError) as e:

@@ -407,3 +407,23 @@ def test_hf_rows_are_labelled_with_their_engine():
 
     assert _label(run("vllm-alrr"), set()) == "alrr (growth_eps=0)"
     assert _label(run("hf-alrr"), set()) == "alrr [hf] (growth_eps=0)"
+
+
+@pytest.mark.parametrize("mode,extra", [("request", {}), ("global", {}), ("fixed", {"tau": 3.0})])
+@pytest.mark.parametrize("method", ["suppress", "erss"])
+def test_labels_show_exactly_the_settings_that_differ_from_the_defaults(method, mode, extra):
+    """The table's label of a run is what ``resolve`` did not default: a default run's warm-up is no
+    label in any τ mode (a fixed-τ run was labelled ``warmup=0``), an explicit one that differs is
+    (``warmup=500`` with a fixed τ read as the default)."""
+    from lm_eval_telltale.config import resolve
+    from lm_eval_telltale.tools.runs import telltale_knobs
+
+    def label(**kw):
+        cfg = resolve(method, {"layers": "4-6", "tau_mode": mode, **extra, **kw}, 8).to_dict()
+        return telltale_knobs({"config": cfg, "method": method})
+
+    base = label()
+    assert "warmup" not in base and base.get("tau_mode", "request") == mode and base["layers"] == "4-6"
+    # 500 is the global-mode default of suppress (decode steps), not of ERSS (200) nor of a fixed τ (0)
+    assert label(warmup=500).get("warmup") == (None if (mode, method) == ("global", "suppress") else "500")
+    assert label(warmup=7)["warmup"] == "7"

@@ -30,9 +30,9 @@ def tripwire(monkeypatch):
 
 
 def _types():
+    from lm_eval_telltale.harness.hf import HFLrs, HFNorms
     from lm_eval_telltale.harness.lrs import VLLMLrs
     from lm_eval_telltale.harness.models import VLLMNorms
-    from lm_eval_telltale.hf.harness import HFLrs, HFNorms
 
     return {"vllm-norms": VLLMNorms, "vllm-lrs": VLLMLrs, "hf-norms": HFNorms, "hf-lrs": HFLrs}
 
@@ -80,8 +80,24 @@ def test_unknown_model_arg_same_error_on_every_engine(mtype, arg, tiny_model_dir
 def test_hf_takes_from_pretrained_and_config_arguments(tiny_model_dir, tmp_path, tripwire):
     """What transformers takes is not refused: HFLM's own arguments, from_pretrained's keyword
     arguments, and fields of the model's config."""
-    from lm_eval_telltale.hf.harness import HFNorms
+    from lm_eval_telltale.harness.hf import HFNorms
 
     with pytest.raises(Reached):
         HFNorms(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "s.jsonl"), device="cpu",
                 attn_implementation="eager", low_cpu_mem_usage=True, use_cache=True, rms_norm_eps=1e-5)
+
+
+def test_every_engine_implements_the_adapter_protocol_with_its_signatures():
+    """The engine's side of :class:`TelltaleLM` (``_tt_encode``, ``_tt_until``, ``_tt_unit``): every
+    model type overrides each hook with the base's parameters (one signature per hook)."""
+    import inspect
+
+    from lm_eval_telltale.harness.common import TelltaleLM
+
+    hooks = ("_tt_encode", "_tt_until", "_tt_unit")
+    for mtype, cls in _types().items():
+        for h in hooks:
+            impl = getattr(cls, h)
+            assert impl is not getattr(TelltaleLM, h), f"{mtype} does not implement {h}"
+            assert list(inspect.signature(impl).parameters) == list(inspect.signature(getattr(TelltaleLM, h)).parameters), \
+                f"{mtype}.{h}{inspect.signature(impl)} differs from the protocol"

@@ -26,17 +26,16 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..config import ConfigError, all_keys
 from ..core.rng import candidate_seed, request_identity
-from ..harness.common import LrsSelection, TelltaleLM, Unit, define_model_type, unknown_model_arg
+from ..hf.runtime import GenRequest, HFRuntime
 from ..spec import METHODS
-from .runtime import GenRequest, HFRuntime
+from .common import LrsSelection, TelltaleLM, Unit, define_model_type, unknown_model_arg
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -46,13 +45,19 @@ GEN_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p")
 
 @dataclass(frozen=True)
 class Sampling:
+    """The hf loop's decoding settings of one answer (what vLLM's ``SamplingParams`` is to the
+    ``vllm-*`` types): sampling, the token budget and the stop sequences."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    max_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
 
     @classmethod
-    def from_kwargs(cls, model_type: str, gen: dict[str, Any]) -> "Sampling":
+    def from_kwargs(cls, model_type: str, gen: dict[str, Any], max_new_tokens: int = 0,
+                    stop: Sequence[str] = ()) -> "Sampling":
         bad = sorted(k for k in gen if k not in GEN_KEYS)
         if bad:
             raise ValueError(f"telltale: {model_type}: generation kwarg(s) {bad} are not supported by the telltale "
@@ -61,7 +66,8 @@ class Sampling:
         if gen.get("do_sample") is False or str(gen.get("do_sample")).lower() == "false":
             t = 0.0
         return cls(temperature=t, top_p=float(gen.get("top_p") if gen.get("top_p") is not None else 1.0),
-                   top_k=int(gen.get("top_k") or 0), min_p=float(gen.get("min_p") or 0.0))
+                   top_k=int(gen.get("top_k") or 0), min_p=float(gen.get("min_p") or 0.0),
+                   max_new_tokens=int(max_new_tokens), stop=tuple(stop))
 
 
 def _output(text: str, token_ids: list[int], finish_reason: str):
@@ -200,31 +206,28 @@ class TelltaleHF(TelltaleLM, HFLM):
         return handle_stop_sequences(kw.pop("until", None), eos=self.tok_decode(self.eot_token_id, skip_special_tokens=False))
 
     # -- generation -----------------------------------------------------------------------------
-    def _tt_request(self, prompt: list[int], sampling: Sampling, max_new: int, stop: list[str],
-                    sampling_seed: int | None = None) -> GenRequest:
+    def _tt_request(self, prompt: list[int], sampling: Sampling, sampling_seed: int | None = None) -> GenRequest:
         key = tuple(prompt)
         k = self._tt_occurrence(key)
-        return GenRequest(prompt=list(prompt), max_new_tokens=max_new, tag=f"tt{next(self._tt_counter)}",
-                          identity=request_identity(key, k), sampling_seed=sampling_seed,
-                          temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                          min_p=sampling.min_p, stop=list(stop))
+        return GenRequest(prompt=list(prompt), max_new_tokens=sampling.max_new_tokens,
+                          tag=f"tt{next(self._tt_counter)}", identity=request_identity(key, k),
+                          sampling_seed=sampling_seed, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, min_p=sampling.min_p, stop=list(sampling.stop))
 
-    def _tt_unit(self, prompt: list[int], sampling: Sampling, max_new: int, stop: list[str], answer) -> Unit:
+    def _tt_unit(self, prompt: list[int], params: Sampling, answer) -> Unit:
         """One answer = one request (``hf-lrs`` makes N)."""
-        req = self._tt_request(prompt, sampling, max_new, stop)
+        req = self._tt_request(prompt, params)
         return Unit(prompt, answer, [req.tag], [req])
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         attn = generation_kwargs.pop("attention_mask", None)
         if attn is None:
             attn = torch.ones_like(context)
-        sampling = Sampling.from_kwargs(self._tt_model_type(), generation_kwargs)
         T0 = context.shape[1]
-        max_new = int(max_length) - T0
+        sampling = Sampling.from_kwargs(self._tt_model_type(), generation_kwargs, int(max_length) - T0, stop)
         plan = self._tt_plan
         prompts = [context[b][attn[b].bool()].tolist() for b in range(context.shape[0])]
-        units = [self._tt_unit(p, sampling, max_new, list(stop), plan.take(p) if plan is not None else None)
-                 for p in prompts]
+        units = [self._tt_unit(p, sampling, plan.take(p) if plan is not None else None) for p in prompts]
         results = {r.tag: r for r in self._tt_rt.generate([q for u in units for q in u.params])}
         rows = []
         for u in units:
@@ -258,7 +261,6 @@ HFAlrr = define_model_type(TelltaleHF, "alrr", "HFAlrr", "Adaptive Layer-wise Re
 HFErss = define_model_type(TelltaleHF, "erss", "HFErss", "Endogenous Reasoning State Steering, docs/methods.md §3.")
 
 
-@register_model("hf-lrs")
 class HFLrs(LrsSelection, TelltaleHF):
     """ℓ2-guided Response Selection among N sampled candidates, docs/methods.md §4 (the selection and
     the row: :class:`~lm_eval_telltale.harness.common.LrsSelection`, shared with ``vllm-lrs``)."""
@@ -275,14 +277,14 @@ class HFLrs(LrsSelection, TelltaleHF):
             preset = (self._tt_preset or {}).get("sampling")
             if not preset:
                 raise self._tt_greedy_error(n)
-            return Sampling.from_kwargs(self._tt_model_type(), {k: v for k, v in preset.items() if k in GEN_KEYS})
+            return Sampling.from_kwargs(self._tt_model_type(), {k: v for k, v in preset.items() if k in GEN_KEYS},
+                                        sampling.max_new_tokens, sampling.stop)
         return sampling
 
-    def _tt_unit(self, prompt, sampling, max_new, stop, answer) -> Unit:
-        sampling = self._tt_sampling(sampling)
+    def _tt_unit(self, prompt, params, answer) -> Unit:
+        sampling = self._tt_sampling(params)
         key = tuple(prompt)
         occ = self._tt_occurrence(("lrs", key))
-        reqs = [self._tt_request(prompt, sampling, max_new, stop,
-                                 sampling_seed=candidate_seed(self.tt_cfg.seed, key, occ, k, None))
+        reqs = [self._tt_request(prompt, sampling, sampling_seed=candidate_seed(self.tt_cfg.seed, key, occ, k, None))
                 for k in range(self.tt_cfg.params["n_candidates"])]
         return Unit(prompt, answer, [r.tag for r in reqs], reqs)
