@@ -197,7 +197,10 @@ def test_interrupted_run_keeps_every_finished_answer(sig, tiny_model_dir, tmp_pa
     log = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen([LM_EVAL, "--model", "vllm-norms", "--model_args", margs, "--tasks", "telltale_long",
                              "--include_path", str(task), "--batch_size", "auto", "--output_path", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                            # Ctrl-C as a terminal delivers it: a suite started in the background by a
+                            # non-interactive shell (nohup, `cmd &`) ignores SIGINT, and lm_eval would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     side = out / "side.jsonl"
     seen, deadline, engine = 0, time.monotonic() + 400, []
     try:
