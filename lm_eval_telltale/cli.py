@@ -27,7 +27,7 @@ def _tiny(argv):
     ap.add_argument("--force", action="store_true", help="replace the model in an --out directory that holds one "
                                                          "(its config.json and weights; other files stay)")
     a = ap.parse_args(argv)
-    from .tools.checks import unwritable
+    from .files import unwritable
     from .tools.tiny import build_tiny_model, model_files
 
     why = unwritable(a.out, is_dir=True)

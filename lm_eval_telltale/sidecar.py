@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .core.stats import EVENT_NAMES
+from .files import unwritable
 
 
 def append_lines(path: str | Path, rows: list[dict[str, Any]], fsync: bool = False) -> None:
@@ -61,12 +62,13 @@ def unwritable_sidecar(path: str | Path) -> str | None:
     if path.exists():
         return (f"{path} already exists (the sidecar of an earlier run?); this run's rows would be appended to "
                 "it and two runs' rows mixed. Give a new path, or move the old file away")
-    try:
+    why = unwritable(path)
+    if why:
+        return why
+    try:  # what the permission bits cannot tell (a root process passes them everywhere: /proc/...)
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot create the directory {path.parent}: {e.strerror or e}"
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"the directory {path.parent} is not writable"
     return None
 
 

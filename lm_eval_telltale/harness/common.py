@@ -28,6 +28,7 @@ from typing import Any
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
 from ..core.lrs import SCORES, argmax_pick, pick_all, score
 from ..sidecar import RunSummary, SidecarWriter, unwritable_sidecar
+from ..spec import parse_bool
 from . import argv
 from .taskscore import scorer_for, task_generation_kwargs
 
@@ -286,7 +287,7 @@ def greedy(gen_kwargs: dict) -> bool:
             return float(t) < 1e-5
         except (TypeError, ValueError):
             return False
-    return str(gen_kwargs.get("do_sample", "")).lower() in ("false", "0")
+    return parse_bool(gen_kwargs.get("do_sample")) is False
 
 
 class LrsSelection:

@@ -34,7 +34,7 @@ from lm_eval.models.huggingface import HFLM
 from ..config import ConfigError, all_keys
 from ..core.rng import candidate_seed, request_identity
 from ..hf.runtime import GenRequest, HFRuntime
-from ..spec import METHODS
+from ..spec import METHODS, parse_bool
 from .common import LrsSelection, TelltaleLM, Unit, define_model_type, unknown_model_arg
 
 logger = logging.getLogger("lm_eval_telltale")
@@ -63,7 +63,7 @@ class Sampling:
             raise ValueError(f"telltale: {model_type}: generation kwarg(s) {bad} are not supported by the telltale "
                              f"generation loop (supported: {', '.join(GEN_KEYS)}, until, max_gen_toks)")
         t = float(gen.get("temperature") or 0.0)
-        if gen.get("do_sample") is False or str(gen.get("do_sample")).lower() == "false":
+        if parse_bool(gen.get("do_sample")) is False:  # lm-eval's rule, as harness.common.greedy reads it
             t = 0.0
         return cls(temperature=t, top_p=float(gen.get("top_p") if gen.get("top_p") is not None else 1.0),
                    top_k=int(gen.get("top_k") or 0), min_p=float(gen.get("min_p") or 0.0),

@@ -78,8 +78,9 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         import inspect
 
         lm_eval_args = set(inspect.signature(VLLM.__init__).parameters) | {"device", "batch_size", "max_batch_size"}
-        for k in unknown_engine_keys(kwargs, also=lm_eval_args):
-            raise unknown_model_arg(cls._tt_model_type(), cls.METHOD, k, "an lm-eval/vLLM engine argument")
+        bad = unknown_engine_keys(kwargs, also=lm_eval_args)
+        if bad:
+            raise unknown_model_arg(cls._tt_model_type(), cls.METHOD, bad[0], "an lm-eval/vLLM engine argument")
 
     def _tt_tag(self, prompt: list[int], sp) -> tuple[Any, str]:
         key = tuple(prompt)

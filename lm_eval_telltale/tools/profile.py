@@ -65,7 +65,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import unknown_engine_args, unwritable
+from ..files import unwritable
+from .checks import unknown_engine_args
 from .plots import plot_layers, plot_trace
 
 PROFILE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.lrs import SELECTORS
-from .checks import unwritable
+from ..files import unwritable
 from .runs import Inputs, NoResultsError, Run, collect_runs
 from .runs import is_num as _is_num
 

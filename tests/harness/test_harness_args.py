@@ -59,7 +59,7 @@ def test_unwritable_stats_path_names_the_key(mtype, tiny_model_dir, tmp_path, tr
     cls = _types()[mtype]
     (tmp_path / "afile").write_text("x")
     for bad in ("/proc/nope/x.jsonl", str(tmp_path / "afile" / "x.jsonl")):
-        with pytest.raises(ConfigError, match="'stats_path'.*cannot create the directory"):
+        with pytest.raises(ConfigError, match="'stats_path'.*cannot create"):
             cls(str(tiny_model_dir), layers="4-6", stats_path=bad)
 
 
@@ -101,3 +101,17 @@ def test_every_engine_implements_the_adapter_protocol_with_its_signatures():
             assert impl is not getattr(TelltaleLM, h), f"{mtype} does not implement {h}"
             assert list(inspect.signature(impl).parameters) == list(inspect.signature(getattr(TelltaleLM, h)).parameters), \
                 f"{mtype}.{h}{inspect.signature(impl)} differs from the protocol"
+
+
+def test_one_do_sample_reading_on_both_engines():
+    """``do_sample`` is read by ``spec.parse_bool`` on both engines: the early greedy check (vLLM's
+    rule) and the hf loop's decoding agree on every spelling."""
+    from lm_eval_telltale.harness.common import greedy
+    from lm_eval_telltale.harness.hf import Sampling
+
+    for v in (False, "false", "False", 0, "0", "no"):
+        assert greedy({"do_sample": v}), v
+        assert Sampling.from_kwargs("hf-lrs", {"do_sample": v, "temperature": 0.8}).temperature == 0.0, v
+    for v in (True, "true", None):
+        assert not greedy({"do_sample": v} if v is not None else {})
+        assert Sampling.from_kwargs("hf-lrs", {"do_sample": v, "temperature": 0.8}).temperature == 0.8

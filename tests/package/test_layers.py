@@ -12,16 +12,17 @@ PKG = Path(__file__).resolve().parents[2] / "lm_eval_telltale"
 #: each part of the package and the parts it may import (its own modules always)
 ALLOWED = {
     "spec": set(),
+    "files": set(),
     "core": {"spec"},
-    "sidecar": {"core"},
+    "sidecar": {"core", "files"},
     "config": {"(pkg)", "core", "sidecar", "spec"},
     "vllm": {"config", "core", "sidecar", "spec"},           # the vLLM adapter
     "hf": {"core"},                                          # the transformers adapter
     "tasksupport": {"config", "spec"},
     "harness": {"config", "core", "hf", "sidecar", "spec", "vllm"},  # the lm-eval model types
     "arith": {"spec", "tasksupport"},
-    "tools": {"arith", "config", "core", "harness", "hf", "sidecar", "spec", "tasksupport", "vllm"},
-    "cli": {"_lmeval_hook", "tools"},
+    "tools": {"arith", "config", "core", "files", "harness", "hf", "sidecar", "spec", "tasksupport", "vllm"},
+    "cli": {"_lmeval_hook", "files", "tools"},
     "_lmeval_hook": {"(pkg)"},
     "__main__": {"cli"},
     "(pkg)": {"spec"},
