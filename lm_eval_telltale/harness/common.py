@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import cmdline
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
 from ..core.lrs import SCORES, argmax_pick, pick_all, score
 from ..sidecar import RunSummary, SidecarWriter, unwritable_sidecar
 from ..spec import parse_bool
-from . import argv
 from .taskscore import scorer_for, task_generation_kwargs
 
 logger = logging.getLogger("lm_eval_telltale")
@@ -77,7 +77,7 @@ class Plan:
     def __init__(self, lm: "TelltaleLM", requests):
         from lm_eval.utils import handle_non_serializable, hash_string
 
-        wanted = argv.samples() or {}
+        wanted = cmdline.samples() or {}
         self.by_prompt: dict[tuple, deque[Answer]] = defaultdict(deque)
         repeats: dict[tuple, int] = defaultdict(int)
         encodings = lm._tt_encode([inst.args[0] for inst in requests]) if requests else []
@@ -164,7 +164,7 @@ class TelltaleLM:
         engine starts: a new file in a writable directory (:func:`~lm_eval_telltale.sidecar.unwritable_sidecar`).
         Data-parallel ranks other than 0 of the ``hf-*`` types share rank 0's file."""
         key = "stats_path" if cfg.stats_path else "--output_path"
-        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, argv.output_path())
+        stats_path = cfg.stats_path or default_stats_path(pretrained, self.METHOD, cmdline.output_path())
         cfg.stats_path = str(Path(stats_path).expanduser().resolve()) if stats_path else None
         if cfg.stats_path and int(os.environ.get("RANK", "0") or 0) == 0:
             why = unwritable_sidecar(cfg.stats_path)
@@ -315,12 +315,12 @@ class LrsSelection:
         n = cfg.params["n_candidates"]
         if n <= 1 or (getattr(self, "_tt_preset", None) or {}).get("sampling"):
             return
-        cli = argv.gen_kwargs()
+        cli = cmdline.gen_kwargs()
         if "temperature" in cli or "do_sample" in cli:
             if greedy(cli):
                 raise self._tt_greedy_error(n)
             return
-        names = argv.tasks()
+        names = cmdline.tasks()
         per_task = task_generation_kwargs(names) if names else None
         if per_task and all(greedy(gk) for gk in per_task):
             raise self._tt_greedy_error(n)

@@ -18,7 +18,7 @@ import logging
 from functools import lru_cache
 from typing import Any
 
-from .argv import argv_value
+from ..cmdline import option_value
 from .taskindex import index_entry
 
 logger = logging.getLogger("lm_eval_telltale")
@@ -93,7 +93,7 @@ def scorer_for(task_name: str) -> TaskScorer | None:
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
 
-        entry = index_entry(task_name, argv_value("--include_path"))
+        entry = index_entry(task_name, option_value("--include_path"))
         if entry is None or not entry.yaml_path:
             raise LookupError(f"task {task_name!r} not found in lm-eval's index")
         return TaskScorer(load_yaml(entry.yaml_path, resolve_func=True))
@@ -110,7 +110,7 @@ def task_generation_kwargs(names: list[str]) -> list[dict[str, Any]] | None:
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
 
-        include_path = argv_value("--include_path")
+        include_path = option_value("--include_path")
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
 

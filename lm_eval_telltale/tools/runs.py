@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..cmdline import parse_args_string
+
 _SKIP_KNOBS = {"record_tokens", "stats_path", "seed", "num_layers", "method", "tau_file", "tau_values"}
 
 
@@ -70,22 +72,6 @@ class Run:
     #: the runs a merged row is made of (runs of one configuration, one per task, say): (run, the
     #: task and group names it gives, or None: all of its results)
     parts: list[tuple[Run, set[str] | None]] = field(default_factory=list)
-
-
-def parse_model_args(v: Any) -> dict[str, Any]:
-    if isinstance(v, dict):
-        return dict(v)
-    if not v:
-        return {}
-    out: dict[str, Any] = {}
-    for part in str(v).split(","):
-        if "=" in part:
-            k, val = part.split("=", 1)
-            out[k.strip()] = val.strip()
-        elif out:  # a comma inside a value ("a=1,2"): glue it back
-            last = next(reversed(out))
-            out[last] = f"{out[last]},{part}"
-    return out
 
 
 def model_id(res: dict, margs: dict[str, Any]) -> str:
@@ -283,7 +269,7 @@ def load_run(path: Path, warn) -> Run | None:
         warn(f"skipping {path}: not an lm-eval results file (no 'results' mapping)")
         return None
     cfg = res.get("config") if isinstance(res.get("config"), dict) else {}
-    margs = parse_model_args(cfg.get("model_args"))
+    margs = parse_args_string(cfg.get("model_args"))
     model_type = str(cfg.get("model") or "?")
     tt = cfg.get("telltale") if isinstance(cfg.get("telltale"), dict) else None
     settings: dict[str, str] = {}
@@ -302,7 +288,7 @@ def load_run(path: Path, warn) -> Run | None:
     if "chat_template" in res:  # lm-eval >= 0.4.3 records whether --apply_chat_template was on
         settings["chat_template"] = "on" if res.get("chat_template") else "off"
     gk = cfg.get("gen_kwargs")
-    gk = parse_model_args(gk) if gk else {}
+    gk = parse_args_string(gk) if gk else {}
     for k, v in gk.items():
         settings[k] = _fmt_num(v)
     run = Run(path=path, res=res, model_type=model_type, model=model_id(res, margs), settings=settings,

@@ -244,9 +244,9 @@ def sample_data(row: dict, res: dict | None, tok, sample: dict | None) -> dict[s
 
 
 def _pretrained(res: dict | None) -> str | None:
-    from .runs import parse_model_args
+    from ..cmdline import parse_args_string
 
-    return parse_model_args(((res or {}).get("config") or {}).get("model_args")).get("pretrained")
+    return parse_args_string(((res or {}).get("config") or {}).get("model_args")).get("pretrained")
 
 
 def _settings(tt: dict) -> str:
@@ -340,7 +340,8 @@ def main(argv=None) -> int:
         return 2
     traced.sort(key=lambda r: (str(r.get("task")), r.get("doc_id", 0), r.get("repeat", 0)))
     # inputs are never written to: the run's files (sidecar, results, samples) against every page
-    from .runs import Inputs, parse_model_args
+    from ..cmdline import parse_args_string
+    from .runs import Inputs
 
     inputs = Inputs(files={f.resolve() for f in (Path(a.run).expanduser(), sidecar, res_path) if f and f.is_file()})
     if res_path is not None:
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
         if why:
             ap.error(f"--out: {why}")
 
-    margs = parse_model_args(((res or {}).get("config") or {}).get("model_args"))
+    margs = parse_args_string(((res or {}).get("config") or {}).get("model_args"))
     tok = load_tokenizer(a.model or margs.get("tokenizer") or margs.get("pretrained"))
     cache: dict[str, dict] = {}
 

@@ -94,7 +94,7 @@ def test_profile_assembles_with_the_users_settings(tiny_model_dir, recorder):
 
 
 def test_bench_cell_assembles_with_the_users_settings(tiny_model_dir, recorder, tmp_path):
-    from lm_eval_telltale.tools.bench import worker_main
+    from lm_eval_telltale.tools.bench.cell import worker_main
 
     arch, n = inspect_model(str(tiny_model_dir))
     spec = {"method": "erss", "engine": {"model": str(tiny_model_dir), "seed": 0, "async_scheduling": True},

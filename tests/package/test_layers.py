@@ -13,15 +13,16 @@ PKG = Path(__file__).resolve().parents[2] / "lm_eval_telltale"
 ALLOWED = {
     "spec": set(),
     "files": set(),
+    "cmdline": set(),                                        # what the lm_eval command line says
     "core": {"spec"},
     "sidecar": {"core", "files"},
     "config": {"(pkg)", "core", "sidecar", "spec"},
     "vllm": {"config", "core", "sidecar", "spec"},           # the vLLM adapter
     "hf": {"core"},                                          # the transformers adapter
-    "tasksupport": {"config", "spec"},
-    "harness": {"config", "core", "hf", "sidecar", "spec", "vllm"},  # the lm-eval model types
+    "tasksupport": {"cmdline", "config", "spec"},
+    "harness": {"cmdline", "config", "core", "hf", "sidecar", "spec", "vllm"},  # the lm-eval model types
     "arith": {"spec", "tasksupport"},
-    "tools": {"arith", "config", "core", "files", "harness", "hf", "sidecar", "spec", "tasksupport", "vllm"},
+    "tools": {"arith", "cmdline", "config", "core", "files", "harness", "hf", "sidecar", "spec", "tasksupport", "vllm"},
     "cli": {"_lmeval_hook", "files", "tools"},
     "_lmeval_hook": {"(pkg)"},
     "__main__": {"cli"},
@@ -46,7 +47,10 @@ def import_graph() -> dict[str, set[str]]:
             targets = []
             if isinstance(node, ast.ImportFrom):
                 base = here[: len(here) - (node.level - 1)] if node.level else []
-                targets.append(".".join(base + ([node.module] if node.module else [])))
+                target = ".".join(base + ([node.module] if node.module else []))
+                # "from .. import cmdline": a module imported by name from the package is that part
+                subs = [a.name for a in node.names if (PKG / f"{a.name}.py").is_file() or (PKG / a.name).is_dir()]
+                targets += [f"{target}.{s}" for s in subs] if target == "lm_eval_telltale" and subs else [target]
             elif isinstance(node, ast.Import):
                 targets += [a.name for a in node.names]
             for t in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lm_eval_telltale.tasksupport import scoring as S
+from lm_eval_telltale.tasksupport.scoring import numeric
 
 # A closed thinking block in front of an answer, as a raw response (no think_end_token stripping).
 T = "<think>\nLet me work it out. 6 * 3 = 18. Maybe 20? No, 18.\n</think>\n\n"
@@ -504,7 +505,7 @@ def test_issue14_tables_size():
     ],
 )
 def test_number_words(text, words):
-    assert S._words_to_digits(text) == words
+    assert numeric._words_to_digits(text) == words
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from lm_eval_telltale.tools import bench
+from lm_eval_telltale.tools.bench import cell, report
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_report_ratio_spread_and_alrr_compute_limit(tmp_path):
     cells.append({"method": "norms", "batch": 8, "repeat": 3, "ok": False, "error": "exit 1"})
     meta = {"num_layers": 8, "cell_methods": ["vllm", "norms", "alrr", "lrs", "vllm-sampled"], "batch_sizes": [8],
             "command": "telltale bench --model M", "model_name": "m", "repeats": 3}
-    rep = bench.build_report(cells, meta)
+    rep = report.build_report(cells, meta)
     row = {r["method"]: r for r in rep["rows"]}
     assert row["vllm"]["tps"] == {"median": 100, "min": 90, "max": 110, "values": [100, 110, 90]}
     assert row["vllm"]["ratio"] is None and row["vllm"]["baseline"] is None
@@ -95,13 +96,13 @@ def test_report_ratio_spread_and_alrr_compute_limit(tmp_path):
     assert row["norms"]["repeats"] == 3 and row["norms"]["failed"] == 1
     assert row["norms"]["ratio"] == pytest.approx(99 / 100)
     assert row["lrs"]["baseline"] == "vllm-sampled" and row["lrs"]["ratio"] == pytest.approx(44 / 50)
-    md = bench.render_markdown(rep)
+    md = report.render_markdown(rep)
     assert md.splitlines()[2:5] == ["```", "telltale bench --model M", "```"]
     alrr_line = next(l for l in md.splitlines() if l.startswith("| vllm-alrr |"))
     assert "| 0.800 (0.773–0.833) |" in alrr_line and "recursed 30.0, accepted 21.0" in alrr_line
     assert "| 2.10 | 0.792 (79.2 tok/s) |" in alrr_line
     assert "| vllm-norms (1 failed) | 8 |" in md
-    paths = bench.write_report(rep, tmp_path / "out", "m")
+    paths = report.write_report(rep, tmp_path / "out", "m")
     assert paths["png"].stat().st_size > 1000
     assert json.loads(paths["json"].read_text())["rows"][2]["compute_limit_ratio"] == pytest.approx(8 / 10.1)
 
@@ -112,18 +113,18 @@ def test_report_compares_decode_throughput_where_every_cell_timed_it():
     cells = [_cell("vllm", 4, 0, 50, decode_tps=100), _cell("norms", 4, 0, 48, decode_tps=90),
              _cell("alrr", 4, 0, 40, decode_tps=80, alrr={"rerun_calls": 10, "rerun_rows": 1000})]
     meta = {"num_layers": 8, "cell_methods": ["vllm", "norms", "alrr"], "batch_sizes": [4], "repeats": 1}
-    rep = bench.build_report(cells, meta)
+    rep = report.build_report(cells, meta)
     row = {r["method"]: r for r in rep["rows"]}
     assert rep["meta"]["rate"] == "decode"
     assert row["norms"]["ratio"] == pytest.approx(0.9) and row["norms"]["e2e_ratio"] == pytest.approx(48 / 50)
     assert row["alrr"]["compute_limit_tps"] == pytest.approx(100 * 8 / 9)  # from stock's decode rate
-    md = bench.render_markdown(rep)
+    md = report.render_markdown(rep)
     assert "| decode tok/s median |" in md and "| end-to-end tok/s (ratio) |" in md
     assert "| vllm-norms | 4 | 4 | 90.0 | 90.0 | 90.0 | 0.900 | 48.0 (0.960) |" in md
-    mixed = bench.build_report(cells[:2] + [_cell("alrr", 4, 0, 40)], meta)
+    mixed = report.build_report(cells[:2] + [_cell("alrr", 4, 0, 40)], meta)
     assert mixed["meta"]["rate"] == "end-to-end"
     assert {r["method"]: r for r in mixed["rows"]}["norms"]["ratio"] == pytest.approx(48 / 50)
-    assert "decode tok/s" not in bench.render_markdown(mixed)
+    assert "decode tok/s" not in report.render_markdown(mixed)
 
 
 @pytest.mark.engine
@@ -199,33 +200,33 @@ def test_method_counters_are_summed_over_stages_once_per_tp_group():
     """Pipeline stages count their own layers' re-runs (summed); tensor-parallel ranks count the same
     re-runs (not double-counted). (Records are merged by ``driver.merge_worker_records``.)"""
     states = [{"method": {"rerun_rows": 40}}, {"method": {"rerun_rows": 40}}, None]
-    assert bench._method_total(states, "rerun_rows", tp=2) == 40
-    assert bench._method_total(states, "rerun_rows", tp=1) == 80
+    assert cell._method_total(states, "rerun_rows", tp=2) == 40
+    assert cell._method_total(states, "rerun_rows", tp=1) == 80
 
 
 def test_report_says_whether_each_methods_kernels_ran_compiled():
     """The workers' ``telltale_state`` → a cell's ``kernels`` → one line per report: a method is
     "compiled" only if every cell (and every worker) ran compiled; one fallback shows."""
-    assert bench._kernels([{"fused": True, "method_fused": None}, {"fused": True, "method_fused": None}]) == \
+    assert cell._kernels([{"fused": True, "method_fused": None}, {"fused": True, "method_fused": None}]) == \
         {"core": True, "method": None}
-    assert bench._kernels([{"fused": True, "method_fused": True}, {"fused": True, "method_fused": False}]) == \
+    assert cell._kernels([{"fused": True, "method_fused": True}, {"fused": True, "method_fused": False}]) == \
         {"core": True, "method": False}
-    assert bench._kernels([None]) == {"core": False, "method": None}
+    assert cell._kernels([None]) == {"core": False, "method": None}
 
-    def cell(m, core, meth, ok=True, repeat=0):
+    def result(m, core, meth, ok=True, repeat=0):
         return {"method": m, "ok": ok, "repeat": repeat, "kernels": {"core": core, "method": meth}}
 
-    cells = [cell("norms", True, None), cell("norms", True, None, repeat=1),
-             cell("erss", True, True), cell("erss", True, False, repeat=1),
-             cell("suppress", False, None, ok=False), {"method": "vllm", "ok": True, "repeat": 0}]
-    per = bench._kernels_of(cells, "vllm")
+    cells = [result("norms", True, None), result("norms", True, None, repeat=1),
+             result("erss", True, True), result("erss", True, False, repeat=1),
+             result("suppress", False, None, ok=False), {"method": "vllm", "ok": True, "repeat": 0}]
+    per = report._kernels_of(cells, "vllm")
     assert per == {"vllm-norms": {"core": True, "method": None}, "vllm-erss": {"core": True, "method": False}}
-    line = bench._kernels_line(per)
+    line = report._kernels_line(per)
     assert line == ("compiled (vllm-norms); partly compiled (threshold update compiled, layer step plain) "
                     "(vllm-erss)")
     per["vllm-erss"]["method"] = True
-    assert bench._kernels_line(per) == "compiled (every telltale method)"
-    assert bench._kernels_line({}) is None
+    assert report._kernels_line(per) == "compiled (every telltale method)"
+    assert report._kernels_line({}) is None
 
 
 def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
@@ -233,19 +234,19 @@ def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
     (tensor-parallel ranks run theirs at once; pipeline stages add up) → the report's column."""
     before = [{"hook_s": 1.0, "steps": 10}, {"hook_s": 1.0, "steps": 10}]
     after = [{"hook_s": 1.2, "steps": 110}, {"hook_s": 1.2, "steps": 110}]
-    assert bench._hook_time(before, after, wall_s=4.0, tp=2) == pytest.approx({"ms_per_step": 2.0, "share": 0.05})
-    assert bench._hook_time(before, after, wall_s=4.0, tp=1) == pytest.approx({"ms_per_step": 4.0, "share": 0.1})
-    assert bench._hook_time([None], [None], wall_s=4.0) == {"ms_per_step": None, "share": None}
-    assert bench._hook_time([None, None], after, wall_s=4.0) == {"ms_per_step": None, "share": None}
+    assert cell._hook_time(before, after, wall_s=4.0, tp=2) == pytest.approx({"ms_per_step": 2.0, "share": 0.05})
+    assert cell._hook_time(before, after, wall_s=4.0, tp=1) == pytest.approx({"ms_per_step": 4.0, "share": 0.1})
+    assert cell._hook_time([None], [None], wall_s=4.0) == {"ms_per_step": None, "share": None}
+    assert cell._hook_time([None, None], after, wall_s=4.0) == {"ms_per_step": None, "share": None}
     cells = [_cell("vllm", 1, r, 20 + r) for r in range(3)]
     cells += [{**_cell("norms", 1, r, 19 + r), "hooks": {"ms_per_step": 1.0 + r, "share": 0.02 + 0.01 * r}}
               for r in range(3)]
-    rep = bench.build_report(cells, {"num_layers": 8, "cell_methods": ["vllm", "norms"], "batch_sizes": [1],
+    rep = report.build_report(cells, {"num_layers": 8, "cell_methods": ["vllm", "norms"], "batch_sizes": [1],
                                      "repeats": 3})
     row = {r["method"]: r for r in rep["rows"]}
     assert row["norms"]["hook_ms_per_step"] == 2.0 and row["norms"]["hook_share"] == pytest.approx(0.03)
     assert row["vllm"]["hook_ms_per_step"] is None
-    md = bench.render_markdown(rep)
+    md = report.render_markdown(rep)
     assert "| telltale hooks ms/step (share of run) |" in md
     assert "| 2.00 (3.0%) |" in next(l for l in md.splitlines() if l.startswith("| vllm-norms |"))
     assert "- telltale hooks: the host time" in md
