@@ -235,6 +235,7 @@ def test_aime_k_samples_majority_tie_is_earliest():
     out = S.process_results_math_sampled(doc, [[T + "\\boxed{7}", T + "\\boxed{5}"]])
     assert out["maj_at_k"] == 0.0 and out["pass_at_k"] == 1.0 and out["exact_match"] == 0.5
     none = S.process_results_math_sampled(doc, [["<think>a", "<think>b"]])
+    assert none.pop("extraction") == [{"rule": "none", "ambiguous": False, "answer": None}] * 2
     assert none == {"exact_match": 0.0, "truncated": 1.0, "pass_at_k": 0.0, "maj_at_k": 0.0}
 
 
@@ -519,9 +520,11 @@ def test_gsm_plus_null_gold_is_an_abstention_gold():
     assert S.process_results_gsm_plus(doc, [T + "The height is not given, so \\boxed{None}."]) == {
         "exact_match": 1.0,
         "truncated": 0.0,
+        "extraction": [{"rule": "boxed", "ambiguous": False, "answer": "None"}],
     }
     assert S.process_results_gsm_plus(doc, [T + "\\boxed{3}"])["exact_match"] == 0.0
-    assert S.process_results_gsm_plus(doc, ["<think>no idea"]) == {"exact_match": 0.0, "truncated": 1.0}
+    assert S.process_results_gsm_plus(doc, ["<think>no idea"]) == {
+        "exact_match": 0.0, "truncated": 1.0, "extraction": [{"rule": "none", "ambiguous": False, "answer": None}]}
     assert S.process_results_math_sampled(doc, [[T + "\\boxed{None}", T + "\\boxed{3}"]])["exact_match"] == 0.5
     with pytest.raises(KeyError):  # a doc without any gold field is still an error
         S.math_gold({"question": "q"})

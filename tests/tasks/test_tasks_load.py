@@ -142,10 +142,11 @@ def test_aime_k8(built):
     cfg = task.config
     assert cfg.repeats == 8
     assert cfg.generation_kwargs["do_sample"] is True and cfg.generation_kwargs["temperature"] > 0
-    assert {m["metric"] for m in cfg.metric_list} == {"exact_match", "truncated", "pass_at_k", "maj_at_k"}
+    assert {m["metric"] for m in cfg.metric_list} == {"exact_match", "truncated", "extraction", "pass_at_k", "maj_at_k"}
     doc = next(iter(task.test_docs()))
     gold = doc["Answer"]
     out = task.process_results(doc, [[f"<think>x</think>\\boxed{{{gold}}}"] * 6 + ["<think>x"] * 2])
+    assert [r["rule"] for r in out.pop("extraction")] == ["boxed"] * 6 + ["none"] * 2
     assert out == {"exact_match": 0.75, "truncated": 0.25, "pass_at_k": 1.0, "maj_at_k": 1.0}
 
 

@@ -52,9 +52,10 @@ Rules, in order:
 """
 
 
-from .bbh import BBH_KINDS, bbh_options, extract_label, score_bbh
-from .choice import LETTERS, extract_choice, score_choice
+from .bbh import BBH_KINDS, bbh_options, extract_label, find_label, score_bbh
+from .choice import LETTERS, extract_choice, find_choice, score_choice
 from .entry import (
+    extraction_share,
     process_results_aime,
     process_results_bbh_bool,
     process_results_bbh_dyck,
@@ -69,12 +70,33 @@ from .entry import (
     process_results_math_sampled,
     process_results_mmlu_pro,
 )
-from .numeric import extract_math_answer, is_abstention, last_number, math_equal, math_gold, score_math
+from .numeric import (
+    extract_math_answer,
+    find_math_answer,
+    is_abstention,
+    is_hedge,
+    last_number,
+    math_equal,
+    math_gold,
+    score_math,
+)
 from .process import auto_require_think_end, prompt_opens_think, set_prompt_opens_think, think_rule
-from .text import ThinkRule, all_boxed, answer_phrase, clean_answer, final_answer_string, last_boxed, split_thinking
+from .text import (
+    RULES,
+    Found,
+    ThinkRule,
+    all_boxed,
+    answer_phrase,
+    clean_answer,
+    final_answer_string,
+    last_boxed,
+    split_thinking,
+)
 
 __all__ = [
     "LETTERS",
+    "RULES",
+    "Found",
     "ThinkRule",
     "think_rule",
     "split_thinking",
@@ -89,6 +111,10 @@ __all__ = [
     "last_number",
     "extract_math_answer",
     "extract_choice",
+    "find_choice",
+    "find_label",
+    "find_math_answer",
+    "is_hedge",
     "extract_label",
     "is_abstention",
     "bbh_options",
@@ -98,6 +124,7 @@ __all__ = [
     "score_choice",
     "score_bbh",
     "BBH_KINDS",
+    "extraction_share",
     "process_results_math",
     "process_results_math_sampled",
     "process_results_gsm8k",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from .choice import LETTERS, _norm_text, extract_choice
-from .numeric import last_number, math_equal
-from .text import _MD_RE, ThinkRule, answer_phrase, clean_answer, final_answer_string, last_boxed, split_thinking
+from .choice import LETTERS, _norm_text, find_choice
+from .numeric import find_math_answer, math_equal, verdict
+from .text import _MD_RE, Found, ThinkRule, answer_phrase, clean_answer, final_answer_found, last_boxed, split_thinking
 
 #: subtask -> answer kind
 BBH_KINDS: dict[str, str] = {
@@ -58,18 +58,26 @@ def _label_hits(s: str, kind: str) -> list[tuple[int, str]]:
     return [(m.start(), lookup[" ".join(m.group(1).lower().split())]) for m in pat.finditer(s)]
 
 
-def extract_label(answer_text: str, kind: str) -> str | None:
-    """True/False, yes/no or valid/invalid: boxed > answer phrase (first label in them) > the
-    last label word of the answer text."""
+def find_label(answer_text: str, kind: str) -> Found:
+    """True/False, yes/no or valid/invalid and how it was found: boxed > answer phrase (the first
+    label in them; both labels joined by "or" is a hedge) > the last label word of the answer text."""
     if not answer_text:
-        return None
-    for cand in (last_boxed(answer_text), answer_phrase(answer_text)):
+        return Found(None, "none")
+    for rule, cand in (("boxed", last_boxed(answer_text)), ("phrase", answer_phrase(answer_text))):
         if cand is not None:
-            hits = _label_hits(clean_answer(cand), kind)
+            c = clean_answer(cand)
+            hits = _label_hits(c, kind)
             if hits:
-                return hits[0][1]
+                hedge = len({lab for _, lab in hits}) > 1 and bool(re.search(r"\bor\b", c, re.I))
+                return Found(hits[0][1], rule, ambiguous=hedge, hedge=hedge)
     hits = _label_hits(_MD_RE.sub("", answer_text), kind)
-    return hits[-1][1] if hits else None
+    return Found(hits[-1][1], "fallback") if hits else Found(None, "none")
+
+
+def extract_label(answer_text: str, kind: str) -> str | None:
+    """The label of :func:`find_label` (None for a hedge)."""
+    f = find_label(answer_text, kind)
+    return None if f.hedge else f.value
 
 
 _BBH_OPTION_RE = re.compile(r"^\(([A-Z])\)\s*(.*)$", re.M)
@@ -82,9 +90,20 @@ def bbh_options(input_text: str) -> tuple[str, list[str]]:
 
 
 def _word_tokens(s: str) -> list[str]:
-    s = re.sub(r"^\s*(?:\d+[.)]|[-*•])\s+", " ", s or "", flags=re.M)  # list markers
+    """The words of a written list: one per line, comma-separated ("a, b, and c"), numbered
+    ("1. apple 2. banana", also on one line), bulleted, or a LaTeX ``array``/``tabular``."""
+    s = re.sub(r"\\begin\s*\{[^{}]*\}(?:\s*\{[^{}]*\})?|\\end\s*\{[^{}]*\}|\\hline", " ", s or "")
+    s = s.replace("\\\\", "\n").replace("&", " ")
+    s = re.sub(r"^\s*(?:\d+[.)]|[-*•])\s+", " ", s, flags=re.M)  # list markers
+    s = re.sub(r"(?<!\S)\d+[.)](?=\s)", " ", s)  # numbered items on one line
+    s = re.sub(r",\s*and\s+", ", ", s, flags=re.I)  # "a, b, and c"
     s = clean_answer(s)
-    return re.findall(r"[a-z0-9][a-z0-9&'.\-]*", s.lower().replace(",", " "))
+    return re.findall(r"[a-z0-9][a-z0-9'.\-]*", s.lower().replace(",", " "))
+
+
+def _same_words(words: list[str], gold: list[str]) -> bool:
+    """A word list equals the gold, also when "and" joined its last two words ("a, b and c")."""
+    return words == gold or ("and" not in gold and [w for w in words if w != "and"] == gold)
 
 
 #: where a word-sorting response announces its list: "Sorted list:", "In alphabetical order:",
@@ -136,68 +155,77 @@ def _brackets(s: str) -> str:
     return "".join(c for c in (s or "") if c in _BRACKETS)
 
 
+#: a bracket of an answer sequence: any, but an opening "(" that starts a parenthetical remark
+_BRACKET_TOKEN = r"(?:\((?!\s*[A-Za-z])|[)\[\]{}<>])"
+_BRACKET_RUN_RE = re.compile(rf"{_BRACKET_TOKEN}(?:[\s,]*{_BRACKET_TOKEN})*")
+
+
+def _bracket_run(s: str) -> str:
+    """The first run of brackets in an answer string (spaces and commas between them allowed):
+    ``) ] }`` of "Answer: ) ] } — this closes the ( and [", not the brackets of the explanation."""
+    s = (s or "").replace("\\rangle", ">").replace("\\langle", "<").replace("\\{", "{").replace("\\}", "}")
+    s = re.sub(r"\\(?:left|right|big|Big)\b", "", s)
+    m = _BRACKET_RUN_RE.search(s)
+    return _brackets(m.group(0)) if m else ""
+
+
 def _dyck_prefix(input_text: str) -> str:
     m = re.search(r"Input:\s*(.*)$", input_text or "", re.S)
     return _brackets(m.group(1)) if m else ""
 
 
 def score_bbh(response: str, doc: dict, kind: str, rule: ThinkRule | None = None) -> dict:
-    """Verdict for one BBH response; ``kind`` is one of the values of :data:`BBH_KINDS`."""
+    """Verdict for one BBH response (:func:`~.numeric.verdict`); ``kind`` is one of the values
+    of :data:`BBH_KINDS`."""
     text, truncated = split_thinking(response, rule)
     if truncated:
-        return {"correct": False, "truncated": True, "pred": None}
+        return verdict(False, None, truncated=True)
     target = str(doc["target"]).strip()
-    pred: str | None
     if kind == "mc":
         valid, options = bbh_options(doc.get("input", ""))
         m = re.fullmatch(r"\(([A-Z])\)", target)
         if m:
             valid = valid or LETTERS[: LETTERS.index(m.group(1)) + 1]
-            pred = extract_choice(text, valid, options)
-            ok = pred == m.group(1)
-        else:  # a few items have the option text as target ("Monsters, Inc")
-            pred = final_answer_string(text, lists=True)
-            ok = pred is not None and _norm_text(pred) == _norm_text(target)
-    elif kind in _LABELS:
-        pred = extract_label(text, kind)
+            f = find_choice(text, valid, options)
+            return verdict(f.value == m.group(1), f)
+        # a few items have the option text as target ("Monsters, Inc")
+        f = final_answer_found(text, lists=True) or Found(None, "none")
+        return verdict(f.value is not None and _norm_text(f.value) == _norm_text(target), f)
+    if kind in _LABELS:
+        f = find_label(text, kind)
         gold = _label_hits(target, kind)
-        ok = pred is not None and bool(gold) and pred == gold[0][1]
-    elif kind == "number":
-        s = final_answer_string(text)
-        pred = s if s else last_number(text)
-        ok = math_equal(pred, target)
-    elif kind == "words":
+        return verdict(f.value is not None and bool(gold) and f.value == gold[0][1], f)
+    if kind == "number":
+        f = find_math_answer(text)
+        return verdict(math_equal(f.value, target), f)
+    if kind == "words":
         gold = _word_tokens(target)
-        s = final_answer_string(text, lists=True)
-        if s is not None:
-            pred = s
-            ok = _word_tokens(s) == gold
-        elif (listed := _listed_words(text)) is not None:  # "Sorted list: ..."
-            pred = " ".join(listed)
-            ok = listed == gold
-        else:  # the answer text ends with the sorted list
-            toks = _word_tokens(text)
-            pred = " ".join(toks[-len(gold) :]) if gold else ""
-            ok = bool(gold) and toks[-len(gold) :] == gold
-    elif kind == "dyck":
+        f = final_answer_found(text, lists=True)
+        if f is not None:
+            return verdict(_same_words(_word_tokens(f.value), gold), f)
+        listed = _listed_words(text)
+        if listed is not None:  # "Sorted list: ..."
+            return verdict(_same_words(listed, gold), Found(" ".join(listed), "fallback"))
+        toks = _word_tokens(text)  # the answer text ends with the sorted list
+        if not toks:
+            return verdict(False, Found(None, "none"))
+        tail = toks[-len(gold):] if gold else []
+        return verdict(bool(gold) and tail == gold, Found(" ".join(tail), "fallback"))
+    if kind == "dyck":
         gold = _brackets(target)
         prefix = _dyck_prefix(doc.get("input", ""))
         # raw strings (clean_answer would take "\\]" for a math delimiter); a bare "}" inside
         # \boxed{...} unbalances it, so the box runs to the last "}" of its line
-        s = None
+        f = None
         starts = list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))
         if starts:
             line = text[starts[-1].end() :].split("\n", 1)[0]
-            s = line[: line.rfind("}")] if "}" in line else line
-        if s is None:
-            s = answer_phrase(text, lists=True)
-        if s is None:
-            lines = [ln for ln in text.splitlines() if _brackets(ln)]
-            s = lines[-1] if lines else None
-        pred = s
-        b = _brackets(s or "")
-        ok = bool(gold) and (b == gold or (bool(prefix) and b == prefix + gold))
-    else:
-        raise ValueError(f"unknown BBH answer kind {kind!r}")
-    return {"correct": bool(ok), "truncated": False, "pred": pred}
-
+            f = Found(line[: line.rfind("}")] if "}" in line else line, "boxed")
+        if f is None and (p := answer_phrase(text, lists=True)) is not None:
+            f = Found(p, "phrase")
+        if f is None:
+            lines = [ln for ln in text.splitlines() if _bracket_run(ln)]
+            f = Found(lines[-1], "fallback") if lines else Found(None, "none")
+        b = _bracket_run(f.value or "")
+        return verdict(bool(gold) and (b == gold or (bool(prefix) and b == prefix + gold)), f)
+    raise ValueError(f"unknown BBH answer kind {kind!r}")

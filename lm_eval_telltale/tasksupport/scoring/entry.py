@@ -1,6 +1,13 @@
 """lm-eval's entry points (``process_results``) of the packaged tasks, and the answer keys that
 LRS's ``maj`` selector votes with. Each entry point reads this process's think rule once
-(:func:`~.process.think_rule`) and hands it to the pure scorers."""
+(:func:`~.process.think_rule`) and hands it to the pure scorers.
+
+Every entry point returns ``exact_match`` and ``truncated`` (means over the responses of the
+item) and ``extraction``: per response, how its answer was found (``rule``: boxed, phrase,
+option_text, fallback, none), whether it was ``ambiguous`` and the ``answer`` read. lm-eval logs
+it with each sample (``--log_samples``); its aggregate (:func:`extraction_share`, the YAMLs'
+``aggregation``) is the share of responses whose answer was found unambiguously, so
+``exact_match`` and ``truncated`` aggregate exactly as before."""
 
 from __future__ import annotations
 
@@ -31,14 +38,33 @@ def _mean(verdicts: list[dict]) -> dict:
     return {
         "exact_match": sum(float(v["correct"]) for v in verdicts) / n,
         "truncated": sum(float(v["truncated"]) for v in verdicts) / n,
+        "extraction": [{"rule": v["rule"], "ambiguous": v["ambiguous"], "answer": v["pred"]} for v in verdicts],
     }
+
+
+def extraction_share(items: list) -> float:
+    """lm-eval's aggregation of ``extraction``: the share of responses (over every item's list)
+    whose answer was found (any rule but ``none``) and was not ambiguous."""
+    recs = [r for it in items for r in (it if isinstance(it, list) else [it]) if isinstance(r, dict)]
+    if not recs:
+        return float("nan")
+    return sum(r.get("rule") != "none" and not r.get("ambiguous") for r in recs) / len(recs)
+
+
+def question_of(doc: dict) -> str | None:
+    """The item's text, where a math doc has one (GSM8K, GSM-Plus: ``question``; AIME:
+    ``Problem``): the unboxed fallback passes over numbers restated from it."""
+    for k in ("question", "Question", "problem", "Problem"):
+        if isinstance(doc.get(k), str):
+            return doc[k]
+    return None
 
 
 def process_results_math(doc: dict, results: list) -> dict:
     """Math word problems with one numeric gold: GSM8K-schema docs (``answer`` ending in
     ``#### N``), GSM-Plus (``answer``, "None" = unanswerable) and AIME (``Answer``)."""
-    gold, rule = math_gold(doc), think_rule()
-    return _mean([score_math(r, gold, rule) for r in _responses(results)])
+    gold, rule, q = math_gold(doc), think_rule(), question_of(doc)
+    return _mean([score_math(r, gold, rule, q) for r in _responses(results)])
 
 
 def _answer_key(pred: str | None) -> str | None:
@@ -57,8 +83,8 @@ def process_results_math_sampled(doc: dict, results: list) -> dict:
     ``exact_match`` = mean accuracy over the k samples (pass@1 estimate), ``truncated`` = share
     of truncated samples, ``pass_at_k`` = any sample right, ``maj_at_k`` = the most frequent
     extracted answer (truncated samples abstain; ties -> earliest) is right."""
-    gold, rule = math_gold(doc), think_rule()
-    verdicts = [score_math(r, gold, rule) for r in _responses(results)]
+    gold, rule, q = math_gold(doc), think_rule(), question_of(doc)
+    verdicts = [score_math(r, gold, rule, q) for r in _responses(results)]
     out = _mean(verdicts)
     out["pass_at_k"] = float(any(v["correct"] for v in verdicts))
     keys = [(_answer_key(v["pred"]), v) for v in verdicts if not v["truncated"] and v["pred"] is not None]
@@ -123,7 +149,7 @@ def _extractor(score_one):
     return extract
 
 
-process_results_math.telltale_extract = _extractor(lambda d, r: score_math(r, math_gold(d)))
+process_results_math.telltale_extract = _extractor(lambda d, r: score_math(r, math_gold(d), question=question_of(d)))
 process_results_math_sampled.telltale_extract = process_results_math.telltale_extract
 
 

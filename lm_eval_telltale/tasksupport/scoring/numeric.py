@@ -9,7 +9,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from .text import _MD_RE, ThinkRule, clean_answer, final_answer_string, split_thinking
+from .text import _MD_RE, Found, ThinkRule, all_boxed, clean_answer, final_answer_found, split_thinking
 
 # a number token: an integer fraction ("1/2"), a decimal, an integer (after _num_text)
 _NUM_RE = re.compile(r"-?\d+/\d+(?![\d.])|-?\d+(?:\.\d+)?|-?\.\d+")
@@ -92,19 +92,90 @@ def _strip_thousands(s: str) -> str:
     return _THOUSANDS_RE.sub(lambda m: m.group(1).replace(",", ""), s)
 
 
+#: a mixed number: ``5\\frac{3}{4}``, ``1\\tfrac{1}{3}`` (LaTeX) or ``4 1/4`` (prose)
+_MIXED_TEX_RE = re.compile(r"(?<![\d.])(\d+)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_MIXED_PROSE_RE = re.compile(r"(?<![\d.,/])(\d+)[ \u00a0]+(\d+)/(\d+)(?![\d/]|\.\d)")
+#: thousands separated by a space: after a currency sign ("$12 480"), or two groups or more ("1 234 567")
+_SPACE_THOUSANDS_RE = re.compile(
+    r"(?<=[$€£])(\d{1,3}(?:[ \u00a0\u202f\u2009]\d{3})+)(?![\d]|[.,]\d)"
+    r"|(?<![\d.,])(\d{1,3}(?:[ \u00a0\u202f\u2009]\d{3}){2,})(?![\d]|[.,]\d)"
+)
+#: a repeating decimal: ``0.\\overline{6}``, ``0.1\\overline{6}``, ``0.666\\ldots``, ``0.666...``
+_REPEAT_TEX_RE = re.compile(r"(\d*)\.(\d*)\\overline\s*\{(\d+)\}")
+_REPEAT_DOTS_RE = re.compile(r"(\d*)\.(\d+)(?:\\[lc]?dots|\.{3}|…)")
+#: a sign in words: "minus 40", "negative 3" (not "7 minus 3", an expression)
+_SIGN_WORD_RE = re.compile(r"\b(?:minus|negative)\s+(?=\d)", re.I)
+#: a trailing qualifier that is no part of the value: ``\\pmod{1000}``, ``\\bmod 7``, ``(mod 1000)``
+_QUALIFIER_RE = re.compile(
+    r"\\pmod\s*\{[^{}]*\}|\\pmod\s*\d+|\\(?:bmod|mod)\s*\{?\s*\d+\s*\}?"
+    r"|\(\s*(?:\\text\s*\{\s*)?(?:\\)?mod\s*\}?\s*\d+\s*\)|\\text\s*\{\s*\(?\s*mod\s+\d+\s*\)?\s*\}",
+    re.I,
+)
+
+
+def _frac_text(f: Fraction) -> str:
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def _mixed(m: re.Match) -> str:
+    whole, a, b = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if b == 0 or a >= b:  # "2 3/2" is no mixed number
+        return m.group(0)
+    return _frac_text(whole + Fraction(a, b))
+
+
+def _repeating_value(whole: str, fixed: str, period: str) -> Fraction:
+    """``whole.fixed(period)(period)...`` exactly."""
+    v = Fraction(int(whole or 0)) + (Fraction(int(fixed), 10 ** len(fixed)) if fixed else 0)
+    return v + Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
+
+
+def _repeat_dots(m: re.Match) -> str:
+    """``0.1666...``: the shortest period (1-3 digits) the digits end with twice; without one,
+    the digits as written."""
+    whole, digits = m.group(1), m.group(2)
+    for p in (1, 2, 3):
+        per = digits[-p:]
+        if len(digits) >= 2 * p and digits.endswith(per * 2):
+            fixed = digits
+            while fixed.endswith(per):
+                fixed = fixed[: -p]
+            return _frac_text(_repeating_value(whole, fixed, per))
+    return f"{whole or 0}.{digits}"
+
+
+def _value_text(s: str) -> str:
+    """Numbers written in ways a number search cannot read, rewritten: mixed numbers, repeating
+    decimals, ``\\frac{1}{2}`` -> ``1/2``, space-separated thousands, trailing ``\\pmod``
+    qualifiers dropped."""
+    s = _QUALIFIER_RE.sub(" ", s or "")
+    s = _REPEAT_TEX_RE.sub(lambda m: _frac_text(_repeating_value(m.group(1), m.group(2), m.group(3))), s)
+    s = _REPEAT_DOTS_RE.sub(_repeat_dots, s)
+    s = _MIXED_TEX_RE.sub(_mixed, s)
+    s = _FRAC_RE.sub(r"\1/\2", s)
+    s = _MIXED_PROSE_RE.sub(_mixed, s)
+    return _SPACE_THOUSANDS_RE.sub(lambda m: re.sub(r"\s", "", m.group(0)), s)
+
+
+def _signs_in_words(s: str) -> str:
+    """"minus 40" -> "-40", unless a number or a closing bracket comes before (an expression)."""
+    return _SIGN_WORD_RE.sub(lambda m: m.group(0) if re.search(r"[\d)]\s*$", s[: m.start()]) else "-", s)
+
+
 def _num_text(s: str, lone_one: bool = True) -> str:
-    """Text prepared for number search: ``\\frac{1}{2}`` -> ``1/2``, number words as digits,
-    ``{,}`` / ``\\,`` / thousands separators removed."""
-    s = _FRAC_RE.sub(r"\1/\2", s or "")
+    """Text prepared for number search: ``\\frac{1}{2}`` -> ``1/2``, mixed numbers and repeating
+    decimals as fractions, number words as digits, signs in words, ``{,}`` / ``\\,`` / thousands
+    separators removed."""
+    s = _value_text(s)
     s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)
-    return _strip_thousands(_words_to_digits(s, lone_one))
+    return _strip_thousands(_signs_in_words(_words_to_digits(s, lone_one)))
 
 
 def _as_fraction(s: str) -> Fraction | None:
     """A plain number (``-18``, ``18.00``, ``033``, ``3/4``, ``1,000``, ``25%``), else None."""
     if s is None:
         return None
-    t = clean_answer(str(s))
+    t = _value_text(clean_answer(str(s)))
     t = _strip_thousands(t).replace(" ", "")
     t = re.sub(r"^\\?\$|^(?:usd|rs\.?)", "", t, flags=re.I)
     t = t.rstrip("%")
@@ -142,7 +213,7 @@ def _number_in(s: str) -> Fraction | None:
     f = _as_fraction(t)
     if f is not None:
         return f
-    parts = re.split(r"=|\\approx|≈", t)
+    parts = re.split(r"=|\\approx|\\equiv|≈|≡", t)
     if len(parts) > 1:  # an equation or approximation: its right-hand side
         return _number_in(parts[-1]) if parts[-1].strip() else None
     t = re.sub(r"\([^()]*\)", " ", t)  # "(6 per box × 3 boxes)": the working, not the answer
@@ -154,19 +225,80 @@ def _number_in(s: str) -> Fraction | None:
     return _as_fraction(nums[-1].group()) if nums else None
 
 
-def last_number(text: str) -> str | None:
-    """The last number of a text (fractions such as ``1/2`` and number words count, except a
-    lone "one", which running text mostly uses as a pronoun or an aside)."""
-    nums = _NUM_RE.findall(_num_text(text or "", lone_one=False))
+#: in the unboxed fallback, a number after one of these is a circumstance ("on the 12 notebooks",
+#: "out of 20", "divided by 4", "for 3 days"), not the quantity found
+_FALLBACK_PREP_RE = re.compile(
+    r"\b(?:after|in|for|per|within|out\s+of|divided\s+by|from|on|during|every|than|among|between|each\s+of)"
+    r"\s+(?:(?:the|a|an|all|each|his|her|their|its|these|those)\s+)?\$?$",
+    re.I,
+)
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _values(text: str) -> set[Fraction]:
+    out = set()
+    for n in _NUM_RE.findall(_num_text(text or "", lone_one=False)):
+        f = _as_fraction(n)
+        if f is not None:
+            out.add(f)
+    return out
+
+
+def last_number(text: str, question: str | None = None) -> str | None:
+    """The number an unboxed answer ends on: in the last sentence that has a number (fractions
+    such as ``1/2``, mixed numbers and number words count, except a lone "one", which running text
+    mostly uses as a pronoun or an aside), leaving out the numbers inside parentheses (a
+    breakdown), after a circumstance ("on the 12 notebooks", "out of 20", "divided by 4") and
+    those restated from ``question`` — unless that leaves none — the last one."""
+    t = _num_text(text or "", lone_one=False)
+    asked = _values(question) if question else set()
+    for sentence in reversed(_SENTENCE_END_RE.split(re.sub(r"\([^()]*\)", " ", t))):
+        found = list(_NUM_RE.finditer(sentence))
+        if not found:
+            continue
+        keep = [m for m in found if not _FALLBACK_PREP_RE.search(sentence[max(0, m.start() - 40) : m.start()])]
+        if asked:
+            keep = [m for m in keep if _as_fraction(m.group()) not in asked] or keep
+        return (keep or found)[-1].group()
+    nums = _NUM_RE.findall(t)  # numbers inside parentheses only
     return nums[-1] if nums else None
 
 
-def extract_math_answer(answer_text: str) -> str | None:
+#: a hedge between values: "3 or 4", "either 12 or 15"
+_OR_RE = re.compile(r"\s+or\s+|\s*\\(?:text|mbox)\s*\{\s*or\s*\}\s*", re.I)
+
+
+def is_hedge(s: str | None) -> bool:
+    """Does a final answer string offer several different numbers ("3 or 4", ``\\boxed{12 \\text{ or } 15}``)?
+    Two ways of writing one value ("30 minutes or 0.5 hours" is not caught: the numbers differ
+    only with units, so such an answer is a hedge too) are not told apart."""
+    if not s:
+        return False
+    parts = [p for p in _OR_RE.split(re.sub(r"^\s*either\s+", "", clean_answer(s), flags=re.I)) if p.strip()]
+    if len(parts) < 2:
+        return False
+    vals = [_number_in(p) for p in parts]
+    return all(v is not None for v in vals) and len(set(vals)) > 1
+
+
+def find_math_answer(answer_text: str, question: str | None = None) -> Found:
+    """The final answer of a math response and how it was found: the last box, else the last
+    answer phrase, else the unboxed fallback (:func:`last_number`). A hedge between numbers is
+    wrong; boxes with different values are ambiguous (the last one is scored)."""
+    f = final_answer_found(answer_text)
+    if f is not None:
+        amb = False
+        if f.rule == "boxed":
+            vals = {_number_in(b) for b in all_boxed(answer_text) if b.strip()}
+            amb = len(vals - {None}) > 1
+        return Found(f.value, f.rule, ambiguous=amb, hedge=is_hedge(f.value))
+    n = last_number(answer_text, question)
+    return Found(n, "fallback") if n is not None else Found(None, "none")
+
+
+def extract_math_answer(answer_text: str, question: str | None = None) -> str | None:
     """Final answer string of a math response (boxed > answer phrase > last number)."""
-    s = final_answer_string(answer_text)
-    if s:
-        return s
-    return last_number(answer_text)
+    return find_math_answer(answer_text, question).value
 
 
 def _decimals(s: str) -> int:
@@ -254,20 +386,35 @@ def math_gold(doc: dict) -> str | None:
     raise KeyError(f"no gold answer field in doc with keys {sorted(doc)}")
 
 
-def score_math(response: str, gold: str | int | None, rule: ThinkRule | None = None) -> dict:
-    """Verdict for one math response. ``gold=None`` (or "None") means the question is
-    unanswerable (GSM-Plus critical thinking): right only if the final answer says so."""
+def verdict(correct: bool, found: Found | None, truncated: bool = False) -> dict:
+    """A scorer's verdict: ``correct``, ``truncated``, ``pred`` (the extracted answer), ``rule``
+    (how it was found: boxed, phrase, option_text, fallback, none) and ``ambiguous`` (several
+    candidate answers, or a hedge; a hedge is never correct)."""
+    if truncated or found is None:
+        return {"correct": False, "truncated": bool(truncated), "pred": None, "rule": "none", "ambiguous": False}
+    return {"correct": bool(correct) and not found.hedge, "truncated": False, "pred": found.value,
+            "rule": found.rule, "ambiguous": found.ambiguous or found.hedge}
+
+
+def score_math(response: str, gold: str | int | None, rule: ThinkRule | None = None,
+               question: str | None = None) -> dict:
+    """Verdict for one math response (:func:`verdict`). ``gold=None`` (or "None") means the
+    question is unanswerable (GSM-Plus critical thinking): right only if the final answer says
+    so. ``question`` (the item's text) lets the unboxed fallback pass over restated numbers. A
+    hedge ("3 or 4") is wrong."""
     text, truncated = split_thinking(response, rule)
     if truncated:
-        return {"correct": False, "truncated": True, "pred": None}
+        return verdict(False, None, truncated=True)
     if _is_none_gold(gold):
-        s = final_answer_string(text)
-        if s is not None:
-            return {"correct": is_abstention(s), "truncated": False, "pred": s}
+        f = final_answer_found(text)
+        if f is not None:
+            return verdict(is_abstention(f.value), f)
         # no explicit final answer: an abstention in the closing lines counts
         tail = "\n".join([ln for ln in text.splitlines() if ln.strip()][-3:])
-        ok = bool(_ABSTAIN_RE.search(_MD_RE.sub("", tail)))
-        return {"correct": ok, "truncated": False, "pred": "None" if ok else last_number(text)}
-    pred = extract_math_answer(text)
-    return {"correct": math_equal(pred, gold), "truncated": False, "pred": pred}
+        if _ABSTAIN_RE.search(_MD_RE.sub("", tail)):
+            return verdict(True, Found("None", "fallback"))
+        n = last_number(text, question)
+        return verdict(False, Found(n, "fallback") if n is not None else Found(None, "none"))
+    f = find_math_answer(text, question)
+    return verdict(math_equal(f.value, gold), f)
 

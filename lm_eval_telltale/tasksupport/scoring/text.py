@@ -18,6 +18,24 @@ class ThinkRule:
     require_end: bool = False
 
 
+#: how an answer was found, in the order the scorers try them (``option_text``: the answer named an
+#: option by its text; ``fallback``: the answer kind's own search of the answer text)
+RULES = ("boxed", "phrase", "option_text", "fallback", "none")
+
+
+@dataclass(frozen=True)
+class Found:
+    """An extracted answer: its ``value`` (None: no answer), the ``rule`` that found it (one of
+    :data:`RULES`), whether it was ``ambiguous`` (several different candidate answers, e.g. boxes
+    with different values: the last is scored) and whether it is a ``hedge`` (the final answer
+    offers several: "C or E", ``\\boxed{A, C}``, "3 or 4"), which is scored wrong."""
+
+    value: str | None
+    rule: str
+    ambiguous: bool = False
+    hedge: bool = False
+
+
 def _rule(rule: ThinkRule | None) -> ThinkRule:
     """``rule``, or this process's (:func:`~.process.think_rule`) when None."""
     if rule is not None:
@@ -171,13 +189,20 @@ def clean_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def final_answer_string(answer_text: str, lists: bool = False) -> str | None:
-    """Step 2 of the rules: the last boxed content, else the last answer phrase (cleaned)."""
+def final_answer_found(answer_text: str, lists: bool = False) -> Found | None:
+    """Step 2 of the rules: the last boxed content (rule ``boxed``), else the last answer phrase
+    (rule ``phrase``), cleaned; None when there is neither."""
     b = last_boxed(answer_text)
     if b is not None:
-        return clean_answer(b)
+        return Found(clean_answer(b), "boxed")
     p = answer_phrase(answer_text, lists)
     if p is not None:
-        return clean_answer(p)
+        return Found(clean_answer(p), "phrase")
     return None
+
+
+def final_answer_string(answer_text: str, lists: bool = False) -> str | None:
+    """The value of :func:`final_answer_found`."""
+    f = final_answer_found(answer_text, lists)
+    return None if f is None else f.value
 
