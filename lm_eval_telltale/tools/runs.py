@@ -216,6 +216,33 @@ def results_files(target: str | Path) -> list[Path]:
     return files
 
 
+def samples_path(res_path: Path, task: str) -> Path | None:
+    """lm-eval's logged samples of ``task`` for the run of ``res_path`` (``samples_<task>_<stamp>.jsonl``
+    of the same timestamp, else the newest of that task's), None when there are none."""
+    stamp = res_path.stem[len("results_"):] if res_path.stem.startswith("results_") else ""
+    pat = re.compile(rf"^samples_{re.escape(task)}_\d{{4}}-\d\d-\d\dT.*\.jsonl$")  # not another task's prefix
+    cands = sorted(res_path.parent.glob(f"samples_{glob_escape(task)}_{stamp}.jsonl")) or sorted(
+        f for f in res_path.parent.glob(f"samples_{glob_escape(task)}_*.jsonl") if pat.match(f.name))
+    return cands[-1] if cands else None
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The samples of an lm-eval ``samples_*.jsonl`` (unreadable lines skipped)."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(s, dict):
+            out.append(s)
+    return out
+
+
 def _count_answers(sidecar: Path) -> int | str:
     from ..sidecar import read_sidecar
 

@@ -84,20 +84,11 @@ def locate(target: str | Path) -> tuple[Path, dict | None, Path | None]:
 
 def samples_for(res_path: Path | None, task: str) -> dict[int, dict]:
     """lm-eval's logged samples of ``task`` for the run of ``res_path`` (same timestamp), by doc_id."""
-    if res_path is None:
-        return {}
-    stamp = res_path.stem[len("results_"):] if res_path.stem.startswith("results_") else ""
-    pat = re.compile(rf"^samples_{re.escape(task)}_\d{{4}}-\d\d-\d\dT.*\.jsonl$")  # not another task's prefix
-    cands = sorted(res_path.parent.glob(f"samples_{task}_{stamp}.jsonl")) or sorted(
-        f for f in res_path.parent.glob(f"samples_{task}_*.jsonl") if pat.match(f.name))
+    from .runs import read_samples, samples_path
+
+    path = samples_path(res_path, task) if res_path is not None else None
     out: dict[int, dict] = {}
-    if not cands:
-        return out
-    for line in cands[-1].read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for s in read_samples(path) if path else []:
         out.setdefault(s.get("doc_id"), s)
     return out
 
@@ -293,6 +284,20 @@ def _page_name(r: dict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 
+def _audit_html(res_path: Path | None) -> str:
+    """``telltale audit``'s report of the run (its logged samples), for the index page; "" without them."""
+    if res_path is None:
+        return ""
+    from .rescore import audit, load_run_samples, render_audit_html
+
+    try:
+        runs = load_run_samples([str(res_path)], None, lambda m: None)
+        return render_audit_html(audit(runs, show=3)) if runs else ""
+    except Exception as e:  # noqa: BLE001 - the pages matter more than the audit
+        print(f"telltale view: warning: no extraction audit ({e.__class__.__name__}: {e})", file=sys.stderr)
+        return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="telltale view", description="Self-contained HTML page per generated answer: "
                                  "tokens shaded by the norm, τ crossings, think block, interventions.")
@@ -383,7 +388,8 @@ def main(argv=None) -> int:
                           f'repeat {r.get("repeat", 0)}</a> — {r.get("n_generated_tokens")} tokens, '
                           f'{html.escape(str(r.get("finish_reason")))}</li>' for n, r in links)
         (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><title>telltale view</title>"
-                                        f"<h1>{html.escape(str(sidecar.name))}</h1><ul>{items}</ul>\n", encoding="utf-8")
+                                        f"<h1>{html.escape(str(sidecar.name))}</h1><ul>{items}</ul>"
+                                        f"{_audit_html(res_path)}\n", encoding="utf-8")
         print(f"telltale view: wrote {len(links)} pages and {out / 'index.html'}", file=sys.stderr)
     except ValueError as e:
         print(f"telltale view: error: {e}", file=sys.stderr)

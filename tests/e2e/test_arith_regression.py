@@ -150,3 +150,69 @@ def test_suppression_changes_responses(eval_run, name):
     base, sup = _responses(eval_run, "vllm"), _responses(eval_run, name)
     assert sup.keys() == base.keys()
     assert sum(sup[k] != base[k] for k in base) >= 0.3 * len(base)
+
+
+@pytest.mark.e2e
+def test_audit_of_the_eval_runs(eval_run, tmp_path):
+    """``telltale audit`` on ``make eval``'s runs: every response of every task has its rule, the
+    counts add up, and the report is written."""
+    from lm_eval_telltale.tools import rescore
+
+    out, js = tmp_path / "audit.md", tmp_path / "audit.json"
+    assert rescore.main_audit([str(eval_run / "runs"), "--out", str(out), "--json", str(js), "--show", "2"]) == 0
+    rep = json.loads(js.read_text())
+    assert len(rep["runs"]) == len(MEASURED)
+    for run in rep["runs"]:
+        assert {t["task"] for t in run["tasks"]} == {f"telltale_arith_l{i}" for i in range(1, 5)}
+        for t in run["tasks"]:
+            c = t["counts"]
+            assert t["samples"] == LIMIT and c["responses"] == LIMIT and t["scored_now"] == 0
+            assert sum(c[r] for r in rescore.RULES) == c["responses"]
+    base = next(r for r in rep["runs"] if r["model"] == "vllm")
+    assert sum(t["counts"]["boxed"] for t in base["tasks"]) > 0.8 * 4 * LIMIT  # the shipped model boxes its answers
+    md = out.read_text()
+    assert "| telltale_arith_l1 |" in md and "# Extraction audit" in md
+    with pytest.raises(SystemExit):  # the report may not overwrite an input
+        rescore.main_audit([str(eval_run / "runs"), "--out", str(next((eval_run / "runs").rglob("results_*.json")))])
+
+
+@pytest.mark.e2e
+def test_rescore_of_a_run_scored_by_an_older_scorer(eval_run, tmp_path, capsys):
+    """A copy of the baseline run whose samples an older scorer judged: one response the old
+    fallback read wrong ("$84 ... on the 12 notebooks" read as 12), one verdict the old scorer got
+    wrong, the rest as logged. ``telltale rescore`` reports exactly those verdicts, writes a new
+    run beside the old one (never over it), and its results agree with the samples."""
+    import shutil
+
+    from lm_eval_telltale.tools import rescore
+
+    src = tmp_path / "vllm"
+    shutil.copytree(eval_run / "runs" / "vllm", src)
+    res_path = next(src.rglob("results_*.json"))
+    sp = next(src.rglob("samples_telltale_arith_l1_*.jsonl"))
+    rows = [json.loads(line) for line in sp.read_text().splitlines()]
+    for r in rows:  # as an older scorer wrote them: no extraction record
+        r.pop("extraction", None)
+        r["metrics"] = ["exact_match", "truncated"]
+    rows[0]["doc"] = {**rows[0]["doc"], "answer": "#### 84"}
+    rows[0]["filtered_resps"] = ["He spends $84 in all on the 12 notebooks."]
+    rows[0]["exact_match"] = 0.0  # the old fallback read 12
+    rows[1]["exact_match"] = 1.0 - rows[1]["exact_match"]  # a verdict the old scorer got wrong
+    sp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {f: f.read_bytes() for f in src.rglob("*") if f.is_file()}
+
+    out = tmp_path / "rescored"
+    assert rescore.main_rescore([str(src), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "telltale_arith_l1: 2 verdict(s) changed" in text
+    assert "doc 0: 0 → 1" in text and "rule fallback" in text
+    assert "telltale_arith_l2: 0 verdict(s) changed" in text
+    assert {f: f.read_bytes() for f in src.rglob("*") if f.is_file()} == before  # nothing of the old run touched
+    new_res = json.loads(next(out.rglob("results_*.json")).read_text())
+    new_rows = [json.loads(line) for line in next(out.rglob("samples_telltale_arith_l1_*.jsonl")).read_text().splitlines()]
+    assert all("extraction" in r for r in new_rows) and new_rows[0]["exact_match"] == 1.0
+    mean = sum(r["exact_match"] for r in new_rows) / len(new_rows)
+    assert new_res["results"]["telltale_arith_l1"]["exact_match,none"] == pytest.approx(mean)
+    assert new_res["telltale_rescore"]["source"] == str(res_path.resolve())
+    with pytest.raises(SystemExit):  # never over an earlier rescoring
+        rescore.main_rescore([str(src), "--out", str(out)])

@@ -309,3 +309,25 @@ def test_table_without_baseline_mentions_no_delta():
         text = render(t, fmt)
         assert "none row" not in text and "Δ vs" not in text
     assert "(Δ vs the same model's vllm row, in points)" in build_table(EDGE, progress=False).notes[0]
+
+
+# -- telltale rescore / audit: bad input is one line, nothing is written ----------------------------------
+
+def test_rescore_and_audit_argument_errors(tmp_path, capsys):
+    from lm_eval_telltale.tools import rescore
+
+    assert "no such file or directory" in _exit2(rescore.main_rescore, [str(tmp_path / "nope")], capsys)
+    assert "no such file or directory" in _exit2(rescore.main_audit, [str(tmp_path / "nope")], capsys)
+    assert "--show must be >= 0" in _exit2(rescore.main_audit, [str(EDGE[0]), "--show", "-1"], capsys)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert "exists; rescoring never writes over earlier files" in _exit2(
+        rescore.main_rescore, [str(EDGE[0]), "--out", str(taken)], capsys)
+    inside = next(EDGE[0].rglob("results*.json"))
+    assert "refusing to overwrite the input" in _exit2(rescore.main_audit, [str(EDGE[0]), "--out", str(inside)], capsys)
+    # a run without logged samples: a clear error, exit 2, and no output directory left behind
+    (tmp_path / "empty").mkdir()
+    assert rescore.main_audit([str(tmp_path / "empty")]) == 2
+    assert "no lm-eval results here" in capsys.readouterr().err
+    assert rescore.main_rescore([str(EDGE[0]), "--out", str(tmp_path / "new")]) == 2
+    assert "no run with logged samples" in capsys.readouterr().err and not (tmp_path / "new").exists()

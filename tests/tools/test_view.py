@@ -176,6 +176,8 @@ def test_view_real_run_in_browser(tiny_model_dir, local_task_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(f.name for f in (tmp_path / "pages").iterdir()) == [
         "index.html", "telltale_local_doc0_r0.html", "telltale_local_doc1_r0.html"]
+    index = (tmp_path / "pages" / "index.html").read_text()
+    assert "<h2>Extraction audit</h2>" in index and "<td>telltale_local</td>" in index  # telltale audit's table
 
 
 # -- issue 14 item 8: --out that exists (or cannot exist) is a clear decision, never a traceback -------

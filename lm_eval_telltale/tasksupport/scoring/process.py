@@ -90,11 +90,18 @@ def auto_require_think_end() -> bool | None:
 
 @functools.lru_cache(maxsize=1)
 def _detect_from_argv() -> bool | None:
-    args: dict[str, Any] | None = None
+    if not cmdline.applies_chat_template():
+        return None
+    return opens_think_for(cmdline.model_args())
+
+
+def opens_think_for(model_args: dict[str, Any]) -> bool | None:
+    """Whether a run with these ``--model_args`` and a chat template applied has prompts that end
+    inside an open think block (see :func:`auto_require_think_end`; also for a finished run's
+    recorded model_args, by ``telltale rescore``). None when it cannot tell."""
+    args = dict(model_args or {})
+    name = None
     try:
-        if not cmdline.applies_chat_template():
-            return None
-        args = cmdline.model_args()
         if not args:
             return None
         if args.get("config"):  # a telltale preset: explicit model_args win over its values
