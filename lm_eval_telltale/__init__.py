@@ -30,3 +30,8 @@ def tasks_dir() -> Path:
 
 def model_configs_dir() -> Path:
     return _data_dir("model_configs")
+
+
+def grids_dir() -> Path:
+    """The shipped ``telltale grid`` files (``arith.yaml``: ``make eval``; ``paper.yaml``)."""
+    return _data_dir("grids")

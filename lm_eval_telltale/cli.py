@@ -10,6 +10,7 @@ Subcommands:
   calibrate    per-layer norm quantiles as a file for ``tau_mode=calibrated`` / ``config=``
   view         self-contained HTML page: generated tokens shaded by the norm, τ crossings, interventions
   bench        decode throughput of each model type vs stock vLLM (tokens/s, ratio, ALRR's compute limit)
+  grid         a model × method × task grid of lm_eval runs: resumable, local or Ray, one table at the end
   rescore      score finished runs' logged samples again with the current scorer (new files beside the old)
   audit        how the answers of finished runs were extracted: rule counts, ambiguous/unanswered samples
 """
@@ -69,6 +70,7 @@ COMMANDS = {
     "calibrate": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_calibrate(argv),
     "view": lambda argv: __import__("lm_eval_telltale.tools.view", fromlist=["main"]).main(argv),
     "bench": lambda argv: __import__("lm_eval_telltale.tools.bench", fromlist=["main"]).main(argv),
+    "grid": lambda argv: __import__("lm_eval_telltale.tools.grid", fromlist=["main"]).main(argv),
     "rescore": lambda argv: __import__("lm_eval_telltale.tools.rescore", fromlist=["main"]).main_rescore(argv),
     "audit": lambda argv: __import__("lm_eval_telltale.tools.rescore", fromlist=["main"]).main_audit(argv),
 }

@@ -8,6 +8,7 @@
 - :mod:`.profile` ``telltale profile`` / ``telltale calibrate``
 - :mod:`.bench`   ``telltale bench``: decode throughput of every model type against stock vLLM
                   (a package: options, run, cell, hf_cell, report)
+- :mod:`.grid`    ``telltale grid``: grids of lm_eval runs, resumable, local or Ray (spec, cells, execute, report)
 - :mod:`.rescore` ``telltale rescore`` / ``telltale audit``: logged samples scored again, extraction audited
 - :mod:`.checks`  argument checks every command shares (writable destinations, vLLM engine keys)
 - :mod:`.demo`    the ``make eval`` driver

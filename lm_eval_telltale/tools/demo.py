@@ -12,10 +12,12 @@ difficulty levels, generated in process), through the real ``lm_eval`` console s
    paper's causal ablation;
 
 all with the model's preset ``config=telltale-arith`` (``model_configs/telltale-arith.yaml``: the
-methods' token-count knobs scaled to ~60-token answers). Then ``telltale table`` → printed, and
-written to ``results/arith.md`` (+ ``arith.json``, the Δ plot ``arith.png``) with the
-suppression ablation's verdict. Greedy decoding (LRS samples with the preset's settings) and
-fixed seeds: rerunning gives the same table on the same machine.
+methods' token-count knobs scaled to ~60-token answers). The seven runs are the cells of
+``grids/arith.yaml`` run by ``telltale grid`` (:mod:`lm_eval_telltale.tools.grid`), so a rerun only
+does what is not done yet (an interrupted ``make eval`` resumes; a changed setting is a new cell).
+Then ``telltale table`` → printed, and written to ``results/arith.md`` (+ ``arith.json``, the Δ plot
+``arith.png``) with the suppression ablation's verdict. Greedy decoding (LRS samples with the
+preset's settings) and fixed seeds: rerunning gives the same table on the same machine.
 """
 
 from __future__ import annotations
@@ -24,58 +26,64 @@ import argparse
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .plots import plot_deltas
 from .render import render
-from .runs import find_sidecar, results_files
+from .runs import results_files
 from .table import build_table
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "telltale_arith"
-PRESET = "telltale-arith"
-#: (run name, model type, extra model_args)
-RUNS = [
-    ("vllm", "vllm", ""),
-    ("norms", "vllm-norms", ""),
-    ("alrr", "vllm-alrr", ""),
-    ("erss", "vllm-erss", ""),
-    ("lrs", "vllm-lrs", ""),
-    ("suppress-high", "vllm-suppress", ""),
-    ("suppress-matched", "vllm-suppress", "suppress_mode=matched,match_stats={high_sidecar}"),
-]
 
 
-def _stream(cmd: list[str], env: dict, log: Path, prefix: str) -> int:
-    """Run ``cmd`` with its output in ``log``; lm-eval's / vLLM's progress bars are echoed on one
-    terminal line."""
-    tty = sys.stdout.isatty()
-    with log.open("wb") as f:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        buf = b""
-        last = 0.0
-        assert p.stdout is not None
-        while True:
-            chunk = p.stdout.read1(65536) if hasattr(p.stdout, "read1") else p.stdout.read(4096)
-            if not chunk:
-                break
-            f.write(chunk)
-            buf = (buf + chunk)[-4096:]
-            segs = re.split(rb"[\r\n]", buf)
-            bars = [s for s in segs if b"%|" in s]
-            now = time.time()
-            if bars and (now - last > (0.5 if tty else 15.0)):
-                bar = bars[-1].decode("utf-8", "replace").strip()[:110]
-                print(f"\r{prefix}{bar}" + ("\033[K" if tty else ""), end="" if tty else "\n", flush=True)
-                last = now
-        rc = p.wait()
-    if tty:
-        print("\r\033[K", end="", flush=True)
-    return rc
+
+
+def grid_file() -> Path:
+    from .. import grids_dir
+
+    return grids_dir() / "arith.yaml"
+
+
+def run_names() -> list[str]:
+    """The runs of ``make eval``: the methods of ``grids/arith.yaml``, in order."""
+    import yaml
+
+    return [m["name"] for m in yaml.safe_load(grid_file().read_text(encoding="utf-8"))["methods"]]
+
+
+def eval_grid(work: Path, model: Path, limit: int | None, only: list[str] | None, inprocess: bool) -> Path:
+    """``grids/arith.yaml`` with this invocation's settings, written to ``work`` (its output root
+    there too); ``only`` keeps those runs and the runs they depend on."""
+    import yaml
+
+    raw = yaml.safe_load(grid_file().read_text(encoding="utf-8"))
+    raw["output"] = str(work / "grid")
+    raw["models"][0]["pretrained"] = str(model)
+    if limit:
+        raw["limit"] = limit
+    if only:
+        keep = set(only)
+        for m in raw["methods"]:  # a run's dependencies come along (suppress-matched reads suppress-high)
+            if m["name"] in keep:
+                keep.update(re.findall(r"\{sidecar:([\w.+-]+)\}", json.dumps(m.get("model_args") or {})))
+        raw["methods"] = [m for m in raw["methods"] if m["name"] in keep]
+    if inprocess:
+        raw.setdefault("env", {})["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    path = work / "arith.grid.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_dirs(work: Path) -> dict[str, Path]:
+    """The lm-eval output directory of each run (cell) of the last ``make eval`` in ``work``."""
+    from .grid.cells import cell_dir
+    from .grid.spec import load_grid
+
+    grid = load_grid(work / "arith.grid.yaml")
+    return {c.method: cell_dir(grid.output, c) / "out" for c in grid.cells}
 
 
 def _latest(run_dir: Path) -> tuple[Path, dict] | None:
@@ -88,11 +96,6 @@ def _counters(run_dir: Path) -> dict:
     latest = _latest(run_dir)
     tt = ((latest[1].get("config") or {}).get("telltale") or {}) if latest else {}
     return (tt.get("summary") or {}) if isinstance(tt, dict) else {}
-
-
-def _sidecar(run_dir: Path) -> Path | None:
-    latest = _latest(run_dir)
-    return find_sidecar(*latest) if latest else None
 
 
 def ablation_verdict(t, task: str = TASK) -> str:
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(model_dir()), help="model directory (default: the shipped one)")
     ap.add_argument("--limit", type=int, default=None, help="problems per level (default: all 75)")
     ap.add_argument("--only", default=None, help="comma-separated run names to do (default: all: "
-                    + ",".join(r[0] for r in RUNS) + ")")
+                    + ",".join(run_names()) + ")")
     ap.add_argument("--inprocess", action="store_true",
                     help="run each lm_eval's vLLM engine core in its process (VLLM_ENABLE_V1_MULTIPROCESSING=0: "
                          "~3 s instead of ~20 s to start; the regression tests use it)")
@@ -138,61 +141,43 @@ def main(argv=None) -> int:
     model = Path(a.model)
     if not (model / "config.json").is_file():
         ap.error(f"no model at {model} (config.json missing)")
-    runs = RUNS
+    runs = run_names()
     if a.only:
         want = [x.strip() for x in a.only.split(",") if x.strip()]
-        unknown = sorted(set(want) - {r[0] for r in RUNS})
+        unknown = sorted(set(want) - set(runs))
         if unknown:
-            ap.error(f"--only: unknown run(s) {unknown}; known: {[r[0] for r in RUNS]}")
-        runs = [r for r in RUNS if r[0] in want]
-    work = Path(a.work)
+            ap.error(f"--only: unknown run(s) {unknown}; known: {runs}")
+        runs = [r for r in runs if r in want]
+    work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           # lm_eval indexes the telltale tasks only, not its ~14,750 built-in ones (~15 s per run)
-           "TELLTALE_TASKS_ONLY": "1"}
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    if a.inprocess:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # eager: seven short engine lifetimes on a few cores; compiling each costs more than it saves
-    base = (f"pretrained={model},dtype=float32,max_model_len=512,kv_cache_memory_bytes=268435456,"
-            "enforce_eager=True,think_end_token=</think>")
-    lm_eval = str(Path(sys.executable).parent / "lm_eval")
-    print(f"[eval] model {model}\n[eval] task {TASK} ({'all' if not a.limit else a.limit} problems per level), "
-          f"{len(runs)} runs through {lm_eval}; logs and run directories in {work}", flush=True)
+    for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # the grid file decides these
+        os.environ.pop(k, None)
+    from .grid.cells import cell_dir
+    from .grid.cells import state_of as cell_state
+    from .grid.execute import run_cells
+    from .grid.spec import GridError, load_grid
+
+    try:
+        grid = load_grid(eval_grid(work, model.absolute(), a.limit, runs if a.only else None,
+                                   a.inprocess))
+    except GridError as e:
+        print(f"[eval] {e}", file=sys.stderr)
+        return 2
+    todo = [c for c in grid.cells if cell_state(grid.output, c)[0] != "done"]
+    print(f"[eval] model {model}\n[eval] task {TASK} ({'all' if not a.limit else a.limit} problems per level): "
+          f"{len(grid.cells)} runs of grids/{grid_file().name}, {len(grid.cells) - len(todo)} done already; "
+          f"run directories and logs in {grid.output / 'cells'}", flush=True)
     t_all = time.time()
+    outcome = run_cells(grid, todo)
+    if outcome.failed or outcome.interrupted:
+        return 130 if outcome.interrupted else 1
     dirs = []
-    for i, (name, mtype, extra) in enumerate(runs, 1):
-        out = work / "runs" / name
-        if out.exists():  # one run per configuration: the table shows this invocation's results only
-            shutil.rmtree(out)
-        margs = base if mtype == "vllm" else f"{base},config={PRESET}"
-        if extra:
-            if "{high_sidecar}" in extra:
-                high_sidecar = _sidecar(work / "runs" / "suppress-high")
-                if high_sidecar is None:
-                    print("[eval] suppress-matched needs the sidecar of suppress-high: run it first", file=sys.stderr)
-                    return 2
-                extra = extra.format(high_sidecar=high_sidecar)
-            margs += "," + extra
-        cmd = [lm_eval, "--model", mtype, "--model_args", margs, "--tasks", TASK, "--apply_chat_template",
-               "--batch_size", "auto", "--output_path", str(out), "--log_samples"]
-        if a.limit:
-            cmd += ["--limit", str(a.limit)]
-        print(f"[eval] ({i}/{len(runs)}) {name}: {' '.join(cmd)}", flush=True)
-        t = time.time()
-        log = work / f"{name}.log"
-        rc = _stream(cmd, env, log, prefix=f"[eval]     {name}: ")
-        if rc != 0:
-            print(f"[eval] {name} failed (exit {rc}); last lines of {log}:", file=sys.stderr)
-            print("".join(log.read_text(errors="replace").splitlines(True)[-30:]), file=sys.stderr)
-            return rc
+    for c in grid.cells:
+        out = cell_dir(grid.output, c) / "out"
         s = _counters(out)
         extra_info = ", ".join(f"{k}: {v['per_1k_tokens']:.1f}/1k tokens" for k, v in s.items()
                                if isinstance(v, dict) and "per_1k_tokens" in v)
-        print(f"[eval]     {name} done in {time.time() - t:.0f} s" + (f" ({extra_info})" if extra_info else ""),
-              flush=True)
+        print(f"[eval]     {c.method}" + (f" ({extra_info})" if extra_info else ""), flush=True)
         dirs.append(out)
     # subtasks: the difficulty levels get their own columns (the group score stays the first one)
     t = build_table(dirs, baseline="vllm", subtasks=True, progress=False,
@@ -201,13 +186,13 @@ def main(argv=None) -> int:
     verdict = ablation_verdict(t)
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
-    head = (f"<!-- written by `make eval` ({len(runs)} runs, {'full split' if not a.limit else f'--limit {a.limit}'}); "
+    head = (f"<!-- written by `make eval` ({len(grid.cells)} runs, {'full split' if not a.limit else f'--limit {a.limit}'}); "
             f"rerun to reproduce -->\n")
     (res / "arith.md").write_text(head + table + "\n" + verdict + "\n")
     (res / "arith.json").write_text(json.dumps(t.to_dict(), indent=2, default=str) + "\n")
     png = plot_deltas(t, res / "arith.png")
     print("\n" + table + "\n" + verdict)
-    print(f"[eval] {len(runs)} runs in {(time.time() - t_all) / 60:.1f} min; table written to {res / 'arith.md'} "
+    print(f"[eval] {len(todo)} runs in {(time.time() - t_all) / 60:.1f} min; table written to {res / 'arith.md'} "
           f"(+ arith.json), plot to {png}")
     return 0
 

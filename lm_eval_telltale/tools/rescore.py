@@ -4,7 +4,7 @@ again with the current scorer, or examined for how their answers were found.
 ::
 
     telltale rescore RUN_DIR... [--out DIR] [--include_path DIR]
-    telltale audit   RUN_DIR... [--out REPORT.md] [--json REPORT.json] [--show N] [--include_path DIR]
+    telltale audit   RUN_DIR... [--out FILE] [--json FILE] [--show N] [--include_path DIR]
 
 Both need runs made with ``--log_samples`` (the samples files hold each doc, its responses and its
 metrics) of tasks whose YAML has a ``process_results`` (the packaged ``telltale_*`` tasks; a task

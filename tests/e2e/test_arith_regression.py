@@ -50,15 +50,21 @@ def eval_run(tmp_path_factory):
     return work
 
 
+def _run_dir(work: Path, name: str) -> Path:
+    from lm_eval_telltale.tools.demo import run_dirs
+
+    return run_dirs(work)[name]
+
+
 def _results(work: Path, name: str) -> dict:
-    files = sorted((work / "runs" / name).rglob("results_*.json"))
+    files = sorted(_run_dir(work, name).rglob("results_*.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
 
 
 def _responses(work: Path, name: str) -> dict:
     out = {}
-    for f in sorted((work / "runs" / name).rglob("samples_*.jsonl")):
+    for f in sorted(_run_dir(work, name).rglob("samples_*.jsonl")):
         for line in f.read_text().splitlines():
             s = json.loads(line)
             out[(f.name.split("_20")[0], s["doc_id"])] = s["resps"][0][0]
@@ -119,7 +125,7 @@ def test_table_written(eval_run):
 
 
 def _sidecar(work: Path, name: str) -> dict:
-    files = sorted((work / "runs" / name).rglob("telltale_*.jsonl"))
+    files = sorted(_run_dir(work, name).rglob("telltale_*.jsonl"))
     assert len(files) == 1, files
     return {(r["task"], r["doc_id"]): r for r in map(json.loads, files[0].read_text().splitlines())}
 
@@ -159,7 +165,7 @@ def test_audit_of_the_eval_runs(eval_run, tmp_path):
     from lm_eval_telltale.tools import rescore
 
     out, js = tmp_path / "audit.md", tmp_path / "audit.json"
-    assert rescore.main_audit([str(eval_run / "runs"), "--out", str(out), "--json", str(js), "--show", "2"]) == 0
+    assert rescore.main_audit([str(eval_run / "grid" / "cells"), "--out", str(out), "--json", str(js), "--show", "2"]) == 0
     rep = json.loads(js.read_text())
     assert len(rep["runs"]) == len(MEASURED)
     for run in rep["runs"]:
@@ -173,7 +179,8 @@ def test_audit_of_the_eval_runs(eval_run, tmp_path):
     md = out.read_text()
     assert "| telltale_arith_l1 |" in md and "# Extraction audit" in md
     with pytest.raises(SystemExit):  # the report may not overwrite an input
-        rescore.main_audit([str(eval_run / "runs"), "--out", str(next((eval_run / "runs").rglob("results_*.json")))])
+        rescore.main_audit([str(eval_run / "grid" / "cells"),
+                            "--out", str(next((eval_run / "grid" / "cells").rglob("results_*.json")))])
 
 
 @pytest.mark.e2e
@@ -187,7 +194,7 @@ def test_rescore_of_a_run_scored_by_an_older_scorer(eval_run, tmp_path, capsys):
     from lm_eval_telltale.tools import rescore
 
     src = tmp_path / "vllm"
-    shutil.copytree(eval_run / "runs" / "vllm", src)
+    shutil.copytree(_run_dir(eval_run, "vllm"), src)
     res_path = next(src.rglob("results_*.json"))
     sp = next(src.rglob("samples_telltale_arith_l1_*.jsonl"))
     rows = [json.loads(line) for line in sp.read_text().splitlines()]

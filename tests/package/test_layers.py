@@ -22,7 +22,8 @@ ALLOWED = {
     "tasksupport": {"cmdline", "config", "spec"},
     "harness": {"cmdline", "config", "core", "hf", "sidecar", "spec", "vllm"},  # the lm-eval model types
     "arith": {"spec", "tasksupport"},
-    "tools": {"arith", "cmdline", "config", "core", "files", "harness", "hf", "sidecar", "spec", "tasksupport", "vllm"},
+    "tools": {"(pkg)", "arith", "cmdline", "config", "core", "files", "harness", "hf", "sidecar", "spec", "tasksupport",
+              "vllm"},
     "cli": {"_lmeval_hook", "files", "tools"},
     "_lmeval_hook": {"(pkg)"},
     "__main__": {"cli"},

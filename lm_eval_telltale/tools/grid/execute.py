@@ -1,0 +1,271 @@
+"""Running a grid's cells: on this machine (packed onto its GPUs, or ``--jobs`` at a time on CPU) or
+as Ray tasks on a cluster. Each cell is one ``lm_eval`` process; its state is written to its
+directory before it starts and after it ends (:mod:`.cells`), so a rerun knows what is left."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...spec import MODEL_TYPES
+from .cells import cell_dir, complete, mark, prepare, sidecar_of, state_of, tail
+from .spec import Cell, Grid, lm_eval_command, shown
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """The cell's process ends when the grid's does (even on SIGKILL): no orphan keeps writing."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as ``CUDA_VISIBLE_DEVICES`` entries ([] on CPU)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def cell_env(cell: Cell, gpus: list[str] | None) -> dict[str, str]:
+    env = {**os.environ, **{k: str(v) for k, v in (cell.settings.get("env") or {}).items()}}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
+def use_cache_args(cell: Cell, d: Path) -> list[str]:
+    """lm-eval's request cache for a stock cell (a rerun of an interrupted cell skips the requests
+    it already answered). Not for the telltale types: their sidecar must see every request."""
+    if cell.model_type in MODEL_TYPES:
+        return []
+    return ["--use_cache", str(d / "cache" / "lm")]
+
+
+def command_of(grid: Grid, cell: Cell) -> list[str]:
+    d = cell_dir(grid.output, cell)
+    sidecars = {}
+    for dep in cell.depends:
+        other = next(c for c in grid.cells if c.id == dep)
+        sc = sidecar_of(cell_dir(grid.output, other))
+        if sc is not None:
+            sidecars[dep] = sc
+    return lm_eval_command(cell, d / "out", sidecars) + use_cache_args(cell, d)
+
+
+@dataclass
+class Outcome:
+    done: list[Cell] = field(default_factory=list)
+    skipped: list[Cell] = field(default_factory=list)  # already done, or running elsewhere
+    failed: list[tuple[Cell, str]] = field(default_factory=list)  # (cell, why)
+    interrupted: bool = False
+
+
+def _finish(grid: Grid, cell: Cell, rc: int, out: Outcome) -> None:
+    d = cell_dir(grid.output, cell)
+    if rc == 0 and complete(d, cell):
+        mark(d, "done", rc=0)
+        out.done.append(cell)
+        return
+    why = f"exit {rc}" if rc != 0 else "lm_eval ended without a complete results file" + (
+        " and sidecar" if cell.model_type in MODEL_TYPES else "")
+    mark(d, "failed", rc=rc, why=why)
+    out.failed.append((cell, why))
+
+
+class Runner:
+    """Starts ready cells while there is room, one process per cell, until every cell ended."""
+
+    def __init__(self, grid: Grid, todo: list[Cell], jobs: int | None, bar, log=print):
+        self.grid, self.todo, self.bar, self.log = grid, list(todo), bar, log
+        self.gpus = visible_gpus()
+        # with GPUs the cells are packed onto them (as many at once as fit); on CPU one at a time
+        self.jobs = max(1, jobs if jobs is not None else (len(self.gpus) or 1))
+        self.free = list(self.gpus)
+        self.procs: dict[str, tuple[Cell, subprocess.Popen, list[str], float]] = {}
+        self.ended: dict[str, str] = {}  # cell id -> done / failed
+
+    def _deps_state(self, cell: Cell) -> str:
+        """ready, wait or failed."""
+        for dep in cell.depends:
+            other = next(c for c in self.grid.cells if c.id == dep)
+            st = self.ended.get(dep) or state_of(self.grid.output, other)[0]
+            if st == "failed" or (st != "done" and dep not in {c.id for c in self.todo} and dep not in self.procs):
+                return "failed"
+            if st != "done":
+                return "wait"
+        return "ready"
+
+    def _need(self, cell: Cell) -> int:
+        return max(1, cell.gpus) if self.gpus else 0
+
+    def _start(self, cell: Cell) -> None:
+        n = self._need(cell)
+        gpus = [self.free.pop(0) for _ in range(n)] if n else None
+        cmd = command_of(self.grid, cell)
+        d = prepare(self.grid.output, cell, cmd)
+        with (d / "log.txt").open("wb") as f:
+            f.write(("$ " + shown(cmd) + "\n").encode())
+            f.flush()
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=cell_env(cell, gpus),
+                                 preexec_fn=_die_with_parent)
+        mark(d, "running", pid=p.pid, grid_pid=os.getpid(), gpus=gpus)
+        self.procs[cell.id] = (cell, p, gpus or [], time.time())
+        self.log(f"[grid] start {cell.label}" + (f" on GPU {','.join(gpus)}" if gpus else ""))
+
+    def run(self, out: Outcome) -> None:
+        try:
+            while self.todo or self.procs:
+                for cid, (cell, p, gpus, t0) in list(self.procs.items()):
+                    rc = p.poll()
+                    if rc is None:
+                        continue
+                    del self.procs[cid]
+                    self.free += gpus
+                    _finish(self.grid, cell, rc, out)
+                    self.ended[cid] = "done" if out.done and out.done[-1] is cell else "failed"
+                    d = cell_dir(self.grid.output, cell)
+                    if self.ended[cid] == "failed":
+                        self.log(f"[grid] FAILED {cell.label} ({out.failed[-1][1]}); log {d / 'log.txt'}:\n"
+                                 f"{tail(d / 'log.txt', 8)}")
+                    else:
+                        self.log(f"[grid] done  {cell.label} ({time.time() - t0:.0f} s)")
+                    self.bar.update(1)
+                for cell in list(self.todo):
+                    ds = self._deps_state(cell)
+                    if ds == "failed":
+                        self.todo.remove(cell)
+                        d = prepare(self.grid.output, cell, command_of(self.grid, cell))
+                        mark(d, "failed", rc=None, why="a cell it depends on failed")
+                        out.failed.append((cell, "a cell it depends on failed"))
+                        self.ended[cell.id] = "failed"
+                        self.bar.update(1)
+                        continue
+                    if self.gpus and self._need(cell) > len(self.gpus):
+                        self.todo.remove(cell)
+                        d = prepare(self.grid.output, cell, command_of(self.grid, cell))
+                        why = f"needs {self._need(cell)} GPUs, this machine has {len(self.gpus)}"
+                        mark(d, "failed", rc=None, why=why)
+                        out.failed.append((cell, why))
+                        self.bar.update(1)
+                        continue
+                    if ds == "wait" or len(self.procs) >= self.jobs or (self.gpus and len(self.free) < self._need(cell)):
+                        continue
+                    self.todo.remove(cell)
+                    self._start(cell)
+                self.bar.set_postfix_str(f"running {len(self.procs)}", refresh=True)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            out.interrupted = True
+            for cell, p, _, _ in self.procs.values():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                p.wait()
+                mark(cell_dir(self.grid.output, cell), "interrupted", rc=None)
+
+
+# -- Ray -----------------------------------------------------------------------------------------------
+
+def _ray_cell(cmd: list[str], env_extra: dict[str, str], d: str) -> int:  # pragma: no cover - on a Ray worker
+    """One cell on a Ray worker: the same ``lm_eval`` process, its log and outputs under ``d`` (a
+    path every node sees). Ray sets ``CUDA_VISIBLE_DEVICES`` to the task's GPUs."""
+    env = {**os.environ, **env_extra}
+    with open(Path(d) / "log.txt", "ab") as f:
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outcome:
+    """Every cell a Ray task (``num_gpus`` = the cell's GPUs, 1 CPU), started as soon as the cells it
+    depends on are done. The output root must be a path every node sees (a shared file system):
+    the tasks write there directly, nothing is shipped back."""
+    import ray
+
+    out = Outcome()
+    if address == "local":
+        ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    remote = ray.remote(_ray_cell)
+    pending = list(todo)
+    running: dict[Any, Cell] = {}
+    ended: dict[str, str] = {}
+    try:
+        while pending or running:
+            for cell in list(pending):
+                deps = [ended.get(dep) or state_of(grid.output, next(c for c in grid.cells if c.id == dep))[0]
+                        for dep in cell.depends]
+                if any(s == "failed" for s in deps):
+                    pending.remove(cell)
+                    d = prepare(grid.output, cell, command_of(grid, cell))
+                    mark(d, "failed", rc=None, why="a cell it depends on failed")
+                    out.failed.append((cell, "a cell it depends on failed"))
+                    ended[cell.id] = "failed"
+                    bar.update(1)
+                    continue
+                if any(s != "done" for s in deps):
+                    continue
+                pending.remove(cell)
+                cmd = command_of(grid, cell)
+                d = prepare(grid.output, cell, cmd)
+                (d / "log.txt").write_text("$ " + shown(cmd) + "\n")
+                mark(d, "running", pid=0, grid_pid=os.getpid(), ray=address)
+                env_extra = {k: str(v) for k, v in (cell.settings.get("env") or {}).items()}
+                env_extra.setdefault("TOKENIZERS_PARALLELISM", "false")
+                ref = remote.options(num_gpus=cell.gpus, num_cpus=1).remote(cmd, env_extra, str(d))
+                running[ref] = cell
+                log(f"[grid] ray task {cell.label} ({cell.gpus} GPU)")
+            if not running:
+                if pending:  # waiting on nothing that runs: the dependencies cannot finish
+                    time.sleep(0.2)
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                cell = running.pop(ref)
+                try:
+                    rc = int(ray.get(ref))
+                except Exception as e:  # noqa: BLE001 - a lost node, a killed task
+                    rc = -1
+                    log(f"[grid] ray task of {cell.label} failed: {e}")
+                _finish(grid, cell, rc, out)
+                ended[cell.id] = "done" if out.done and out.done[-1] is cell else "failed"
+                bar.update(1)
+    except KeyboardInterrupt:
+        out.interrupted = True
+        for ref, cell in running.items():
+            ray.cancel(ref, force=True)
+            mark(cell_dir(grid.output, cell), "interrupted", rc=None)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def run_cells(grid: Grid, todo: list[Cell], *, jobs: int | None = None, ray_address: str | None = None,
+              quiet: bool = False) -> Outcome:
+    from tqdm.auto import tqdm
+
+    log = (lambda m: None) if quiet else (lambda m: tqdm.write(m, file=sys.stderr))
+    with tqdm(total=len(todo), desc="telltale grid", unit="cell", disable=None, file=sys.stderr) as bar:
+        if ray_address:
+            return run_ray(grid, todo, ray_address, bar, log)
+        out = Outcome()
+        Runner(grid, todo, jobs, bar, log).run(out)
+        return out
