@@ -40,7 +40,7 @@ prompts pooled; ``--thinking default`` unless given) and writes a YAML (or ``.js
       quantiles: {<layer>: {p50: x, p75: x, p80: x, p85: x, p90: x, p95: x, p99: x}}
 
 Use it as ``tau_mode=calibrated,tau_file=FILE,tau_q=0.95`` or as a preset, ``config=FILE`` (the
-preset's own ``calibration`` section is then the τ file; ``tau_q`` 0.9 unless given).
+preset's own ``calibration`` section is then the τ file; ``tau_q`` the default (``spec.TAU_Q``) unless given).
 
 Every argument (quantiles, ``--tau-q``, ``--layers``, ``--trace-layer``, ``--trace-sample``, the JSON
 flags and the ``--engine-args`` keys vLLM takes, the ``--tasks`` names, the model's config, whether
@@ -66,6 +66,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..files import unwritable
+from ..spec import TAU_Q
 from .checks import unknown_engine_args
 from .plots import plot_layers, plot_trace
 
@@ -348,7 +349,7 @@ def summarize_profile(col: dict, trace_layer: int | None = None, trace_sample: i
 # calibration file
 # --------------------------------------------------------------------------------------------
 
-def calibration_data(col: dict, quantiles=CALIB_QUANTILES, tau_q: float = 0.9) -> dict[str, Any]:
+def calibration_data(col: dict, quantiles=CALIB_QUANTILES, tau_q: float = TAU_Q) -> dict[str, Any]:
     meta, samples = col["meta"], col["samples"]
     st = layer_stats(samples, meta["layers"], quantiles)
     empty = [l for l, v in st.items() if not v.get("count")]
@@ -682,7 +683,7 @@ def main_calibrate(argv=None) -> int:
                                                  "as <name>.collection.npz")
     ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in CALIB_QUANTILES),
                     help="comma-separated quantiles in (0, 1)")
-    ap.add_argument("--tau-q", type=float, default=0.9, help="the quantile the file selects when used as config= "
+    ap.add_argument("--tau-q", type=float, default=TAU_Q, help="the quantile the file selects when used as config= "
                                                              "(one of --quantiles)")
     a = ap.parse_args(argv)
     prog = "telltale calibrate"

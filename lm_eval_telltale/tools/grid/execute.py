@@ -128,7 +128,7 @@ class Runner:
                                  preexec_fn=_die_with_parent)
         mark(d, "running", pid=p.pid, grid_pid=os.getpid(), gpus=gpus)
         self.procs[cell.id] = (cell, p, gpus or [], time.time())
-        self.log(f"[grid] start {cell.label}" + (f" on GPU {','.join(gpus)}" if gpus else ""))
+        self.log(f"[grid] start {cell.label}" + (f" on GPU {','.join(gpus)}" if gpus else "") + f"\n    {shown(cmd)}")
 
     def run(self, out: Outcome) -> None:
         try:
@@ -232,7 +232,7 @@ def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outco
                 env_extra.setdefault("TOKENIZERS_PARALLELISM", "false")
                 ref = remote.options(num_gpus=cell.gpus, num_cpus=1).remote(cmd, env_extra, str(d))
                 running[ref] = cell
-                log(f"[grid] ray task {cell.label} ({cell.gpus} GPU)")
+                log(f"[grid] ray task {cell.label} ({cell.gpus} GPU)\n    {shown(cmd)}")
             if not running:
                 if pending:  # waiting on nothing that runs: the dependencies cannot finish
                     time.sleep(0.2)
