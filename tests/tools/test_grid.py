@@ -214,3 +214,22 @@ def test_cells_are_packed_onto_gpu_groups(tmp_path, monkeypatch):
         running += -1 if end else 1
         most = max(most, running)
     assert most == 2  # a 2-GPU and a 1-GPU cell side by side on 3 GPUs
+
+
+def test_a_failed_dependency_fails_its_dependents_and_nothing_else(tmp_path, monkeypatch):
+    from lm_eval_telltale.tools.grid import execute
+
+    p = _grid(tmp_path, methods=[
+        {"name": "vllm", "model": "vllm"}, {"name": "high", "model": "vllm-suppress"},
+        {"name": "rand", "model": "vllm-suppress", "model_args": {"suppress_mode": "matched",
+                                                                 "match_stats": "{sidecar:high}"}}])
+    g = load_grid(p)
+    monkeypatch.setattr(execute, "command_of", lambda grid, cell: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(execute, "complete", lambda d, cell: cell.method != "high")  # "high" ends without results
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = execute.run_cells(g, g.cells, quiet=True)
+    assert sorted(c.method for c in out.done) == ["vllm", "vllm"]
+    whys = {(c.method, why) for c, why in out.failed}
+    assert whys == {("high", "lm_eval ended without a complete results file and sidecar"),
+                    ("rand", "a cell it depends on failed")}
+    assert len(out.failed) == 4

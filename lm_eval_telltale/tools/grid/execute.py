@@ -90,6 +90,14 @@ def _finish(grid: Grid, cell: Cell, rc: int, out: Outcome) -> None:
     out.failed.append((cell, why))
 
 
+def fail_unstarted(grid: Grid, cell: Cell, why: str, out: Outcome, ended: dict[str, str], bar) -> None:
+    """A cell that cannot start (a dependency failed, too few GPUs): failed, with the reason."""
+    mark(prepare(grid.output, cell, command_of(grid, cell)), "failed", rc=None, why=why)
+    out.failed.append((cell, why))
+    ended[cell.id] = "failed"
+    bar.update(1)
+
+
 class Runner:
     """Starts ready cells while there is room, one process per cell, until every cell ended."""
 
@@ -150,21 +158,12 @@ class Runner:
                     self.bar.update(1)
                 for cell in list(self.todo):
                     ds = self._deps_state(cell)
-                    if ds == "failed":
+                    why = "a cell it depends on failed" if ds == "failed" else (
+                        f"needs {self._need(cell)} GPUs, this machine has {len(self.gpus)}"
+                        if self.gpus and self._need(cell) > len(self.gpus) else None)
+                    if why:
                         self.todo.remove(cell)
-                        d = prepare(self.grid.output, cell, command_of(self.grid, cell))
-                        mark(d, "failed", rc=None, why="a cell it depends on failed")
-                        out.failed.append((cell, "a cell it depends on failed"))
-                        self.ended[cell.id] = "failed"
-                        self.bar.update(1)
-                        continue
-                    if self.gpus and self._need(cell) > len(self.gpus):
-                        self.todo.remove(cell)
-                        d = prepare(self.grid.output, cell, command_of(self.grid, cell))
-                        why = f"needs {self._need(cell)} GPUs, this machine has {len(self.gpus)}"
-                        mark(d, "failed", rc=None, why=why)
-                        out.failed.append((cell, why))
-                        self.bar.update(1)
+                        fail_unstarted(self.grid, cell, why, out, self.ended, self.bar)
                         continue
                     if ds == "wait" or len(self.procs) >= self.jobs or (self.gpus and len(self.free) < self._need(cell)):
                         continue
@@ -215,11 +214,7 @@ def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outco
                         for dep in cell.depends]
                 if any(s == "failed" for s in deps):
                     pending.remove(cell)
-                    d = prepare(grid.output, cell, command_of(grid, cell))
-                    mark(d, "failed", rc=None, why="a cell it depends on failed")
-                    out.failed.append((cell, "a cell it depends on failed"))
-                    ended[cell.id] = "failed"
-                    bar.update(1)
+                    fail_unstarted(grid, cell, "a cell it depends on failed", out, ended, bar)
                     continue
                 if any(s != "done" for s in deps):
                     continue
