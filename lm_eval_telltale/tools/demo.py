@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -70,8 +69,8 @@ def eval_grid(work: Path, model: Path, limit: int | None, only: list[str] | None
             if m["name"] in keep:
                 keep.update(re.findall(r"\{sidecar:([\w.+-]+)\}", json.dumps(m.get("model_args") or {})))
         raw["methods"] = [m for m in raw["methods"] if m["name"] in keep]
-    if inprocess:
-        raw.setdefault("env", {})["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # the caller's engine settings do not leak into the runs (null: unset for the cells)
+    raw.setdefault("env", {}).update(VLLM_CPU_KVCACHE_SPACE=None, VLLM_ENABLE_V1_MULTIPROCESSING="0" if inprocess else None)
     path = work / "arith.grid.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
@@ -150,8 +149,6 @@ def main(argv=None) -> int:
         runs = [r for r in runs if r in want]
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # the grid file decides these
-        os.environ.pop(k, None)
     from .grid.cells import cell_dir
     from .grid.cells import state_of as cell_state
     from .grid.execute import run_cells

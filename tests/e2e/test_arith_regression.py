@@ -20,6 +20,7 @@ norms recorded at the patched layers (they rarely flip a greedy token on this mo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,10 @@ def eval_run(tmp_path_factory):
     from lm_eval_telltale.tools import demo
 
     work = tmp_path_factory.mktemp("arith-eval")
+    before = dict(os.environ)
     rc = demo.main(["--limit", str(LIMIT), "--work", str(work), "--results", str(work / "results"), "--inprocess"])
     assert rc == 0
+    assert dict(os.environ) == before  # the caller's environment is untouched (in-process engines read it later)
     return work
 
 

@@ -233,3 +233,13 @@ def test_a_failed_dependency_fails_its_dependents_and_nothing_else(tmp_path, mon
     assert whys == {("high", "lm_eval ended without a complete results file and sidecar"),
                     ("rand", "a cell it depends on failed")}
     assert len(out.failed) == 4
+
+
+def test_grid_env_sets_and_unsets_variables(tmp_path, monkeypatch):
+    from lm_eval_telltale.tools.grid.execute import cell_env
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    g = load_grid(_grid(tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": None, "A_SETTING": 1}))
+    env = cell_env(g.cells[0], None)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env and env["A_SETTING"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" in __import__("os").environ  # the grid's own environment is untouched

@@ -29,7 +29,7 @@ command, on this machine or on a Ray cluster, ending in one table.
     include_path: null                    # optional ("{tasks_dir}": the packaged tasks)
     log_samples: true                     # default true
     lm_eval_args: []                      # more lm_eval flags
-    env: {}                               # more environment for every cell
+    env: {}                               # more environment for every cell (null: unset it)
 
 A **cell** is one model × method point × task × seed: one ``lm_eval`` run (its command line is
 printed, and kept in the cell's ``cell.json``) with its own output directory and log under

@@ -43,9 +43,20 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def cell_env(cell: Cell, gpus: list[str] | None) -> dict[str, str]:
-    env = {**os.environ, **{k: str(v) for k, v in (cell.settings.get("env") or {}).items()}}
+def with_env(base: dict[str, str], extra: dict[str, str | None]) -> dict[str, str]:
+    """``base`` with the grid's ``env`` applied (a None value unsets the variable)."""
+    env = dict(base)
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def cell_env(cell: Cell, gpus: list[str] | None) -> dict[str, str]:
+    env = with_env(dict(os.environ), cell.settings.get("env") or {})
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return env
@@ -184,10 +195,10 @@ class Runner:
 
 # -- Ray -----------------------------------------------------------------------------------------------
 
-def _ray_cell(cmd: list[str], env_extra: dict[str, str], d: str) -> int:  # pragma: no cover - on a Ray worker
+def _ray_cell(cmd: list[str], env_extra: dict[str, str | None], d: str) -> int:  # pragma: no cover - on a Ray worker
     """One cell on a Ray worker: the same ``lm_eval`` process, its log and outputs under ``d`` (a
     path every node sees). Ray sets ``CUDA_VISIBLE_DEVICES`` to the task's GPUs."""
-    env = {**os.environ, **env_extra}
+    env = with_env(dict(os.environ), env_extra)
     with open(Path(d) / "log.txt", "ab") as f:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
@@ -223,8 +234,7 @@ def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outco
                 d = prepare(grid.output, cell, cmd)
                 (d / "log.txt").write_text("$ " + shown(cmd) + "\n")
                 mark(d, "running", pid=0, grid_pid=os.getpid(), ray=address)
-                env_extra = {k: str(v) for k, v in (cell.settings.get("env") or {}).items()}
-                env_extra.setdefault("TOKENIZERS_PARALLELISM", "false")
+                env_extra = dict(cell.settings.get("env") or {})
                 ref = remote.options(num_gpus=cell.gpus, num_cpus=1).remote(cmd, env_extra, str(d))
                 running[ref] = cell
                 log(f"[grid] ray task {cell.label} ({cell.gpus} GPU)\n    {shown(cmd)}")

@@ -240,7 +240,8 @@ def load_grid(path: str | Path, *, output: str | Path | None = None, limit: Any 
     clash = [x for x in extra if x.split("=", 1)[0] in owned]
     if clash:
         raise _err(p, "lm_eval_args", f"{clash[0]} is set by the grid itself (use its own key)")
-    env = {str(k): str(v) for k, v in _mapping(raw.get("env"), p, "env").items()}
+    # a null value unsets the variable for the cells
+    env = {str(k): (None if v is None else str(v)) for k, v in _mapping(raw.get("env"), p, "env").items()}
     settings = {"gen_kwargs": gen, "limit": lim, "apply_chat_template": raw.get("apply_chat_template", True),
                 "num_fewshot": raw.get("num_fewshot"), "batch_size": raw.get("batch_size", "auto"),
                 "include_path": expand_placeholders(raw.get("include_path")),
