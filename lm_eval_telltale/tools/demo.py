@@ -76,12 +76,27 @@ def eval_grid(work: Path, model: Path, limit: int | None, only: list[str] | None
     return path
 
 
+def code_digest() -> str:
+    """A digest of the package's code, tasks and presets: ``make eval`` reruns a cell after any
+    change to them (an editable install keeps its version number while the code changes)."""
+    import hashlib
+
+    from .. import model_configs_dir, tasks_dir
+
+    h = hashlib.sha1()
+    pkg = Path(__file__).resolve().parents[1]
+    for root, pats in ((pkg, ("*.py",)), (tasks_dir(), ("*.yaml", "*_yaml")), (model_configs_dir(), ("*.yaml",))):
+        for f in sorted(x for pat in pats for x in root.rglob(pat)):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def run_dirs(work: Path) -> dict[str, Path]:
     """The lm-eval output directory of each run (cell) of the last ``make eval`` in ``work``."""
     from .grid.cells import cell_dir
     from .grid.spec import load_grid
 
-    grid = load_grid(work / "arith.grid.yaml")
+    grid = load_grid(work / "arith.grid.yaml", salt=code_digest())
     return {c.method: cell_dir(grid.output, c) / "out" for c in grid.cells}
 
 
@@ -155,8 +170,8 @@ def main(argv=None) -> int:
     from .grid.spec import GridError, load_grid
 
     try:
-        grid = load_grid(eval_grid(work, model.absolute(), a.limit, runs if a.only else None,
-                                   a.inprocess))
+        grid = load_grid(eval_grid(work, model.absolute(), a.limit, runs if a.only else None, a.inprocess),
+                         salt=code_digest())
     except GridError as e:
         print(f"[eval] {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def test_cells_sweeps_and_identity(tmp_path):
         {"name": "vllm", "model": "vllm"}, {"name": "alrr", "model": "vllm-alrr", "model_args": {"growth_eps": [0.0, 0.2]}}]))
     old, new = {c.id for c in g.cells}, {c.id for c in changed.cells}
     assert len(old & new) == 2 + 2  # stock cells and growth_eps=0.0 unchanged; growth_eps=0.2 is a new cell
+    salted = load_grid(p, salt="code-v2")  # make eval's code digest (or an upgrade: versions) makes new cells
+    assert not {c.id for c in salted.cells} & {c.id for c in g.cells}
     dep = load_grid(_grid(tmp_path, "d.yaml", methods=[
         {"name": "high", "model": "vllm-suppress"},
         {"name": "rand", "model": "vllm-suppress", "model_args": {"suppress_mode": "matched",

@@ -34,7 +34,9 @@ command, on this machine or on a Ray cluster, ending in one table.
 A **cell** is one model × method point × task × seed: one ``lm_eval`` run (its command line is
 printed, and kept in the cell's ``cell.json``) with its own output directory and log under
 ``<output>/cells/`` (:mod:`.cells`). Its name ends with a hash of everything that decides its
-result, so a changed knob is a new cell and never a stale reuse. A method's preset is the model's
+result — the settings and the installed versions of this package, lm-eval, vLLM, transformers and
+torch — so a changed knob or an upgrade is a new cell and never a stale reuse. (``make eval`` also
+hashes the package's code, so an edit in a development checkout reruns it.) A method's preset is the model's
 ``preset`` for the telltale types (``preset: false`` on a method leaves it out); ``{sidecar:M}`` in
 a method's model_args is the sidecar of method ``M``'s cell of the same model, task and seed, which
 then runs first.

@@ -176,8 +176,23 @@ def _check_telltale_args(path: Path, key: str, mtype: str, args: dict, pretraine
         raise _err(path, key, str(e)) from None
 
 
-def load_grid(path: str | Path, *, output: str | Path | None = None, limit: Any = None) -> Grid:
-    """Read and check a grid file; expand its cells. ``output`` / ``limit`` override the file's."""
+def versions() -> dict[str, str | None]:
+    """The versions that decide a cell's result beside its settings (part of its identity: an
+    upgraded package makes new cells, never a mix of old and new runs in one table)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for dist in ("lm-eval-telltale", "lm_eval", "vllm", "transformers", "torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def load_grid(path: str | Path, *, output: str | Path | None = None, limit: Any = None, salt: str | None = None) -> Grid:
+    """Read and check a grid file; expand its cells. ``output`` / ``limit`` override the file's;
+    ``salt`` (e.g. a digest of the code under development) is part of every cell's identity."""
     import yaml
 
     p = Path(path).expanduser()
@@ -245,7 +260,8 @@ def load_grid(path: str | Path, *, output: str | Path | None = None, limit: Any 
     settings = {"gen_kwargs": gen, "limit": lim, "apply_chat_template": raw.get("apply_chat_template", True),
                 "num_fewshot": raw.get("num_fewshot"), "batch_size": raw.get("batch_size", "auto"),
                 "include_path": expand_placeholders(raw.get("include_path")),
-                "log_samples": raw.get("log_samples", True), "lm_eval_args": extra, "env": env}
+                "log_samples": raw.get("log_samples", True), "lm_eval_args": extra, "env": env,
+                "versions": versions(), **({"salt": salt} if salt else {})}
 
     method_names = [m["name"] for m in methods]
     layers: dict[str, int | None] = {}
