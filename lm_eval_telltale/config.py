@@ -344,9 +344,13 @@ def resolve(method: str, args: dict[str, Any], num_layers: int, *, seed: int = 0
             preset: dict[str, Any] | None = None, model_type: str | None = None) -> TelltaleConfig:
     """Validate telltale ``args`` (already separated from other model_args) into a config.
 
-    ``preset`` values apply where ``args`` has no value. Raises :class:`ConfigError`."""
+    ``preset`` values apply where ``args`` has no value; a preset written for another layer count
+    (its ``num_layers``) is refused. Raises :class:`ConfigError`."""
     if method not in METHODS:
         raise ConfigError("method", f"must be one of {METHODS}")
+    if preset and preset.get("num_layers") not in (None, num_layers):
+        raise ConfigError("config", f"preset {preset.get('_path')} is for a {preset['num_layers']}-layer model, "
+                                    f"this model has {num_layers}")
     mkeys = method_keys(method)
     allowed = {**COMMON_KEYS, **mkeys}
     merged: dict[str, Any] = {}

@@ -8,6 +8,14 @@ import os
 from pathlib import Path
 
 
+def tail(path: str | Path, n: int = 20) -> str:
+    """The last ``n`` lines of a text file (a log), "" when it cannot be read."""
+    try:
+        return "".join(Path(path).read_text(errors="replace").splitlines(True)[-n:])
+    except OSError:
+        return ""
+
+
 def unwritable(path: str | Path, is_dir: bool = False) -> str | None:
     """Why ``path`` cannot be written as a directory (``is_dir``) or a file, or None. Permission bits
     only: a root process passes them everywhere, so the write itself may still fail (callers catch

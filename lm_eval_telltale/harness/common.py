@@ -152,9 +152,6 @@ class TelltaleLM:
         from ..vllm import inspect_model  # reads config.json only; imports nothing of vLLM
 
         arch, n_layers = inspect_model(pretrained, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
-        if preset and preset.get("num_layers") not in (None, n_layers):
-            raise ConfigError("config", f"preset {preset['_path']} is for a {preset['num_layers']}-layer model, "
-                                        f"{pretrained!r} has {n_layers}")
         cfg = resolve(self.METHOD, tt_args, n_layers, seed=seed, preset=preset, model_type=self._tt_model_type())
         self._tt_preset = preset
         return cfg, arch

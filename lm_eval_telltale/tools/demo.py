@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,6 @@ from .table import build_table
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "telltale_arith"
-
-
 
 
 def grid_file() -> Path:
@@ -58,6 +55,8 @@ def eval_grid(work: Path, model: Path, limit: int | None, only: list[str] | None
     there too); ``only`` keeps those runs and the runs they depend on."""
     import yaml
 
+    from .grid.spec import SIDECAR_REF
+
     raw = yaml.safe_load(grid_file().read_text(encoding="utf-8"))
     raw["output"] = str(work / "grid")
     raw["models"][0]["pretrained"] = str(model)
@@ -67,7 +66,7 @@ def eval_grid(work: Path, model: Path, limit: int | None, only: list[str] | None
         keep = set(only)
         for m in raw["methods"]:  # a run's dependencies come along (suppress-matched reads suppress-high)
             if m["name"] in keep:
-                keep.update(re.findall(r"\{sidecar:([\w.+-]+)\}", json.dumps(m.get("model_args") or {})))
+                keep.update(SIDECAR_REF.findall(json.dumps(m.get("model_args") or {})))
         raw["methods"] = [m for m in raw["methods"] if m["name"] in keep]
     # the caller's engine settings do not leak into the runs (null: unset for the cells)
     raw.setdefault("env", {}).update(VLLM_CPU_KVCACHE_SPACE=None, VLLM_ENABLE_V1_MULTIPROCESSING="0" if inprocess else None)

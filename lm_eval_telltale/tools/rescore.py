@@ -144,8 +144,9 @@ def _aggregate(cfg: dict, per_sample: list[dict]) -> dict[str, Any]:
 
 
 def _regroup(res: dict, new: dict[str, dict]) -> None:
-    """Groups re-aggregated from their rescored subtasks: size-weighted means, pooled stderr."""
-    from lm_eval.api.metrics import pooled_sample_stderr
+    """Groups re-aggregated from their rescored subtasks as lm-eval aggregates the packaged groups
+    (``weight_by_size``): its size-weighted mean and pooled stderr."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
 
     ns = res.get("n-samples") or {}
     for group, subs in (res.get("group_subtasks") or {}).items():
@@ -157,7 +158,7 @@ def _regroup(res: dict, new: dict[str, dict]) -> None:
                 continue
             sizes = [int((ns.get(s) or {}).get("effective") or 0) or 1 for s in subs]
             vals = [float(new[s][key]) for s in subs]
-            entry[key] = sum(v * w for v, w in zip(vals, sizes)) / sum(sizes)
+            entry[key] = aggregate_subtask_metrics(vals, sizes, weight_by_size=True)
             m, f = key.split(",", 1)
             ses = [new[s].get(f"{m}_stderr,{f}") for s in subs]
             if all(isinstance(x, (int, float)) for x in ses):
@@ -172,11 +173,13 @@ def _verdict(s: dict) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def _tail(s: dict, n: int = 160) -> str:
-    resps = s.get("filtered_resps") or s.get("resps") or []
-    while isinstance(resps, list) and resps:
-        resps = resps[-1]
-    text = " ".join(str(resps or "").split())
+def _tail(s: dict, i: int = -1, n: int = 160) -> str:
+    """The end of a sample's ``i``-th response (its filtered responses flattened, as the scorer
+    reads them: one per request, or the ``repeats`` list)."""
+    from ..tasksupport.scoring.entry import responses
+
+    resps = responses(s.get("filtered_resps") or s.get("resps") or [])
+    text = " ".join(resps[i if -len(resps) <= i < len(resps) else -1].split())
     return text if len(text) <= n else "…" + text[-n:]
 
 
@@ -345,8 +348,8 @@ def audit(runs: list[RunSamples], show: int = 5) -> dict[str, Any]:
                             if len(examples[k]) < show:
                                 examples[k].append({"doc_id": s.get("doc_id"), "response": i, "target": s.get("target"),
                                                     "answer": r.get("answer"), "rule": rule,
-                                                    "exact_match": s.get("exact_match"), "end": _tail(s)})
-                    counts["unanswered"] = counts["none"] - counts["truncated"]
+                                                    "exact_match": s.get("exact_match"), "end": _tail(s, i)})
+                counts["unanswered"] = counts["none"] - counts["truncated"]  # no answer, though not truncated
                 rr["tasks"].append({"task": ts.task, "samples": len(ts.samples), "counts": counts,
                                     "scored_now": scored_now, "examples": examples,
                                     "scorer": ts.process_results is not None})

@@ -90,6 +90,8 @@ def test_explicit_args_win_over_preset(tmp_path):
     f.write_text("num_layers: 8\nlayers: 4-6\ntelltale:\n  iqr_k: 2.0\n  warmup: 10\n")
     cfg = resolve("norms", {"warmup": 3}, 8, preset=load_preset(str(f)))
     assert cfg.layers == [4, 5, 6] and cfg.iqr_k == 2.0 and cfg.warmup == 3
+    with pytest.raises(ConfigError, match="is for a 8-layer model, this model has 12"):  # every caller: one check
+        resolve("norms", {}, 12, preset=load_preset(str(f)))
 
 
 @pytest.mark.parametrize("extra,key", [

@@ -181,6 +181,9 @@ def test_audit_of_the_eval_runs(eval_run, tmp_path):
     assert sum(t["counts"]["boxed"] for t in base["tasks"]) > 0.8 * 4 * LIMIT  # the shipped model boxes its answers
     md = out.read_text()
     assert "| telltale_arith_l1 |" in md and "# Extraction audit" in md
+    page = rescore.render_audit_html(rep)  # what telltale view's index page shows
+    l1 = next(t for t in base["tasks"] if t["task"] == "telltale_arith_l1")["counts"]
+    assert f"<td>telltale_arith_l1</td><td>{LIMIT}</td><td>{l1['boxed']}</td>" in page and l1["boxed"] > 0
     with pytest.raises(SystemExit):  # the report may not overwrite an input
         rescore.main_audit([str(eval_run / "grid" / "cells"),
                             "--out", str(next((eval_run / "grid" / "cells").rglob("results_*.json")))])

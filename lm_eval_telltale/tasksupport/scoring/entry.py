@@ -21,7 +21,7 @@ from .process import think_rule
 from .text import clean_answer
 
 
-def _responses(results: Iterable[Any]) -> list[str]:
+def responses(results: Iterable[Any]) -> list[str]:
     """lm-eval passes ``[filtered_resps]``: a string per request after ``take_first``, or the
     list of all samples (``repeats: k`` with an identity filter)."""
     out: list[str] = []
@@ -64,7 +64,7 @@ def process_results_math(doc: dict, results: list) -> dict:
     """Math word problems with one numeric gold: GSM8K-schema docs (``answer`` ending in
     ``#### N``), GSM-Plus (``answer``, "None" = unanswerable) and AIME (``Answer``)."""
     gold, rule, q = math_gold(doc), think_rule(), question_of(doc)
-    return _mean([score_math(r, gold, rule, q) for r in _responses(results)])
+    return _mean([score_math(r, gold, rule, q) for r in responses(results)])
 
 
 def _answer_key(pred: str | None) -> str | None:
@@ -84,7 +84,7 @@ def process_results_math_sampled(doc: dict, results: list) -> dict:
     of truncated samples, ``pass_at_k`` = any sample right, ``maj_at_k`` = the most frequent
     extracted answer (truncated samples abstain; ties -> earliest) is right."""
     gold, rule, q = math_gold(doc), think_rule(), question_of(doc)
-    verdicts = [score_math(r, gold, rule, q) for r in _responses(results)]
+    verdicts = [score_math(r, gold, rule, q) for r in responses(results)]
     out = _mean(verdicts)
     out["pass_at_k"] = float(any(v["correct"] for v in verdicts))
     keys = [(_answer_key(v["pred"]), v) for v in verdicts if not v["truncated"] and v["pred"] is not None]
@@ -110,13 +110,13 @@ def process_results_mmlu_pro(doc: dict, results: list) -> dict:
     if not gold and doc.get("answer_index") is not None:
         gold = LETTERS[int(doc["answer_index"])]
     n, rule = len(options) or 10, think_rule()
-    return _mean([score_choice(r, gold, n, options, rule) for r in _responses(results)])
+    return _mean([score_choice(r, gold, n, options, rule) for r in responses(results)])
 
 
 def _bbh(kind: str):
     def process_results(doc: dict, results: list) -> dict:
         rule = think_rule()
-        return _mean([score_bbh(r, doc, kind, rule) for r in _responses(results)])
+        return _mean([score_bbh(r, doc, kind, rule) for r in responses(results)])
 
     process_results.__name__ = f"process_results_bbh_{kind}"
     process_results.__qualname__ = process_results.__name__

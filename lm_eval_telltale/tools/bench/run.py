@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...files import tail
 from .options import LRS_SAMPLING, SAMPLED_STOCK, WARMUP_TOKENS, Checked, check, kv_bytes_per_token, label, model_dtype, parser
 from .report import _kernels_of, build_report, render_markdown, write_report
 
@@ -73,11 +74,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "".join(path.read_text(errors="replace").splitlines(True)[-n:])
-    except OSError:
-        return ""
 
 
 def run_cell(cmd: list[str], log: Path, env: dict, timeout: float) -> int | str:
@@ -178,7 +174,7 @@ def _run_alternating(a, batches: list[int], cms: list[str], spec_of, work: Path,
                     live[m] = cell
                     print(f"{head}: ready ({time.time() - t0:.0f} s)", flush=True)
                 else:
-                    print(f"{head}: FAILED to start; last lines of {cell.log}:\n{_tail(cell.log)}", file=sys.stderr,
+                    print(f"{head}: FAILED to start; last lines of {cell.log}:\n{tail(cell.log)}", file=sys.stderr,
                           flush=True)
                     cell.close(timeout=5)
             for r in range(a.repeats):
@@ -205,7 +201,7 @@ def _run_alternating(a, batches: list[int], cms: list[str], spec_of, work: Path,
                               f"{cell['wall_s']:.2f} s)", flush=True)
                     else:
                         cell["error"] = "the engine stopped or timed out"
-                        print(f"{head}: FAILED ({cell['error']}); last lines of {lc.log}:\n{_tail(lc.log)}",
+                        print(f"{head}: FAILED ({cell['error']}); last lines of {lc.log}:\n{tail(lc.log)}",
                               file=sys.stderr, flush=True)
                         status = "some cells failed"
                         lc.close(timeout=5)
@@ -303,7 +299,7 @@ def main(argv=None) -> int:
                       f"start-up {cell['startup_s']:.1f} s, cell {time.time() - t0:.0f} s)", flush=True)
             else:
                 cell["error"] = f"exit {rc}" + ("" if res_path.is_file() else ", no result")
-                print(f"{head}: FAILED ({cell['error']}); last lines of {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
+                print(f"{head}: FAILED ({cell['error']}); last lines of {log}:\n{tail(log)}", file=sys.stderr, flush=True)
                 status = "some cells failed"
             cells.append(cell)
     except KeyboardInterrupt:

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     except GridError as e:
         print(f"telltale grid: error: {e}", file=sys.stderr)
         return 2
-    from ...files import unwritable
-    from .cells import cell_dir, state_of, tail
+    from ...files import tail, unwritable
+    from .cells import cell_dir, state_of
     from .execute import command_of, run_cells
 
     states = {c.id: state_of(grid.output, c)[0] for c in grid.cells}

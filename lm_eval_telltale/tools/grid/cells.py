@@ -28,8 +28,6 @@ from typing import Any
 from ...spec import MODEL_TYPES
 from .spec import Cell
 
-STATES = ("done", "running", "failed", "interrupted", "pending")
-
 
 def cell_dir(output: Path, cell: Cell) -> Path:
     return output / "cells" / cell.dirname
@@ -132,9 +130,3 @@ def mark(d: Path, state: str, **extra: Any) -> None:
         st["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(d / "state.json", st)
 
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        return "".join(path.read_text(errors="replace").splitlines(True)[-n:])
-    except OSError:
-        return ""

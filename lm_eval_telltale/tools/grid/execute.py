@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...files import tail
 from ...spec import MODEL_TYPES
-from .cells import cell_dir, complete, mark, prepare, sidecar_of, state_of, tail
+from .cells import cell_dir, complete, mark, prepare, sidecar_of, state_of
 from .spec import Cell, Grid, lm_eval_command, shown
 
 _PR_SET_PDEATHSIG = 1
@@ -74,8 +75,7 @@ def command_of(grid: Grid, cell: Cell) -> list[str]:
     d = cell_dir(grid.output, cell)
     sidecars = {}
     for dep in cell.depends:
-        other = next(c for c in grid.cells if c.id == dep)
-        sc = sidecar_of(cell_dir(grid.output, other))
+        sc = sidecar_of(cell_dir(grid.output, grid.by_id[dep]))
         if sc is not None:
             sidecars[dep] = sc
     return lm_eval_command(cell, d / "out", sidecars) + use_cache_args(cell, d)
@@ -84,21 +84,29 @@ def command_of(grid: Grid, cell: Cell) -> list[str]:
 @dataclass
 class Outcome:
     done: list[Cell] = field(default_factory=list)
-    skipped: list[Cell] = field(default_factory=list)  # already done, or running elsewhere
     failed: list[tuple[Cell, str]] = field(default_factory=list)  # (cell, why)
     interrupted: bool = False
 
 
-def _finish(grid: Grid, cell: Cell, rc: int, out: Outcome) -> None:
+def _finish(grid: Grid, cell: Cell, rc: int, out: Outcome, ended: dict[str, str]) -> str:
+    """Record how a cell's process ended: ``done`` or ``failed`` (also in ``ended``)."""
     d = cell_dir(grid.output, cell)
     if rc == 0 and complete(d, cell):
         mark(d, "done", rc=0)
         out.done.append(cell)
-        return
-    why = f"exit {rc}" if rc != 0 else "lm_eval ended without a complete results file" + (
-        " and sidecar" if cell.model_type in MODEL_TYPES else "")
-    mark(d, "failed", rc=rc, why=why)
-    out.failed.append((cell, why))
+    else:
+        why = f"exit {rc}" if rc != 0 else "lm_eval ended without a complete results file" + (
+            " and sidecar" if cell.model_type in MODEL_TYPES else "")
+        mark(d, "failed", rc=rc, why=why)
+        out.failed.append((cell, why))
+    ended[cell.id] = "done" if rc == 0 and out.done and out.done[-1] is cell else "failed"
+    return ended[cell.id]
+
+
+def deps_state(grid: Grid, cell: Cell, ended: dict[str, str]) -> str:
+    """``ready`` (every cell it reads is done), ``failed`` (one failed) or ``wait``."""
+    states = [ended.get(dep) or state_of(grid.output, grid.by_id[dep])[0] for dep in cell.depends]
+    return "failed" if "failed" in states else "ready" if all(s == "done" for s in states) else "wait"
 
 
 def fail_unstarted(grid: Grid, cell: Cell, why: str, out: Outcome, ended: dict[str, str], bar) -> None:
@@ -120,17 +128,6 @@ class Runner:
         self.free = list(self.gpus)
         self.procs: dict[str, tuple[Cell, subprocess.Popen, list[str], float]] = {}
         self.ended: dict[str, str] = {}  # cell id -> done / failed
-
-    def _deps_state(self, cell: Cell) -> str:
-        """ready, wait or failed."""
-        for dep in cell.depends:
-            other = next(c for c in self.grid.cells if c.id == dep)
-            st = self.ended.get(dep) or state_of(self.grid.output, other)[0]
-            if st == "failed" or (st != "done" and dep not in {c.id for c in self.todo} and dep not in self.procs):
-                return "failed"
-            if st != "done":
-                return "wait"
-        return "ready"
 
     def _need(self, cell: Cell) -> int:
         return max(1, cell.gpus) if self.gpus else 0
@@ -158,17 +155,15 @@ class Runner:
                         continue
                     del self.procs[cid]
                     self.free += gpus
-                    _finish(self.grid, cell, rc, out)
-                    self.ended[cid] = "done" if out.done and out.done[-1] is cell else "failed"
                     d = cell_dir(self.grid.output, cell)
-                    if self.ended[cid] == "failed":
+                    if _finish(self.grid, cell, rc, out, self.ended) == "failed":
                         self.log(f"[grid] FAILED {cell.label} ({out.failed[-1][1]}); log {d / 'log.txt'}:\n"
                                  f"{tail(d / 'log.txt', 8)}")
                     else:
                         self.log(f"[grid] done  {cell.label} ({time.time() - t0:.0f} s)")
                     self.bar.update(1)
                 for cell in list(self.todo):
-                    ds = self._deps_state(cell)
+                    ds = deps_state(self.grid, cell, self.ended)
                     why = "a cell it depends on failed" if ds == "failed" else (
                         f"needs {self._need(cell)} GPUs, this machine has {len(self.gpus)}"
                         if self.gpus and self._need(cell) > len(self.gpus) else None)
@@ -221,13 +216,12 @@ def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outco
     try:
         while pending or running:
             for cell in list(pending):
-                deps = [ended.get(dep) or state_of(grid.output, next(c for c in grid.cells if c.id == dep))[0]
-                        for dep in cell.depends]
-                if any(s == "failed" for s in deps):
+                ds = deps_state(grid, cell, ended)
+                if ds == "failed":
                     pending.remove(cell)
                     fail_unstarted(grid, cell, "a cell it depends on failed", out, ended, bar)
                     continue
-                if any(s != "done" for s in deps):
+                if ds == "wait":
                     continue
                 pending.remove(cell)
                 cmd = command_of(grid, cell)
@@ -250,8 +244,7 @@ def run_ray(grid: Grid, todo: list[Cell], address: str, bar, log=print) -> Outco
                 except Exception as e:  # noqa: BLE001 - a lost node, a killed task
                     rc = -1
                     log(f"[grid] ray task of {cell.label} failed: {e}")
-                _finish(grid, cell, rc, out)
-                ended[cell.id] = "done" if out.done and out.done[-1] is cell else "failed"
+                _finish(grid, cell, rc, out, ended)
                 bar.update(1)
     except KeyboardInterrupt:
         out.interrupted = True

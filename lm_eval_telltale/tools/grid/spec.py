@@ -9,6 +9,7 @@ reuse.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -87,6 +88,10 @@ class Grid:
     cells: list[Cell]
     raw: dict
 
+    @functools.cached_property
+    def by_id(self) -> dict[str, Cell]:
+        return {c.id: c for c in self.cells}
+
 
 def _err(path: Path, key: str, msg: str) -> GridError:
     return GridError(f"{path}: {key}: {msg}")
@@ -144,7 +149,7 @@ def _check_known_model_type(path: Path, key: str, mtype: Any) -> str:
 
 
 def _check_telltale_args(path: Path, key: str, mtype: str, args: dict, pretrained: str, preset: str | None,
-                         layers: dict[str, int | None]) -> None:
+                         layers: dict[str, int | None], preset_key: str) -> None:
     """A telltale method point's knobs, checked as the model type checks them (values, ranges,
     layers) when the model's layer count can be read without downloading anything."""
     from ...config import ConfigError, all_keys, load_preset, resolve
@@ -163,15 +168,10 @@ def _check_telltale_args(path: Path, key: str, mtype: str, args: dict, pretraine
     keys = all_keys(method)
     tt = {k: v for k, v in args.items() if k in keys}
     try:
-        pre = load_preset(preset) if preset else None
-        if pre and pre.get("num_layers") not in (None, n):
-            raise _err(path, key.rsplit(".", 1)[0].replace("methods", "models"), f"preset {preset!r} is for a "
-                       f"{pre['num_layers']}-layer model, {pretrained!r} has {n}")
-        resolve(method, tt, n, preset=pre, model_type=mtype)
+        resolve(method, tt, n, preset=load_preset(preset) if preset else None, model_type=mtype)
     except ConfigError as e:
-        raise _err(path, f"{key}.{e.key}", str(e)) from None
-    except GridError:
-        raise
+        where = preset_key if e.key == "config" else f"{key}.{e.key}"
+        raise _err(path, where, f"{pretrained}: {e}") from None
     except Exception as e:  # noqa: BLE001 - e.g. a preset that cannot be found
         raise _err(path, key, str(e)) from None
 
@@ -301,7 +301,7 @@ def load_grid(path: str | Path, *, output: str | Path | None = None, limit: Any 
                 if telltale:
                     _check_telltale_args(p, f"{key}.model_args", mtype, {k: v for k, v in args.items()
                                                                          if not (isinstance(v, str) and SIDECAR_REF.search(v))},
-                                         pretrained, preset, layers)
+                                         pretrained, preset, layers, f"models[{mi}].preset")
                 full = {"pretrained": pretrained, **args, **({"config": preset} if preset else {})}
                 for task in tasks:
                     for seed in seeds:
@@ -371,11 +371,6 @@ def _args_string(d: dict[str, Any]) -> str:
     """``k=v,...`` when every value is plain, else JSON (lm-eval reads both)."""
     plain = all(not isinstance(v, (dict, list)) and "," not in str(v) for v in d.values())
     if plain:
-        return ",".join(f"{k}={_scalar(v)}" for k, v in d.items())
+        return ",".join(f"{k}={v}" for k, v in d.items())
     return json.dumps(d)
 
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    return str(v)
