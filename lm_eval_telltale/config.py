@@ -491,8 +491,9 @@ def _read_sidecar_setting(key: str, path: Path) -> list[dict]:
 
 
 def validate_params(cfg: TelltaleConfig) -> None:
-    """Range checks for method knobs (the method module's ``CHECKS``)."""
-    from .core.methods import method_checks
+    """Range checks for method knobs (the method module's ``CHECKS``), then its checks across knobs
+    (its ``check_params``, where it has one)."""
+    from .core.methods import method_checks, method_module
 
     for k, check in method_checks(cfg.method).items():
         v = cfg.params.get(k)
@@ -500,6 +501,10 @@ def validate_params(cfg: TelltaleConfig) -> None:
             ok, what = check(v)
             if not ok:
                 raise ConfigError(k, what)
+    across = getattr(method_module(cfg.method), "check_params", None)
+    bad = across(cfg.params) if across is not None else None
+    if bad:
+        raise ConfigError(*bad)
 
 
 def all_keys(method: str) -> set[str]:

@@ -86,7 +86,18 @@ class Method:
 
     def observe_logits(self, slots: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
         """``logits`` [R, vocab] of the step's rows (before any processing); ``slots`` [R] the rows'
-        request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill)."""
+        request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill). A
+        method may change ``logits`` in place (online LRS forces a stopped candidate's last token)."""
+
+    def end_step(self, core: "CoreEngine", step: StepMap) -> None:
+        """After every patched layer of a step ran (``core.norm``, ``core.tau`` [N, L] complete),
+        before the thresholds are fed: per-step tensor work of the method (online LRS's norm window)."""
+
+    def slot_values(self, extra: dict) -> dict:
+        """Per-request settings a request carries in its extra arguments (vLLM's
+        ``SamplingParams.extra_args``, the hf loop's ``GenRequest.extra_args``) as slot-table values
+        ``{tensor name: value}`` for :meth:`SlotTable.acquire`."""
+        return {}
 
     def read_slot(self, slot: int) -> dict:
         """Per-request results the method holds in slot tensors, read before the slot is reused."""
@@ -170,6 +181,7 @@ class CoreEngine:
         step = self.step
         assert step is not None
         self.event |= torch.where(self.norm > self.tau, EV_ABOVE, 0).to(torch.int16)
+        self.method.end_step(self, step)
         self.thr.update(step.slot, self.norm, step.new)
         finish_step(self.table, step)
         # the new generated tokens' rows: one selection (one host sync on an accelerator) and two

@@ -3,7 +3,16 @@ with on the SAME N traces.
 
 Decoding is observation only (the base :class:`Method`); the worker also tracks, per candidate,
 a DeepConf-style trace confidence from the logits (:class:`ConfidenceTracker`). Selection
-happens in the driver, once the N candidates of a prompt are finished:
+happens in the driver, once the N candidates of a prompt are finished.
+
+Online LRS (``stop_signal`` ``norm`` or ``conf``, docs/methods.md §4): the first
+``warmup_candidates`` of a prompt run to the end; the driver sets the prompt's threshold from their
+scores (:func:`online_threshold`) and sends the later candidates with it. In the worker
+(:class:`OnlineStop`) a later candidate whose windowed score falls below its threshold is marked
+stopped on the device, and the token it samples in that step is forced to its stop token — no host
+sync, no abort from the driver. Stopped candidates are excluded from selection.
+
+Scores:
 
 Norm scores (per candidate, over its generated tokens, summed over the patched layers):
   ``late_sum`` (default) Σ_l Σ_{t in last third} n_t — the reading of the paper's "summed norms
@@ -25,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..spec import LRS_SCORES, LRS_SELECTORS, majority_index
@@ -34,6 +44,13 @@ from .rng import seed_from
 
 SCORES = LRS_SCORES
 SELECTORS = LRS_SELECTORS
+#: online LRS's stop signals: ``none`` (full LRS), the selected norm score, DeepConf's confidence
+STOP_SIGNALS = ("none", "norm", "conf")
+#: ``extra_args`` the driver sets on an online candidate: its prompt's threshold and the token to force
+STOP_THRESHOLD_KEY = "telltale_stop_threshold"
+STOP_TOKEN_KEY = "telltale_stop_token"
+#: ``extra_args`` of every online candidate: the end-of-thinking token id (windows count thinking only)
+THINK_END_KEY = "telltale_think_end_token"
 
 
 @dataclass(frozen=True)
@@ -46,10 +63,28 @@ class LrsParams:
                           lambda v: 1 <= v <= 1000, "must be in 1..1000")
     conf_window: int = knob(2048, "DeepConf: sliding window (tokens) for the group confidence",
                             lambda v: 1 <= v <= 1 << 20, "must be in 1..1048576")
+    stop_signal: str = knob("none", "online LRS: stop a later candidate whose windowed score falls below its prompt's "
+                            "threshold: none (full LRS), norm (the lrs_score's per-token signal) or conf (DeepConf)",
+                            lambda v: v in STOP_SIGNALS, f"must be one of {STOP_SIGNALS}")
+    warmup_candidates: int = knob(2, "online LRS: candidates per prompt that always run to the end; their lowest "
+                                  "window scores set the prompt's threshold", lambda v: 1 <= v <= 63, "must be in 1..63")
+    stop_percentile: float = knob(10.0, "online LRS: the threshold is this percentile of the warm-up candidates' "
+                                  "lowest window scores (10: DeepConf-high, 90: DeepConf-low)",
+                                  lambda v: 0 <= v <= 100, "must be in 0..100")
+    stop_window: int = knob(2048, "online LRS: the window (generated tokens) of the windowed score",
+                            lambda v: 1 <= v <= 1 << 20, "must be in 1..1048576")
 
 
 KEYS = keys_of(LrsParams)
 CHECKS = checks_of(LrsParams)
+
+
+def check_params(params: dict) -> tuple[str, str] | None:
+    """Checks across knobs (``config.validate_params``): ``(key, why)`` or None."""
+    if params.get("stop_signal", "none") != "none" and params["warmup_candidates"] >= params["n_candidates"]:
+        return ("warmup_candidates", f"must be below n_candidates ({params['n_candidates']}) with "
+                f"stop_signal={params['stop_signal']}: no candidate would be left to stop, got {params['warmup_candidates']}")
+    return None
 
 
 class LrsMethod(Method):
@@ -63,12 +98,43 @@ class LrsMethod(Method):
         super().__init__(cfg, table, num_layers, device)
         self.p = LrsParams(**cfg.params)
         self.conf = ConfidenceTracker(table, self.p.conf_topk, self.p.conf_window, device)
+        self.stop = OnlineStop(table, self.p.stop_window) if self.p.stop_signal != "none" else None
+
+    def slot_values(self, extra: dict) -> dict:
+        if self.stop is None:
+            return {}
+        out = {}
+        if extra.get(THINK_END_KEY) is not None:
+            out["stop_think_end"] = int(extra[THINK_END_KEY])
+        if extra.get(STOP_THRESHOLD_KEY) is not None:
+            if extra.get(STOP_TOKEN_KEY) is None:
+                raise ValueError(f"telltale: {STOP_THRESHOLD_KEY} without {STOP_TOKEN_KEY}")
+            out.update({"stop_thr": float(extra[STOP_THRESHOLD_KEY]), "stop_tok": int(extra[STOP_TOKEN_KEY])})
+        return out
+
+    def end_step(self, core, step) -> None:
+        if self.stop is None:
+            return
+        self.stop.see_tokens(step)
+        if self.p.stop_signal == "norm":
+            self.stop.update_tokens(step, token_signal(self.p.lrs_score, core.norm, core.tau))
 
     def observe_logits(self, slots, logits, keep) -> None:
-        self.conf.update(slots, logits, keep)
+        c = self.conf.update(slots, logits, keep)
+        if self.stop is not None:
+            # a slot stopped so far samples its stop token now: for ``norm`` that includes this
+            # step's forward (its window counts the tokens fed so far), for ``conf`` the steps before
+            # (the window counts the distributions sampled so far; this one's token is kept) — in
+            # both cases a candidate stopped at W tokens has W tokens, then its stop token
+            self.stop.force(slots, logits)
+            if self.p.stop_signal == "conf":
+                self.stop.update(slots, c, keep)
 
     def read_slot(self, slot: int) -> dict:
-        return self.conf.read(slot)
+        out = self.conf.read(slot)
+        if self.stop is not None:
+            out.update(self.stop.read(slot))
+        return out
 
 
 # --- scores and selectors (driver side, plain Python on a handful of numbers) ---------------
@@ -115,7 +181,60 @@ def pick_all(cands: list[dict], prefer_complete: bool, identity: tuple) -> dict[
     return picks
 
 
-# --- DeepConf trace confidence, worker side -------------------------------------------------
+def online_threshold(scores: Sequence[float | None], percentile: float) -> float:
+    """A prompt's online-LRS threshold: the ``percentile`` (numpy's linear rule) of its warm-up
+    candidates' scores; NaN (no candidate is ever stopped) when none has a score."""
+    xs = [float(v) for v in scores if v is not None and math.isfinite(float(v))]
+    return float(np.percentile(xs, percentile)) if xs else float("nan")
+
+
+# --- worker side: sliding windows, DeepConf trace confidence, online stopping ---------------
+
+class SlidingLow:
+    """Per request slot: a per-token value's mean over a sliding window of ``window`` tokens, the
+    lowest of those window means (once a window is full), and the mean over all tokens. Tensors
+    ``<prefix>_ring/_win/_n/_low/_total`` in the slot table. Vectorised over the rows of a call;
+    one row per slot per call (indices unique, so plain index writes are safe)."""
+
+    def __init__(self, table, prefix: str, window: int):
+        self.table, self.window = table, int(window)
+        self.k = {n: f"{prefix}_{n}" for n in ("ring", "win", "n", "low", "total")}
+        table.register(self.k["ring"], (self.window,), torch.float32, 0.0)
+        table.register(self.k["win"], (), torch.float32, 0.0)
+        table.register(self.k["n"], (), torch.int64, 0)
+        table.register(self.k["low"], (), torch.float32, float("inf"))
+        table.register(self.k["total"], (), torch.float32, 0.0)
+
+    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``v`` [R] to the rows' slots where ``mask``; returns (tokens counted, the current
+        window mean — meaningful once tokens counted ≥ window) per row."""
+        t, k, w = self.table.t, self.k, self.window
+        s = slots
+        n = t[k["n"]][s]
+        idx = n % w
+        old = t[k["ring"]][s, idx]
+        full = n >= w
+        win = t[k["win"]][s] + v - torch.where(full, old, torch.zeros_like(old))
+        n1 = n + 1
+        low = torch.where(n1 >= w, torch.minimum(t[k["low"]][s], win / w), t[k["low"]][s])
+        # rows outside the mask (a prefill chunk's discarded sample) write their old values back
+        t[k["ring"]][s, idx] = torch.where(mask, v, old)
+        t[k["win"]][s] = torch.where(mask, win, t[k["win"]][s])
+        t[k["total"]][s] = torch.where(mask, t[k["total"]][s] + v, t[k["total"]][s])
+        t[k["low"]][s] = torch.where(mask, low, t[k["low"]][s])
+        t[k["n"]][s] = torch.where(mask, n1, n)
+        return torch.where(mask, n1, n), win / w
+
+    def read(self, slot: int) -> tuple[float | None, float | None, int]:
+        """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
+        tokens) of one slot."""
+        t, k = self.table.t, self.k
+        n = int(t[k["n"]][slot])
+        if n == 0:
+            return None, None, 0
+        mean = float(t[k["total"]][slot]) / n
+        return (float(t[k["low"]][slot]) if n >= self.window else mean), mean, n
+
 
 class ConfidenceTracker:
     """Per request slot: token confidence c_t = −mean(top-k log-probs) of the distribution each
@@ -125,42 +244,102 @@ class ConfidenceTracker:
 
     def __init__(self, table, conf_topk: int, conf_window: int, device=None):
         self.conf_topk, self.conf_window = int(conf_topk), int(conf_window)
-        self.table = table
-        table.register("conf_ring", (self.conf_window,), torch.float32, 0.0)
-        table.register("conf_win", (), torch.float32, 0.0)
-        table.register("conf_n", (), torch.int64, 0)
-        table.register("conf_low", (), torch.float32, float("inf"))
-        table.register("conf_total", (), torch.float32, 0.0)
+        self.win = SlidingLow(table, "conf", self.conf_window)
 
-    def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept."""
-        t = self.table.t
-        k = min(self.conf_topk, logits.shape[-1])
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        c = -lp.topk(k, dim=-1).values.mean(-1)  # [R]
-        s = slots  # one row per slot per step: indices are unique, so plain index writes are safe
-        n = t["conf_n"][s]
-        idx = n % self.conf_window
-        old = t["conf_ring"][s, idx]
-        full = n >= self.conf_window
-        win = t["conf_win"][s] + c - torch.where(full, old, torch.zeros_like(old))
-        n1 = n + 1
-        low = torch.where(n1 >= self.conf_window, torch.minimum(t["conf_low"][s], win / self.conf_window), t["conf_low"][s])
-        # rows outside the mask (a prefill chunk's discarded sample) write their old values back
-        t["conf_ring"][s, idx] = torch.where(mask, c, old)
-        t["conf_win"][s] = torch.where(mask, win, t["conf_win"][s])
-        t["conf_total"][s] = torch.where(mask, t["conf_total"][s] + c, t["conf_total"][s])
-        t["conf_low"][s] = torch.where(mask, low, t["conf_low"][s])
-        t["conf_n"][s] = torch.where(mask, n1, n)
+    def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept. Returns
+        the rows' token confidences c [R]."""
+        c = token_confidence(logits, self.conf_topk)
+        self.win.update(slots, c, mask)
+        return c
 
     def read(self, slot: int) -> dict[str, float | int | None]:
+        score, mean, n = self.win.read(slot)
+        return {"conf": score, "conf_mean": mean, "conf_tokens": n}
+
+
+def token_confidence(logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """DeepConf's token confidence per row: −mean of the top-``topk`` log-probabilities."""
+    k = min(topk, logits.shape[-1])
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return -lp.topk(k, dim=-1).values.mean(-1)
+
+
+def token_signal(score: str, norm: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Online LRS's per-token norm signal for ``lrs_score`` (norm, τ [N, L] → [N], the mean over
+    the patched layers): the norm (``late_sum``, ``mean``, ``A``), its excess over τ (``B``,
+    ``D``) or whether it is above τ (``C``); a token without τ contributes 0 to the last two."""
+    if score in ("B", "D"):
+        return (norm - tau).clamp(min=0).nan_to_num(0.0).mean(1)
+    if score == "C":
+        return (norm > tau).to(torch.float32).mean(1)
+    return norm.mean(1)
+
+
+class OnlineStop:
+    """Online LRS in the worker: per slot the stop signal's windowed score (:class:`SlidingLow`
+    over ``window`` tokens), the slot's threshold (NaN: a warm-up candidate, never stopped), its
+    stop token and ``stop_at`` (-1, or the generated tokens counted when its window first fell
+    below the threshold: the tokens it generated before its stop token). A stopped slot's next token is forced to its stop token
+    (:meth:`force`), so the engine ends it as any finished answer. All tensor work, no host
+    sync."""
+
+    def __init__(self, table, window: int):
+        self.table, self.window = table, int(window)
+        self.win = SlidingLow(table, "stop", self.window)
+        table.register("stop_thr", (), torch.float32, float("nan"))
+        table.register("stop_tok", (), torch.int64, -1)
+        table.register("stop_at", (), torch.int64, -1)
+        table.register("stop_think_end", (), torch.int64, -1)
+        table.register("stop_answering", (), torch.bool, False)
+
+    def see_tokens(self, step) -> None:
+        """A slot whose end-of-thinking token was fed is answering from then on: its later tokens
+        are not counted and it is not stopped (an answer's norm and confidence differ from its
+        thinking's; the candidate is about to finish anyway)."""
+        if step.token is None:
+            return
+        t, cap = self.table.t, self.table.capacity
+        end = t["stop_think_end"][step.slot.clamp(min=0)]
+        hit = step.new & (end >= 0) & (step.token == end)
+        cnt = torch.zeros(cap + 1, dtype=torch.int64, device=step.slot.device)
+        cnt.index_put_((torch.where(hit, step.slot, torch.full_like(step.slot, cap)),), torch.ones_like(step.slot),
+                       accumulate=True)
+        t["stop_answering"] |= cnt[:cap] > 0
+
+    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+        """One value per row (one row per slot) where ``mask`` and the slot is still thinking; marks
+        the rows whose full window fell below their threshold."""
         t = self.table.t
-        n = int(t["conf_n"][slot])
-        if n == 0:
-            return {"conf": None, "conf_mean": None, "conf_tokens": 0}
-        low = float(t["conf_low"][slot])
-        mean = float(t["conf_total"][slot]) / n
-        return {"conf": low if n >= self.conf_window else mean, "conf_mean": mean, "conf_tokens": n}
+        mask = mask & ~t["stop_answering"][slots]
+        n1, cur = self.win.update(slots, v, mask)
+        at = t["stop_at"][slots]
+        now = mask & (n1 >= self.window) & (cur < t["stop_thr"][slots]) & (at < 0)
+        t["stop_at"][slots] = torch.where(now, n1, at)
+
+    def update_tokens(self, step, v: torch.Tensor) -> None:
+        """``v`` [N] per token of a forward step: the new generated tokens' values, gathered per
+        slot (at most one new token per request and step; the others go to a spare row)."""
+        cap = self.table.capacity
+        s = torch.where(step.new, step.slot, torch.full_like(step.slot, cap))
+        per = torch.zeros(cap + 1, dtype=torch.float32, device=v.device)
+        per.index_put_((s,), torch.where(step.new, v, torch.zeros_like(v)), accumulate=True)
+        cnt = torch.zeros(cap + 1, dtype=torch.int64, device=v.device)
+        cnt.index_put_((s,), torch.ones_like(s), accumulate=True)
+        self.update(torch.arange(cap, device=v.device), per[:cap], cnt[:cap] > 0)
+
+    def force(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        """In place: the rows of stopped slots can sample only their stop token."""
+        t = self.table.t
+        tok = t["stop_tok"][slots]
+        stopped = (t["stop_at"][slots] >= 0) & (tok >= 0)
+        cols = torch.arange(logits.shape[-1], device=logits.device)
+        logits.masked_fill_(stopped[:, None] & (cols[None, :] != tok[:, None]), float("-inf"))
+
+    def read(self, slot: int) -> dict[str, Any]:
+        score, _mean, _n = self.win.read(slot)
+        at = int(self.table.t["stop_at"][slot])
+        return {"online_score": score, "stopped_at": at if at >= 0 else None}
 
 
 METHOD = LrsMethod

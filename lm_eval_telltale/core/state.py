@@ -64,8 +64,9 @@ class SlotTable:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def acquire(self, key: str, *, prompt_len: int, seed: int, tag: str | None = None,
-                meta: dict | None = None, enabled: bool = True) -> SlotInfo:
-        """The slot of ``key``; a new one (state reset) if the request is not known yet."""
+                meta: dict | None = None, enabled: bool = True, values: dict | None = None) -> SlotInfo:
+        """The slot of ``key``; a new one (state reset) if the request is not known yet. ``values``:
+        per-request settings ``{registered tensor: value}`` written into the new slot."""
         info = self.by_key.get(key)
         if info is not None:  # resumed after preemption: keep its state
             return info
@@ -83,6 +84,8 @@ class SlotTable:
         self.t["enabled"][slot] = bool(enabled)
         for fn in self._on_reset:
             fn(slot)
+        for name, v in (values or {}).items():
+            self.t[name][slot] = v
         return info
 
     def release(self, key: str) -> SlotInfo | None:

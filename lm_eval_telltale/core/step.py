@@ -23,6 +23,7 @@ class StepMap:
               not opt out with ``extra_args={"telltale_enable": False}``): methods decide on
               ``act``; statistics use ``decode``/``new``
     seed:     the request's 32-bit seed (for counter-based draws)
+    token:    the fed token ids, where the adapter has them (None: prompt embeddings)
     """
 
     slot: torch.Tensor
@@ -31,6 +32,7 @@ class StepMap:
     new: torch.Tensor
     act: torch.Tensor
     seed: torch.Tensor
+    token: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -38,9 +40,10 @@ class StepMap:
 
 
 def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.Tensor,
-               positions: torch.Tensor) -> StepMap:
+               positions: torch.Tensor, tokens: torch.Tensor | None = None) -> StepMap:
     """``query_start_loc``: [R+1] token offsets of the R rows; ``row_slot``: [R] slot of each row
-    (in the runner's row order for this step); ``positions``: [N] (N >= qsl[R], rest padding)."""
+    (in the runner's row order for this step); ``positions``: [N] (N >= qsl[R], rest padding);
+    ``tokens``: [N] the fed token ids, if known."""
     dev = positions.device
     n = positions.shape[0]
     r = row_slot.shape[0]
@@ -55,7 +58,8 @@ def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.
     decode = valid & (pos >= table.t["prompt_len"][s])
     new = decode & (pos > table.t["last_pos"][s])
     act = decode & table.t["enabled"][s]
-    return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=table.t["seed"][s])
+    return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=table.t["seed"][s],
+                   token=None if tokens is None else tokens.to(dev, torch.int64))
 
 
 def finish_step(table: SlotTable, step: StepMap) -> None:

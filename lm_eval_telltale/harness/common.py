@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import cmdline
 from ..config import PRESET_PASSTHROUGH, ConfigError, TelltaleConfig, all_keys, load_preset, resolve
-from ..core.lrs import SCORES, argmax_pick, pick_all, score
+from ..core.lrs import SCORES, STOP_THRESHOLD_KEY, STOP_TOKEN_KEY, THINK_END_KEY, argmax_pick, online_threshold, pick_all, score
 from ..sidecar import RunSummary, SidecarWriter, unwritable_sidecar
 from ..spec import parse_bool
 from .taskscore import scorer_for, task_generation_kwargs
@@ -115,6 +115,8 @@ class Unit:
     outputs: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, dict | None] = field(default_factory=dict)
     chosen: Any = None
+    #: online LRS: the prompt's threshold, set when its warm-up candidates were finished
+    threshold: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -203,6 +205,15 @@ class TelltaleLM:
         budget and stop sequences). Occurrences of a prompt are counted with
         :meth:`_tt_occurrence`, over the whole ``generate_until`` call."""
         raise NotImplementedError
+
+    def _tt_first(self, u: Unit) -> list[tuple[str, Any]]:
+        """The (tag, params) of ``u`` to send at once: all of them (online LRS: its warm-up candidates)."""
+        return list(zip(u.tags, u.params))
+
+    def _tt_later(self, u: Unit) -> list[tuple[str, Any]]:
+        """The (tag, params) of ``u`` that become ready once the requests sent so far are finished
+        (online LRS's later candidates, with the prompt's threshold); [] when there are none (left)."""
+        return []
 
     # -- answers ------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -322,24 +333,78 @@ class LrsSelection:
         if per_task and all(greedy(gk) for gk in per_task):
             raise self._tt_greedy_error(n)
 
-    def _tt_candidate(self, tag: str, output, stats: dict | None) -> dict[str, Any]:
+    # -- online LRS: warm-up candidates first, the later ones with the prompt's threshold ------------
+    def _tt_warmups(self, u: Unit) -> int:
+        """How many of ``u``'s candidates are sent first and always run to the end (all of them
+        for full LRS)."""
+        p = self.tt_cfg.params
+        return len(u.tags) if p["stop_signal"] == "none" else min(p["warmup_candidates"], len(u.tags))
+
+    def _tt_first(self, u: Unit) -> list[tuple[str, Any]]:
+        first = list(zip(u.tags, u.params))[: self._tt_warmups(u)]
+        extra = self._tt_online_extra()
+        return [(tag, self._tt_with_extra(q, extra)) for tag, q in first] if extra else first
+
+    def _tt_later(self, u: Unit) -> list[tuple[str, Any]]:
+        w = self._tt_warmups(u)
+        if w >= len(u.tags) or u.threshold is not None or any(t not in u.outputs for t in u.tags[:w]):
+            return []
+        p = self.tt_cfg.params
+        u.threshold = online_threshold([(u.stats[t] or {}).get("online_score") for t in u.tags[:w]],
+                                       p["stop_percentile"])
+        extra = {**self._tt_online_extra(), STOP_THRESHOLD_KEY: u.threshold, STOP_TOKEN_KEY: int(self._tt_stop_token())}
+        return [(tag, self._tt_with_extra(q, extra)) for tag, q in zip(u.tags[w:], u.params[w:])]
+
+    def _tt_online_extra(self) -> dict:
+        """What every candidate of online LRS carries: the end-of-thinking token's id, so that its
+        windows count thinking tokens only (docs/methods.md §4); nothing when the marker is not one
+        token (then every generated token counts, as for a model without a thinking block)."""
+        if self.tt_cfg.params["stop_signal"] == "none":
+            return {}
+        cached = getattr(self, "_tt_online_extra_cache", None)
+        if cached is None:
+            end = self._tt_think_end()
+            ids = self.tokenizer.encode(end, add_special_tokens=False) if end else []
+            if end and len(ids) != 1:
+                logger.warning("telltale: think_end_token %r is %d tokens, not one: online LRS counts every "
+                               "generated token in its windows, the answer's too", end, len(ids))
+            cached = self._tt_online_extra_cache = {THINK_END_KEY: int(ids[0])} if len(ids) == 1 else {}
+        return cached
+
+    def _tt_stop_token(self) -> int:
+        """The token a stopped candidate is ended with (the tokenizer's end of text, which the
+        engine stops on)."""
+        return int(self.eot_token_id)
+
+    def _tt_with_extra(self, params: Any, extra: dict) -> Any:
+        """A copy of a candidate's engine parameters with ``extra`` added to its extra arguments."""
+        raise NotImplementedError
+
+    def _tt_candidate(self, tag: str, output, stats: dict | None, warmup: bool) -> dict[str, Any]:
         out = output.outputs[0]
         stats = stats or {}
         think_end = self._tt_think_end()
         complete = (think_end in out.text) if think_end else out.finish_reason == "stop"
         layers = stats.get("layers", {})
-        return {
+        cand = {
             "tag": tag, "text": out.text, "n_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
             "complete": bool(complete), "truncated_thinking": bool(think_end) and not complete,
             "layers": layers, "conf": stats.get("conf"), "conf_mean": stats.get("conf_mean"),
             "scores": {**{name: score(layers, name) for name in SCORES}, "conf": stats.get("conf")},
         }
+        if self.tt_cfg.params["stop_signal"] != "none":
+            cand.update({"warmup": warmup, "stopped": stats.get("stopped_at") is not None,
+                         "stopped_at": stats.get("stopped_at"), "online_score": stats.get("online_score")})
+        return cand
 
     def _tt_answer(self, u: Unit) -> dict[str, Any] | None:
         p = self.tt_cfg.params
-        cands = [self._tt_candidate(tag, u.outputs[tag], u.stats[tag]) for tag in u.tags]
-        idx = argmax_pick([score(c["layers"], p["lrs_score"]) for c in cands], [c["complete"] for c in cands],
-                          p["prefer_complete"])
+        w = self._tt_warmups(u)
+        cands = [self._tt_candidate(tag, u.outputs[tag], u.stats[tag], k < w) for k, tag in enumerate(u.tags)]
+        # online LRS: a stopped candidate's partial answer is never selected (warm-ups are never stopped)
+        alive = [k for k, c in enumerate(cands) if not c.get("stopped")]
+        idx = alive[argmax_pick([score(cands[k]["layers"], p["lrs_score"]) for k in alive],
+                                [cands[k]["complete"] for k in alive], p["prefer_complete"])]
         tag = u.tags[idx]
         u.chosen = u.outputs[tag]
         if u.answer is None:
@@ -354,10 +419,16 @@ class LrsSelection:
             c["answer"] = scorer.answer(inst.doc, c["response"]) if scorer else None
             c["correct"] = scorer.correct(inst.doc, c["response"]) if scorer else None
             c["layers"] = c.pop("layers")  # keep the big per-layer block last
-        picks = pick_all(cands, p["prefer_complete"], (self.tt_cfg.seed, inst.task_name, ans.doc_id, ans.repeat))
+        among = pick_all([cands[k] for k in alive], p["prefer_complete"],
+                         (self.tt_cfg.seed, inst.task_name, ans.doc_id, ans.repeat))
+        picks = {sel: alive[i] for sel, i in among.items()}
         assert picks[p["lrs_score"]] == idx, "selector mismatch between generation and report"
         row.update({"n_candidates": len(cands), "candidates": cands, "picks": picks, "chosen": p["lrs_score"],
-                    "chosen_index": idx, "scorer": "task" if scorer else None})
+                    "chosen_index": idx, "scorer": "task" if scorer else None,
+                    "candidate_tokens": sum(c["n_tokens"] for c in cands)})
+        if p["stop_signal"] != "none":
+            row["online"] = {"signal": p["stop_signal"], "warmup": w, "threshold": u.threshold,
+                             "stopped": len(cands) - len(alive)}
         for sel, i in picks.items():
             v = cands[i]["correct"]
             if v is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -228,16 +228,20 @@ class TelltaleHF(TelltaleLM, HFLM):
         plan = self._tt_plan
         prompts = [context[b][attn[b].bool()].tolist() for b in range(context.shape[0])]
         units = [self._tt_unit(p, sampling, plan.take(p) if plan is not None else None) for p in prompts]
-        results = {r.tag: r for r in self._tt_rt.generate([q for u in units for q in u.params])}
-        rows = []
-        for u in units:
-            for tag in u.tags:
-                res = results[tag]
+        # online LRS: the warm-up candidates first, then the later ones with their prompt's threshold
+        todo = [(u, q) for u in units for _, q in self._tt_first(u)]
+        while todo:
+            results = {r.tag: r for r in self._tt_rt.generate([q for _, q in todo])}
+            for u, q in todo:
+                res = results[q.tag]
                 text = self._tt_text(res.token_ids, res.finish_reason == "stop" and res.stop_str is None)
                 if res.stop_str:  # like vLLM's text: up to the stop string
                     text = text.split(res.stop_str)[0]
-                u.outputs[tag] = _output(text, res.token_ids, res.finish_reason)
-                u.stats[tag] = res.stats
+                u.outputs[q.tag] = _output(text, res.token_ids, res.finish_reason)
+                u.stats[q.tag] = res.stats
+            todo = [(u, q) for u in units for _, q in self._tt_later(u)]
+        rows = []
+        for u in units:
             row = self._tt_answer(u)
             if row is not None:
                 rows.append(row)
@@ -280,6 +284,9 @@ class HFLrs(LrsSelection, TelltaleHF):
             return Sampling.from_kwargs(self._tt_model_type(), {k: v for k, v in preset.items() if k in GEN_KEYS},
                                         sampling.max_new_tokens, sampling.stop)
         return sampling
+
+    def _tt_with_extra(self, req: GenRequest, extra: dict) -> GenRequest:
+        return replace(req, extra_args={**req.extra_args, **extra})
 
     def _tt_unit(self, prompt, params, answer) -> Unit:
         sampling = self._tt_sampling(params)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..config import ConfigError
 from ..core.rng import candidate_seed
 from ..vllm import whole_prompt_budget
 from .common import LrsSelection, greedy  # noqa: F401  (greedy: re-exported)
@@ -43,6 +44,15 @@ class VLLMLrs(LrsSelection, TelltaleVLLM):
         from vllm.platforms import current_platform
 
         self._tt_check_sampling_early(cfg)
+        signal = cfg.params["stop_signal"]
+        if signal != "none" and int(kwargs.get("data_parallel_size", 1) or 1) > 1:
+            raise ConfigError("stop_signal", f"online LRS (stop_signal={signal}) sends a prompt's later candidates "
+                              "after its warm-up candidates finished, which data-parallel replicas (each a fixed share "
+                              "of the requests) cannot do; use data_parallel_size=1 or stop_signal=none")
+        if signal == "norm" and int(kwargs.get("pipeline_parallel_size", 1) or 1) > 1:
+            raise ConfigError("stop_signal", "stop_signal=norm needs every patched layer's norm where the token is "
+                              "sampled, which pipeline stages do not share; use pipeline_parallel_size=1 or "
+                              "stop_signal=conf")
         if current_platform.is_cpu() and kwargs.get("enable_chunked_prefill") is None:
             kwargs["enable_chunked_prefill"] = False
             mml = kwargs.get("max_model_len") or kwargs.get("max_length")
@@ -60,6 +70,11 @@ class VLLMLrs(LrsSelection, TelltaleVLLM):
             for k in _SAMPLING_KEYS:
                 if k in preset:
                     setattr(sp, k, preset[k])
+        return sp
+
+    def _tt_with_extra(self, sp, extra: dict):
+        sp = sp.clone()
+        sp.extra_args = {**(sp.extra_args or {}), **extra}
         return sp
 
     def _tt_unit(self, prompt, params, answer) -> Unit:

@@ -132,7 +132,9 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         return Unit(prompt, answer, [tag], [sp])
 
     def _tt_requests(self, units: list[Unit]) -> list[tuple[str, list[int], Any]]:
-        return [(tag, u.prompt, sp) for u in units for tag, sp in zip(u.tags, u.params)]
+        """The requests sent at once (online LRS: the warm-up candidates; the rest follow from
+        :meth:`_tt_finished`)."""
+        return [(tag, u.prompt, sp) for u in units for tag, sp in self._tt_first(u)]
 
     def _tt_progress(self, units: list[Unit]):
         """Answers finished (and saved) so far. lm-eval's own bar over the call moves only when a
@@ -157,15 +159,18 @@ class TelltaleVLLM(TelltaleLM, VLLM):
         finally:
             pbar.close()
 
-    def _tt_finished(self, batch, owner: dict[str, Unit], pbar) -> None:
+    def _tt_finished(self, batch, owner: dict[str, Unit], pbar) -> list[tuple[str, list[int], Any]]:
         """Finished requests ((tag, output, statistics)): each unit that is now complete becomes
-        its sidecar row, written at once; the progress bar counts them once written."""
-        rows, done = [], 0
+        its sidecar row, written at once; the progress bar counts them once written. Returns the
+        requests that became ready (online LRS: a prompt's later candidates, once its warm-up
+        candidates are finished)."""
+        rows, done, more = [], 0, []
         for tag, out, stats in batch:
             u = owner.pop(tag, None)
             if u is None:  # already handed over (a flush interrupted after its rows were written)
                 continue
             u.outputs[tag], u.stats[tag] = out, stats
+            more.extend((t, u.prompt, sp) for t, sp in self._tt_later(u))
             if u.complete:
                 row = self._tt_answer(u)
                 done += 1
@@ -173,6 +178,7 @@ class TelltaleVLLM(TelltaleLM, VLLM):
                     rows.append(row)
         self._tt_emit(rows)
         pbar.update(done)
+        return more
 
     def _tt_run_dp(self, units: list[Unit]) -> None:
         """lm-eval's data parallelism: one replica (its own engine, in a ray task) per share of

@@ -133,6 +133,9 @@ class GenRequest:
     enabled: bool = True
     #: generate ``max_new_tokens`` whatever the tokens (benchmarks)
     ignore_eos: bool = False
+    #: per-request method settings, under the keys vLLM requests carry in ``SamplingParams.extra_args``
+    #: (online LRS's threshold and stop token: ``core.lrs.STOP_THRESHOLD_KEY``/``STOP_TOKEN_KEY``)
+    extra_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -268,7 +271,7 @@ class HFRuntime:
         counts = valid.sum(1)
         qsl = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=ids.device)
         qsl[1:] = counts.cumsum(0)
-        step = build_step(self.table, qsl, row_slot, pos[valid])
+        step = build_step(self.table, qsl, row_slot, pos[valid], ids[valid])
         self.core.begin(step)
         self._valid, self._cache, self._active = valid, cache, True
         try:
@@ -306,7 +309,7 @@ class HFRuntime:
                 infos.append(self.table.acquire(
                     f"hf{next(self._keys)}", prompt_len=len(r.prompt),
                     seed=request_seed(self.engine_seed, ident, r.sampling_seed), tag=r.tag,
-                    meta={"prompt_len": len(r.prompt)}, enabled=r.enabled))
+                    meta={"prompt_len": len(r.prompt)}, enabled=r.enabled, values=self.method.slot_values(r.extra_args)))
             with self.hooks():
                 tokens, reasons, stops = self._loop(requests, infos)
             return self._results(requests, infos, tokens, reasons, stops)

@@ -6,17 +6,19 @@ difficulty levels, generated in process), through the real ``lm_eval`` console s
 
 1. ``vllm`` — stock lm-eval vLLM, the baseline;
 2. ``vllm-norms`` — observation only (must equal the baseline);
-3. ``vllm-alrr``, 4. ``vllm-erss``, 5. ``vllm-lrs`` — the methods;
-6. ``vllm-suppress`` (high-norm tokens) and 7. ``vllm-suppress`` at the same per-layer rate on
-   random tokens (``suppress_mode=matched`` with ``match_stats=`` the sidecar of run 6) — the
+3. ``vllm-alrr``, 4. ``vllm-erss``, 5. ``vllm-lrs`` (8 candidates) — the methods; 6.–7. online
+   LRS (``stop_signal=norm`` and ``conf``: weak candidates stopped early) beside it;
+8. ``vllm-suppress`` (high-norm tokens) and 9. ``vllm-suppress`` at the same per-layer rate on
+   random tokens (``suppress_mode=matched`` with ``match_stats=`` the sidecar of run 8) — the
    paper's causal ablation;
 
 all with the model's preset ``config=telltale-arith`` (``model_configs/telltale-arith.yaml``: the
-methods' token-count knobs scaled to ~60-token answers). The seven runs are the cells of
+methods' token-count knobs scaled to ~60-token answers). The nine runs are the cells of
 ``grids/arith.yaml`` run by ``telltale grid`` (:mod:`lm_eval_telltale.tools.grid`), so a rerun only
 does what is not done yet (an interrupted ``make eval`` resumes; a changed setting is a new cell).
 Then ``telltale table`` → printed, and written to ``results/arith.md`` (+ ``arith.json``, the Δ plot
-``arith.png``) with the suppression ablation's verdict. Greedy decoding (LRS samples with the
+``arith.png``, LRS's accuracy against tokens ``arith-lrs.png``) with the suppression ablation's
+verdict and online LRS's token savings. Greedy decoding (LRS samples with the
 preset's settings) and fixed seeds: rerunning gives the same table on the same machine.
 """
 
@@ -28,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .plots import plot_deltas
+from .plots import lrs_cost_rows, plot_deltas, plot_lrs_cost
 from .render import render
 from .runs import results_files
 from .table import build_table
@@ -137,6 +139,27 @@ def ablation_verdict(t, task: str = TASK) -> str:
                "suppression) does NOT hold on this model and task."))
 
 
+def online_lrs_summary(t, task: str = TASK) -> list[str]:
+    """One line per online-LRS row: its tokens per prompt against full LRS's and its accuracy change
+    (with the stderr of the difference, the runs being treated as independent)."""
+    rows = [r for r in t.rows if r.method == "lrs" and r.returned and r.extras.get("cand_tokens") is not None]
+    full = next((r for r in rows if r.settings.get("stop_signal", "none") == "none"), None)
+    out = []
+    for r in rows:
+        if r is full or full is None:
+            continue
+        c, f = r.cells.get(task), full.cells.get(task)
+        if c is None or f is None or c.value is None or f.value is None:
+            continue
+        se = (c.stderr ** 2 + f.stderr ** 2) ** 0.5 if c.stderr is not None and f.stderr is not None else None
+        saved = 1.0 - r.extras["cand_tokens"] / full.extras["cand_tokens"]
+        out.append(f"Online LRS ({r.settings.get('stop_signal')}) on {task}: {r.extras['cand_tokens']:.0f} tokens per "
+                   f"prompt vs {full.extras['cand_tokens']:.0f} for full LRS ({100 * saved:.0f} % fewer), "
+                   f"{r.extras.get('stopped') or 0:.2f} candidates stopped per prompt; accuracy {c.value:.1f} vs "
+                   f"{f.value:.1f} ({c.value - f.value:+.1f} points" + (f", stderr {se:.1f})" if se is not None else ")"))
+    return out
+
+
 def main(argv=None) -> int:
     from ..arith import model_dir
 
@@ -194,7 +217,7 @@ def main(argv=None) -> int:
     t = build_table(dirs, baseline="vllm", subtasks=True, progress=False,
                     warn=lambda m: print(f"[eval] warning: {m}", file=sys.stderr))
     table = render(t, "md")
-    verdict = ablation_verdict(t)
+    verdict = "\n".join([ablation_verdict(t)] + online_lrs_summary(t))
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     head = (f"<!-- written by `make eval` ({len(grid.cells)} runs, {'full split' if not a.limit else f'--limit {a.limit}'}); "
@@ -202,6 +225,8 @@ def main(argv=None) -> int:
     (res / "arith.md").write_text(head + table + "\n" + verdict + "\n")
     (res / "arith.json").write_text(json.dumps(t.to_dict(), indent=2, default=str) + "\n")
     png = plot_deltas(t, res / "arith.png")
+    if lrs_cost_rows(t):
+        plot_lrs_cost(t, res / "arith-lrs.png", TASK)
     print("\n" + table + "\n" + verdict)
     print(f"[eval] {len(todo)} runs in {(time.time() - t_all) / 60:.1f} min; table written to {res / 'arith.md'} "
           f"(+ arith.json), plot to {png}")

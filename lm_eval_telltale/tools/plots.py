@@ -98,6 +98,39 @@ def plot_deltas(t: Table, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def lrs_cost_rows(t: Table) -> list:
+    """The rows :func:`plot_lrs_cost` draws: every LRS row that was returned and knows its tokens per
+    prompt, and the baseline rows of the same models."""
+    lrs = [r for r in t.rows if r.method == "lrs" and r.returned and r.extras.get("cand_tokens") is not None]
+    models = {r.model for r in lrs}
+    return [r for r in t.rows if r.is_baseline and r.model in models] + lrs
+
+
+def plot_lrs_cost(t: Table, path: str | Path, column: str) -> Path:
+    """Accuracy (``column``, ± stderr) against tokens generated per prompt (all candidates) for full
+    and online LRS, with the baseline's single answer for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(lrs_cost_rows(t)):
+        c = r.cells.get(column)
+        x = r.extras.get("cand_tokens") if not r.is_baseline else r.extras.get("gen_tokens")
+        if c is None or c.value is None or x is None:
+            continue
+        ax.errorbar([x], [c.value], yerr=[c.stderr] if c.stderr is not None else None, fmt="s" if r.is_baseline else "o",
+                    color=cmap(i % cmap.N), capsize=3, label=f"{r.model}: {r.label}")
+    ax.set_xlabel("generated tokens per prompt (all candidates)", fontsize=9)
+    ax.set_ylabel(f"{column} (× 100, ± stderr)", fontsize=9)
+    ax.set_title("LRS: accuracy against tokens, full and online", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return save_figure(fig, path)
+
+
 # -- telltale profile ------------------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@ import csv
 import io
 import json
 
-from .table import EVENT_COLUMNS, Cell, Table
+from .table import EVENT_COLUMNS, LRS_COLUMNS, Cell, Table
 
-EXTRA_HEAD = {"gen_tokens": "gen tok", "truncated": "trunc %", **{ev: h for ev, h in EVENT_COLUMNS}}
+EXTRA_HEAD = {"gen_tokens": "gen tok", "truncated": "trunc %", **{ev: h for ev, h in EVENT_COLUMNS},
+              **{c: h for c, h in LRS_COLUMNS}}
 
 
 def _cell_text(c: Cell | None, *, latex: bool = False, delta: bool = True) -> str:
@@ -28,7 +29,7 @@ def _extra_text(name: str, v: float | None) -> str:
         return "–"
     if name == "truncated":
         return f"{100 * v:.0f}"
-    if name == "gen_tokens":
+    if name in ("gen_tokens", "cand_tokens"):
         return f"{v:.1f}"
     return f"{v:.2f}"
 

@@ -52,12 +52,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..core.lrs import KEYS as _LRS_KEYS
 from ..core.lrs import SELECTORS
 from ..files import unwritable
 from .runs import Inputs, NoResultsError, Run, collect_runs
 from .runs import is_num as _is_num
 
 EVENT_COLUMNS = (("accepted", "rec/1k"), ("injected", "inj/1k"), ("suppressed", "sup/1k"))
+#: LRS's cost columns: tokens per prompt over all candidates, that as a fraction of full LRS with as
+#: many candidates, candidates stopped early per prompt (online LRS)
+LRS_COLUMNS = (("cand_tokens", "cand tok"), ("cand_frac", "× full"), ("stopped", "stopped/q"))
 _META_KEYS = {"name", "alias", "sample_len", "sample_count", " ", ""}
 #: the top-level keys of a results JSON that are keyed by task/group name (merged per task)
 _PER_TASK_KEYS = ("results", "groups", "group_subtasks", "higher_is_better", "n-samples", "versions", "n-shot",
@@ -234,10 +238,20 @@ def _mean_stderr(xs: list[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(var) / math.sqrt(len(xs))
 
 
+def _online(run: Run) -> bool:
+    """Whether an LRS run stopped candidates early (online LRS: its sidecar rows carry ``online``)."""
+    return any(isinstance(r.get("online"), dict) for r in run.rows or [])
+
+
 def _lrs_selector_runs(run: Run, warn) -> list[Run]:
-    """One pseudo-run per selector from an LRS run's sidecar rows (``candidates`` + ``picks``)."""
+    """One pseudo-run per selector from an LRS run's sidecar rows (``candidates`` + ``picks``); an
+    online LRS run keeps its returned selector only (every pick stays in its sidecar)."""
     rows = [r for r in (run.rows or []) if isinstance(r.get("picks"), dict) and isinstance(r.get("candidates"), list)]
     if not rows:
+        return [run]
+    if _online(run):
+        run.selector = next((r.get("chosen") for r in rows if r.get("chosen")), None)
+        run.returned = True
         return [run]
     chosen = next((r.get("chosen") for r in rows if r.get("chosen")), None)
     sels: list[str] = []
@@ -332,10 +346,22 @@ def _part_totals(run: Run, names: set[str] | None) -> dict[str, Any] | None:
     return None
 
 
+def _lrs_extras(run: Run) -> dict[str, float | None]:
+    """An LRS run's cost: tokens generated per prompt over all its candidates (``cand_tokens``) and
+    candidates stopped early per prompt (``stopped``, online LRS; 0 for full LRS)."""
+    rows = [r for r in run.rows or [] if _is_num(r.get("candidate_tokens"))]
+    if not rows:
+        return {}
+    return {"cand_tokens": sum(r["candidate_tokens"] for r in rows) / len(rows),
+            "stopped": sum(int((r.get("online") or {}).get("stopped") or 0) for r in rows) / len(rows)}
+
+
 def _extras(run: Run) -> dict[str, float | None]:
     ex: dict[str, float | None] = {"gen_tokens": None, "truncated": None}
     for ev, _ in EVENT_COLUMNS:
         ex[ev] = None
+    if run.method == "lrs":
+        ex.update(_lrs_extras(run))
     rows = run.rows
     if rows and run.selector:  # an LRS selector row: what the selector's picks generated
         picked = []
@@ -572,8 +598,10 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
     sel_order = {s: i for i, s in enumerate(SELECTORS)}
     rows.sort(key=lambda r: (order_m[r.model], not r.is_baseline, r.order, not r.returned,
                              sel_order.get(r.selector or "", len(sel_order)), r.selector or ""))
+    _full_lrs_fraction(rows)
     extra_cols = ["gen_tokens", "truncated"] + [ev for ev, _ in EVENT_COLUMNS
                                                 if any((r.extras.get(ev) or 0) > 0 for r in rows)]
+    extra_cols += [c for c, _ in LRS_COLUMNS if any(r.extras.get(c) is not None for r in rows)]
     if not any(r.extras.get("gen_tokens") is not None for r in rows):
         extra_cols = [c for c in extra_cols if c not in ("gen_tokens", "truncated")]
     metrics = sorted({c.metric for c in cols})
@@ -582,6 +610,26 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
                  + " ± stderr" + delta + "; avg: unweighted mean over "
                  + ", ".join(top) + ("; * = not all columns present" if any(r.avg_partial for r in rows) else ""))
     return Table(cols, rows, extra_cols, notes, warnings, baseline, inputs)
+
+
+_LRS_DEFAULTS = {k: str(v[0]) for k, v in _LRS_KEYS.items()}
+
+
+def _full_lrs_fraction(rows: list[Row]) -> None:
+    """``cand_frac``: an LRS row's tokens per prompt as a fraction of the same model's full-LRS row
+    with as many candidates (``stop_signal`` none; its newest run)."""
+    def n_of(r: Row) -> str:
+        return r.settings.get("n_candidates", _LRS_DEFAULTS["n_candidates"])
+
+    full = {}
+    for r in sorted(rows, key=lambda r: r.date):
+        if r.method == "lrs" and r.returned and r.settings.get("stop_signal", "none") == "none" \
+                and r.extras.get("cand_tokens"):
+            full[(r.model, n_of(r))] = r.extras["cand_tokens"]
+    for r in rows:
+        base = full.get((r.model, n_of(r))) if r.method == "lrs" else None
+        if base and r.extras.get("cand_tokens") is not None:
+            r.extras["cand_frac"] = r.extras["cand_tokens"] / base
 
 
 def _date_str(ts: float) -> str:

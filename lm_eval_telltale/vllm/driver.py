@@ -50,47 +50,61 @@ def collect(llm, tags: list[str], lengths: list[int] | None, timeout: float | No
     return merge_worker_records(llm.collective_rpc("telltale_collect", timeout=timeout, args=(tags, lengths)))
 
 
-def drive(llm, requests: Sequence[tuple[str, list[int], Any]], on_finished: Callable[[Finished], None], *,
+def drive(llm, requests: Sequence[tuple[str, list[int], Any]],
+          on_finished: Callable[[Finished], Sequence[tuple[str, list[int], Any]] | None], *,
           salt: bool, lora_request=None, progress: Callable[[int], None] | None = None) -> None:
     """Queue ``requests`` ((tag, prompt token ids, SamplingParams); the tag is the request id),
     step ``llm``'s engine until all are finished, and call ``on_finished`` with each batch of
     finished requests and their statistics (at most every FLUSH_S seconds, and at the end; after
-    an interruption, with a short timeout, what had finished). ``salt``: every request gets its own
+    an interruption, with a short timeout, what had finished). ``on_finished`` may return more
+    requests, queued at once (online LRS's later candidates). ``salt``: every request gets its own
     ``cache_salt`` (no prefix-cache block is shared between requests)."""
     from vllm import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
-    added: list[str] = []
-    try:
-        for tag, prompt_ids, sp in requests:
-            sp.output_kind = RequestOutputKind.FINAL_ONLY
-            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
-            if salt:
-                prompt["cache_salt"] = tag
-            engine.add_request(tag, prompt, sp, lora_request=lora_request)
-            added.append(tag)
-    except Exception:
-        if added:
-            engine.abort_request(added)
-        raise
 
-    def finish(outs: list, timeout: float | None = None) -> None:
+    def add(reqs) -> None:
+        added: list[str] = []
+        try:
+            for tag, prompt_ids, sp in reqs or ():
+                sp.output_kind = RequestOutputKind.FINAL_ONLY
+                prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+                if salt:
+                    prompt["cache_salt"] = tag
+                engine.add_request(tag, prompt, sp, lora_request=lora_request)
+                added.append(tag)
+        except Exception:
+            if added:
+                engine.abort_request(added)
+            raise
+
+    add(requests)
+
+    def finish(outs: list, timeout: float | None = None):
         stats = collect(llm, [o.request_id for o in outs], [len(o.outputs[0].token_ids) for o in outs], timeout)
-        on_finished([(o.request_id, o, stats.get(o.request_id)) for o in outs])
+        more = on_finished([(o.request_id, o, stats.get(o.request_id)) for o in outs])
         if progress is not None:
             progress(len(outs))
+        return more
 
     done: list = []
     last, interval = time.monotonic(), FLUSH_S
     finished_cleanly = False
     try:
-        while engine.has_unfinished_requests():
+        while True:
+            if not engine.has_unfinished_requests():
+                if not done:
+                    break
+                add(finish(done))  # the last ones may release more requests
+                done, last = [], time.monotonic()
+                continue
             done.extend(o for o in engine.step() if o.finished)
             if done and time.monotonic() - last >= interval:
                 t0 = time.monotonic()
-                finish(done)
+                more = finish(done)
                 done, last = [], time.monotonic()
+                add(more)
                 # collecting costs O(rows held by the workers): keep it under ~2 % of the run
                 interval = max(FLUSH_S, 50.0 * (last - t0))
         finished_cleanly = True

@@ -104,7 +104,7 @@ class TelltaleModelMixin:
         rt = self._tt_runtime
         if rt is None or not rt.step_active:
             return super().forward(input_ids, positions, *args, **kwargs)
-        rt.begin_step(positions)
+        rt.begin_step(positions, input_ids)
         try:
             return super().forward(input_ids, positions, *args, **kwargs)
         finally:

@@ -150,6 +150,7 @@ class VllmRuntime:
                 rid, prompt_len=len(prompt_ids),
                 seed=request_seed(self.engine_seed, identity, getattr(params, "seed", None)),
                 tag=tag, meta={"prompt_len": len(prompt_ids)}, enabled=bool(extra.get("telltale_enable", True)),
+                values=self.method.slot_values(extra),
             )
             self._infos.setdefault(info.serial, info)
             rs[i] = info.slot
@@ -163,7 +164,7 @@ class VllmRuntime:
 
     # -- model forward ---------------------------------------------------------------------------
     @_host_timed
-    def begin_step(self, positions: torch.Tensor) -> None:
+    def begin_step(self, positions: torch.Tensor, input_ids: torch.Tensor | None = None) -> None:
         from vllm.forward_context import get_forward_context
 
         if isinstance(get_forward_context().attn_metadata, list):  # ubatching
@@ -179,7 +180,7 @@ class VllmRuntime:
         if rows and rs.min() < 0:
             raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
         row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
-        step = build_step(self.table, qsl, row_slot, positions)
+        step = build_step(self.table, qsl, row_slot, positions, input_ids)
         self.core.begin(step)
         self._positions = positions
         ops.activate(self)

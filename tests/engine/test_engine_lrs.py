@@ -71,3 +71,47 @@ def test_many_long_seeded_candidates_run_on_the_cpu_engine(engines, tiny_model_d
     assert len(llm.generate(ps, sps, use_tqdm=False)) == 24
     assert len(rpc(llm, "telltale_collect", [f"t{i}" for i in range(24)])) == 24
     engines.close(llm)
+
+
+def test_online_stop_ends_a_candidate_inside_the_engine(engines, tiny_model_dir):
+    """Online LRS (stop_signal=norm, then conf) on the real engine, against the same candidates
+    run in full: a candidate whose window falls below its threshold samples its stop token in the
+    very step its window was full and nothing after; its tokens and norms up to there are the full
+    run's; a warm-up candidate (no threshold) and a candidate whose threshold is never reached
+    equal the full run token for token."""
+    import json
+    import math
+
+    from lm_eval_telltale.core.lrs import STOP_THRESHOLD_KEY, STOP_TOKEN_KEY
+
+    eos = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
+    W = 5
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 250 + 1 for j in range(9 + 11 * i)]} for i in range(3)]
+    for signal in ("norm", "conf"):
+        llm = engines.make(tiny_model_dir, "lrs", {"layers": "4-6", "record_tokens": True, "stop_signal": signal,
+                                                   "stop_window": W, "n_candidates": 4}, max_num_seqs=8)
+
+        def run(thr, tag, llm=llm):
+            extra = {} if thr is None else {STOP_THRESHOLD_KEY: thr, STOP_TOKEN_KEY: eos}
+            sps = [_sp(200 + i, f"{tag}{i}") for i in range(len(prompts))]
+            for sp in sps:
+                sp.extra_args.update(extra)
+                sp.max_tokens = 20
+                sp.ignore_eos = False
+            outs = llm.generate(prompts, sps, use_tqdm=False)
+            recs = {r["tag"]: r for r in rpc(llm, "telltale_collect", [f"{tag}{i}" for i in range(len(prompts))])}
+            return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, recs[f"{tag}{i}"])
+                    for i, o in enumerate(outs)]
+
+        full = run(None, "full")          # a warm-up candidate: no threshold
+        never = run(-math.inf, "never")   # nothing is below -inf
+        always = run(math.inf, "always")  # every full window is below +inf
+        for (ft, fr, frec), (nt, nr, nrec), (at, ar, arec) in zip(full, never, always):
+            assert frec["stopped_at"] is None and nrec["stopped_at"] is None
+            assert nt == ft and nr == fr and nrec["tokens"]["norm"] == frec["tokens"]["norm"]
+            assert len(ft) > W + 1  # long enough to be stopped
+            # stopped once W generated tokens were fed: the next sampled token is the stop token, the last
+            assert arec["stopped_at"] == W and at == ft[:W] + [eos] and ar == "stop"
+            assert arec["n_decode_tokens"] == W and arec["tokens"]["norm"] == frec["tokens"]["norm"][:W]
+            assert frec["online_score"] is not None and math.isfinite(frec["online_score"])
+        engines.close(llm)

@@ -111,7 +111,7 @@ def test_attribution_test_detects_a_wrong_row_order(mixed_engine, monkeypatch):
 
     solo = _solo(mixed_engine)
     real = rt.build_step
-    monkeypatch.setattr(rt, "build_step", lambda table, qsl, row_slot, pos: real(table, qsl, row_slot.flip(0), pos))
+    monkeypatch.setattr(rt, "build_step", lambda table, qsl, row_slot, pos, *tok: real(table, qsl, row_slot.flip(0), pos, *tok))
     conc = _traces(mixed_engine, _prompts(LENGTHS), BUDGETS, [f"w{i}" for i in range(len(LENGTHS))])
     differs = [not (len(solo[f"s{i}"][1]) == len(conc[f"w{i}"][1]) and np.array_equal(solo[f"s{i}"][1], conc[f"w{i}"][1]))
                for i in range(len(LENGTHS))]

@@ -115,3 +115,17 @@ def test_one_do_sample_reading_on_both_engines():
     for v in (True, "true", None):
         assert not greedy({"do_sample": v} if v is not None else {})
         assert Sampling.from_kwargs("hf-lrs", {"do_sample": v, "temperature": 0.8}).temperature == 0.8
+
+
+def test_online_lrs_settings_that_cannot_work_are_refused_before_the_engine(tiny_model_dir, tmp_path, tripwire):
+    from lm_eval_telltale.harness.lrs import VLLMLrs
+
+    base = dict(layers="4-6", stats_path=str(tmp_path / "s.jsonl"), n_candidates=4, stop_signal="norm")
+    with pytest.raises(ConfigError, match="'stop_signal'.*data_parallel_size=1"):
+        VLLMLrs(str(tiny_model_dir), data_parallel_size=2, **base)
+    with pytest.raises(ConfigError, match="'stop_signal'.*pipeline"):
+        VLLMLrs(str(tiny_model_dir), pipeline_parallel_size=2, **base)
+    with pytest.raises(ConfigError, match="'warmup_candidates'.*below n_candidates"):
+        VLLMLrs(str(tiny_model_dir), **{**base, "warmup_candidates": 4})
+    with pytest.raises(Reached):  # confidence needs no layer's norm: pipeline stages are fine
+        VLLMLrs(str(tiny_model_dir), pipeline_parallel_size=2, **{**base, "stop_signal": "conf"})

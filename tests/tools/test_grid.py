@@ -102,7 +102,7 @@ def test_dry_run_prints_every_cell_and_starts_nothing(tmp_path, capsys, monkeypa
 
 def test_shipped_grids_are_valid(capsys):
     root = Path(__file__).resolve().parents[2] / "grids"
-    assert len(load_grid(root / "arith.yaml").cells) == 7
+    assert len(load_grid(root / "arith.yaml").cells) == 9
     paper = load_grid(root / "paper.yaml")
     assert {c.method for c in paper.cells} == {"baseline", "alrr", "erss", "lrs"} and len(paper.cells) == 4 * 4 * 5
     assert {c.gpus for c in paper.cells} == {1, 2, 4}

@@ -427,3 +427,42 @@ def test_labels_show_exactly_the_settings_that_differ_from_the_defaults(method, 
     # 500 is the global-mode default of suppress (decode steps), not of ERSS (200) nor of a fixed τ (0)
     assert label(warmup=500).get("warmup") == (None if (mode, method) == ("global", "suppress") else "500")
     assert label(warmup=7)["warmup"] == "7"
+
+
+def test_online_lrs_rows_report_tokens_against_full_lrs(tmp_path):
+    """A full and an online LRS run of one model: both rows carry the tokens generated per prompt
+    over all candidates and the candidates stopped; the online one its fraction of full LRS's
+    tokens and only its returned selector (its picks stay in the sidecar); the plot draws both."""
+    import shutil
+
+    from lm_eval_telltale.tools.plots import lrs_cost_rows, plot_lrs_cost
+
+    def make(name, tokens, stopped, params):
+        d = tmp_path / name
+        shutil.copytree(DATA / "edge" / "lrs", d)
+        res_f = next(d.rglob("results_*.json"))
+        res = json.loads(res_f.read_text())
+        res["config"]["telltale"]["config"]["params"].update(params)
+        res_f.write_text(json.dumps(res))
+        side = next(d.rglob("telltale_*.jsonl"))
+        rows = [json.loads(x) for x in side.read_text().splitlines()]
+        for r in rows:
+            r["candidate_tokens"] = tokens
+            if stopped is not None:
+                r["online"] = {"signal": params["stop_signal"], "warmup": 2, "threshold": 1.0, "stopped": stopped}
+        side.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    full = make("full", 400, None, {})
+    online = make("online", 300, 1, {"stop_signal": "conf", "stop_percentile": 90.0})
+    t = build_table([full, online], progress=False, baseline="none")
+    lrs = [r for r in t.rows if r.method == "lrs"]
+    on = [r for r in lrs if "stop_signal=conf" in r.label]
+    assert len(on) == 1 and on[0].returned and on[0].selector == "late_sum"
+    assert on[0].extras["cand_tokens"] == 300 and on[0].extras["stopped"] == 1 and on[0].extras["cand_frac"] == 0.75
+    assert len(lrs) == 11 and all(r.extras["cand_frac"] == 1.0 and r.extras["stopped"] == 0 for r in lrs if r not in on)
+    md = render(t, "md")
+    assert "| cand tok | × full | stopped/q |" in md.splitlines()[0] + " |"
+    assert "| 300.0 | 0.75 | 1.00 |" in md
+    assert len(lrs_cost_rows(t)) == 2  # the returned row of each run
+    _check_png(plot_lrs_cost(t, tmp_path / "lrs.png", "task_a"))
