@@ -117,6 +117,21 @@ def rpc(llm, name, *args):
 
 # -- crafted steps for the core (tests/core) ----------------------------------------------------
 
+def end_step(core):
+    """``core.end()``, then that step's rows on the host (``core.drain()``, the collection path)."""
+    import torch
+
+    core.end()
+    parts = core.drain()
+    if not parts:
+        rows = core._rows
+        L = core.L
+        empty = {"serial": torch.zeros(0, dtype=torch.int64), "position": torch.zeros(0, dtype=torch.int64),
+                 "event": torch.zeros(0, L, dtype=torch.int16)}
+        return {**empty, **{n: torch.zeros(0, L) for n in rows.names}}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 def begin_step(core, infos, positions_per_req):
     """Start one forward step of ``core``: request ``infos[i]`` feeds tokens at positions
     ``positions_per_req[i]`` (flattened in that order, as the adapters lay out a batch)."""

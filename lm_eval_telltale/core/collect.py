@@ -1,8 +1,12 @@
 """From a step log to per-request records: the part of statistics collection every adapter shares.
 
-An adapter keeps the host rows that :meth:`~lm_eval_telltale.core.engine.CoreEngine.end` returns
-(one dict of arrays per step: ``serial``, ``position``, ``norm``, ``tau``, ``event``, ``norm_out``,
-the method's columns) and, when requests are finished, turns them into one record per request:
+:meth:`~lm_eval_telltale.core.engine.CoreEngine.end` appends each step's rows of new generated
+tokens to a device buffer (:class:`StepRows`: no device→host transfer in a step);
+:meth:`~lm_eval_telltale.core.engine.CoreEngine.drain` moves what accumulated to the host (one
+dict of arrays: ``serial``, ``position``, ``norm``, ``tau``, ``event``, ``norm_out``, the method's
+columns). An adapter drains when it collects finished requests (and the buffer drains itself
+before it could overflow) and, when requests are finished, turns the rows into one record per
+request:
 
 - :func:`take_rows` splits the log by request serial (token order) and keeps what is not taken;
 - :func:`trim_rows` drops rows past an answer's last fed position (vLLM: a forward the engine ran
@@ -22,6 +26,81 @@ import torch
 from .stats import summarize
 
 Rows = dict[str, np.ndarray]
+
+#: rows a device buffer holds before it must drain (grown when one step could bring more)
+STEP_ROWS = 4096
+
+
+class StepRows:
+    """The rows of new generated tokens, accumulated on the device step after step.
+
+    Each step's rows (``ints`` [N, 2 + L]: serial, position, events; ``floats`` [N, k·L]: the named
+    float columns) are compacted into static buffers with device arithmetic only: the i-th new
+    token goes to ``cursor + i`` (a cumulative sum over the step's ``new`` mask), every other token
+    to a spare row, and the cursor (a device scalar) advances by the count. The host never learns
+    how many rows were written until :meth:`drain`. It only keeps an upper bound (each request
+    brings at most one new token per step: ``rows``), and drains first whenever that bound could
+    pass the buffer's size. So a steady-state step transfers nothing to the host; a drain is one
+    sync and two copies for many steps."""
+
+    def __init__(self, names: list[str], num_layers: int, device=None, capacity: int = STEP_ROWS):
+        self.names, self.L, self.device = list(names), int(num_layers), device
+        self.held: list[dict[str, torch.Tensor]] = []  # drained early (the buffer was full)
+        self._alloc(int(capacity))
+
+    # the buffers are written in vLLM's steps (inference mode) and drained outside them: every
+    # operation on them runs in inference mode
+
+    @torch.inference_mode()
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.ints = torch.zeros(capacity + 1, 2 + self.L, dtype=torch.int64, device=self.device)
+        self.floats = torch.zeros(capacity + 1, len(self.names) * self.L, dtype=torch.float32, device=self.device)
+        self.cursor = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bound = 0  # host: the most rows written since the last drain
+
+    @torch.inference_mode()
+    def append(self, ints: torch.Tensor, floats: torch.Tensor, new: torch.Tensor, rows: int) -> None:
+        """One step's rows; ``new`` [N] marks the rows kept; ``rows``: the step's requests (a bound
+        on its new tokens)."""
+        if self.bound + rows > self.capacity:
+            self._hold()
+            if rows > self.capacity:
+                self._alloc(2 * rows)
+        dest = self.cursor + torch.cumsum(new.to(torch.int64), 0) - 1
+        dest = torch.where(new, dest, torch.full_like(dest, self.capacity))  # the spare row
+        self.ints.index_copy_(0, dest, ints)
+        self.floats.index_copy_(0, dest, floats)
+        self.cursor += new.sum()
+        self.bound += rows
+
+    def _hold(self) -> None:
+        part = self._take()
+        if part is not None:
+            self.held.append(part)
+
+    @torch.inference_mode()
+    def _take(self) -> dict[str, torch.Tensor] | None:
+        if self.bound == 0:
+            return None
+        n = int(self.cursor)  # the one host sync of a drain
+        self.bound = 0
+        if n == 0:
+            return None
+        ints = self.ints[:n].to("cpu", copy=True)
+        floats = self.floats[:n].to("cpu", copy=True)
+        self.cursor.zero_()
+        L = self.L
+        out = {"serial": ints[:, 0], "position": ints[:, 1], "event": ints[:, 2:].to(torch.int16)}
+        for i, name in enumerate(self.names):
+            out[name] = floats[:, i * L:(i + 1) * L]
+        return out
+
+    def drain(self) -> list[dict[str, torch.Tensor]]:
+        """Every row appended since the last drain, on the host (a list of row dicts, step order)."""
+        self._hold()
+        out, self.held = self.held, []
+        return out
 
 
 def take_rows(log: list[dict[str, torch.Tensor]], serials: set[int]) -> tuple[dict[int, Rows], list[dict[str, torch.Tensor]]]:

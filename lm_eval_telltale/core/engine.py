@@ -4,11 +4,13 @@ Per forward step an adapter calls::
 
     core.begin(step_map)                 # once
     h, r = core.layer(j, h, r, rerun)    # after each patched layer j (0..len(layers)-1)
-    record = core.end()                  # once: feeds thresholds, returns the step's trace rows
+    core.end()                           # once: feeds thresholds, keeps the step's rows on the device
 
-``layer`` computes the residual-stream norm ‖h + r‖ (float32) per token, looks up τ for each
+and, when it collects finished requests, ``core.drain()`` (the rows of every step since, on the
+host). ``layer`` computes the residual-stream norm ‖h + r‖ (float32) per token, looks up τ for each
 token's request and layer, and lets the method transform (h, r). Everything is tensor work over
-the whole step: no Python loop over tokens or requests, no host sync per layer.
+the whole step: no Python loop over tokens or requests, no host sync in a step (ALRR's "skip the
+re-run" test, :meth:`CoreEngine.any`, is the one host decision a method may take).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .collect import StepRows
 from .state import SlotTable
 from .stats import EV_ABOVE
 from .step import StepMap, finish_step
@@ -113,6 +116,7 @@ class CoreEngine:
         self.table = table
         self.step: StepMap | None = None
         self.layer_calls = 0
+        self._rows: StepRows | None = None
         table.on_resize(thresholds.resize)
         table.on_reset(thresholds.reset_slot)
 
@@ -176,28 +180,28 @@ class CoreEngine:
         self.layer_calls += 1
         self.norm[:, j] = n
 
-    def end(self) -> dict[str, torch.Tensor]:
-        """Feed the thresholds and return this step's rows for new generated tokens (on host)."""
+    def end(self) -> None:
+        """Feed the thresholds and keep this step's rows of new generated tokens on the device (the
+        integer and the float columns each packed into one tensor; :class:`StepRows`)."""
         step = self.step
         assert step is not None
         self.event |= torch.where(self.norm > self.tau, EV_ABOVE, 0).to(torch.int16)
         self.method.end_step(self, step)
         self.thr.update(step.slot, self.norm, step.new)
         finish_step(self.table, step)
-        # the new generated tokens' rows: one selection (one host sync on an accelerator) and two
-        # transfers — the integer columns and the float columns each packed into one tensor
-        idx = step.new.nonzero().squeeze(1)
-        L = self.L
         ints = torch.cat([self.table.t["serial"][step.slot.clamp(min=0)][:, None], step.position[:, None],
-                          self.event.to(torch.int64)], 1).index_select(0, idx).to("cpu")
-        names = ["norm", "tau"] + (["norm_out"] if self.norm_out is not None else []) + list(self.columns)
+                          self.event.to(torch.int64)], 1)
         parts = [self.norm, self.tau] + ([self.norm_out] if self.norm_out is not None else []) + list(self.columns.values())
-        floats = torch.cat(parts, 1).index_select(0, idx).to("cpu")
-        out = {"serial": ints[:, 0], "position": ints[:, 1], "event": ints[:, 2:].to(torch.int16)}
-        for i, name in enumerate(names):
-            out[name] = floats[:, i * L:(i + 1) * L]
+        if self._rows is None:
+            names = ["norm", "tau"] + (["norm_out"] if self.norm_out is not None else []) + list(self.columns)
+            self._rows = StepRows(names, self.L, step.slot.device)
+        self._rows.append(ints, torch.cat(parts, 1), step.new, step.rows or step.num_tokens)
         self.step = None
-        return out
+
+    def drain(self) -> list[dict[str, torch.Tensor]]:
+        """The rows of new generated tokens of every step since the last drain, on the host (row
+        dicts in step order; the collection path, one host sync)."""
+        return [] if self._rows is None else self._rows.drain()
 
 
 def build_core(cfg, capacity: int = 64, device=None) -> CoreEngine:

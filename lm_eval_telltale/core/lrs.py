@@ -79,6 +79,15 @@ KEYS = keys_of(LrsParams)
 CHECKS = checks_of(LrsParams)
 
 
+#: the knobs of online LRS only
+ONLINE_KNOBS = ("warmup_candidates", "stop_percentile", "stop_window")
+
+
+def unused_knobs(params: dict) -> tuple[str, ...]:
+    """Knobs these settings leave unused (``telltale table`` does not label a run with them)."""
+    return ONLINE_KNOBS if params.get("stop_signal", "none") == "none" else ()
+
+
 def check_params(params: dict) -> tuple[str, str] | None:
     """Checks across knobs (``config.validate_params``): ``(key, why)`` or None."""
     if params.get("stop_signal", "none") != "none" and params["warmup_candidates"] >= params["n_candidates"]:

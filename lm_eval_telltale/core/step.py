@@ -24,6 +24,7 @@ class StepMap:
               ``act``; statistics use ``decode``/``new``
     seed:     the request's 32-bit seed (for counter-based draws)
     token:    the fed token ids, where the adapter has them (None: prompt embeddings)
+    rows:     the step's requests (host int; each brings at most one new token)
     """
 
     slot: torch.Tensor
@@ -33,6 +34,7 @@ class StepMap:
     act: torch.Tensor
     seed: torch.Tensor
     token: torch.Tensor | None = None
+    rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +61,7 @@ def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.
     new = decode & (pos > table.t["last_pos"][s])
     act = decode & table.t["enabled"][s]
     return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=table.t["seed"][s],
-                   token=None if tokens is None else tokens.to(dev, torch.int64))
+                   token=None if tokens is None else tokens.to(dev, torch.int64), rows=int(r))
 
 
 def finish_step(table: SlotTable, step: StepMap) -> None:

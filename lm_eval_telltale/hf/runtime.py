@@ -181,6 +181,7 @@ class HFRuntime:
         self._active = False
         self._rerunning = False
         self._valid: torch.Tensor | None = None
+        self._dense = True
         self._cache: TelltaleCache | None = None
         self._h: torch.Tensor | None = None
         self._r: torch.Tensor | None = None
@@ -235,8 +236,7 @@ class HFRuntime:
                                           "return post_attention_layernorm's input + mlp's output; the hf adapter "
                                           "cannot hand the core vLLM's (h, r) for it")
                 self._checked.add(j)
-            valid = self._valid
-            dense = bool(valid.all())
+            valid, dense = self._valid, self._dense
             hid = x.shape[-1]
             hf = h.reshape(-1, hid) if dense else h[valid]
             rf = r.reshape(-1, hid) if dense else r[valid]
@@ -252,10 +252,17 @@ class HFRuntime:
         return post
 
     def _rerun_fn(self, j: int, layer, x: torch.Tensor, valid: torch.Tensor):
+        dense = self._dense
+
         def rerun(h_in: torch.Tensor, r_in: torch.Tensor):
             args, kwargs = self._call[j]
-            x_in = x.clone()
-            x_in[valid] = h_in + r_in  # the stream the re-run starts from (vLLM: residual = h + r)
+            # the stream the re-run starts from (vLLM: residual = h + r); no mask where every position
+            # is a real token (a boolean mask's positions are a host sync)
+            if dense:
+                x_in = (h_in + r_in).view_as(x)
+            else:
+                x_in = x.clone()
+                x_in[valid] = h_in + r_in
             self._rerunning = True
             try:
                 with kv_replay(self._cache, self.attn_idx[j]):
@@ -263,17 +270,20 @@ class HFRuntime:
             finally:
                 self._rerunning = False
             h2, r2 = self._h, self._r
-            return h2[valid], r2[valid]
+            hid = x.shape[-1]
+            return (h2.reshape(-1, hid), r2.reshape(-1, hid)) if dense else (h2[valid], r2[valid])
         return rerun
 
     # -- one forward -------------------------------------------------------------------------------
-    def _forward(self, ids, attn, pos, valid, row_slot, cache):
+    def _forward(self, ids, attn, pos, valid, row_slot, cache, dense: bool):
+        """One forward of the batch; ``dense``: every position is a real token (no left padding —
+        a host fact of the loop, so the hooks never ask the device)."""
         counts = valid.sum(1)
         qsl = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=ids.device)
         qsl[1:] = counts.cumsum(0)
         step = build_step(self.table, qsl, row_slot, pos[valid], ids[valid])
         self.core.begin(step)
-        self._valid, self._cache, self._active = valid, cache, True
+        self._valid, self._dense, self._cache, self._active = valid, dense, cache, True
         try:
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
@@ -284,9 +294,7 @@ class HFRuntime:
             cache.end_forward()
         if self.core.layer_calls != len(self.layers):
             raise HookWiringError(f"telltale: {self.core.layer_calls} of {len(self.layers)} layer hooks ran in a step")
-        rec = self.core.end()
-        if rec["serial"].numel():
-            self._log.append(rec)
+        self.core.end()
         self.steps += 1
         logits = out.logits[:, -1, :]
         if self.method.wants_logits:
@@ -315,6 +323,7 @@ class HFRuntime:
             return self._results(requests, infos, tokens, reasons, stops)
         finally:
             serials = {i.serial for i in infos}
+            self._log.extend(self.core.drain())
             _, self._log = take_rows(self._log, serials)
             for i in infos:
                 self.table.release(i.key)
@@ -333,6 +342,7 @@ class HFRuntime:
         valid = attn.bool()
         row_slot = torch.tensor([i.slot for i in infos], dtype=torch.int64, device=dev)
         live = list(range(B))
+        dense = all(len(r.prompt) == T0 for r in requests)  # then (decode steps) always
         gens = [None if r.forced is not None or r.temperature < 1e-5
                 else torch.Generator().manual_seed(int(r.sampling_seed if r.sampling_seed is not None else 0))
                 for r in requests]
@@ -344,7 +354,7 @@ class HFRuntime:
         watch = self.attn_idx if self.cfg.method == "alrr" else ()
         cache = TelltaleCache(config=getattr(self.model, "config", None), watch=watch)
         while True:
-            logits = self._forward(ids, attn, pos, valid, row_slot, cache)
+            logits = self._forward(ids, attn, pos, valid, row_slot, cache, dense)
             nxt = self._choose(logits, [requests[b] for b in live], [gens[b] for b in live], [len(out[b]) for b in live])
             keep = []
             for i, b in enumerate(live):
@@ -364,6 +374,7 @@ class HFRuntime:
             pos = torch.tensor([[len(requests[b].prompt) + len(out[b]) - 1] for b in live], dtype=torch.long, device=dev)
             attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
             valid = torch.ones((n, 1), dtype=torch.bool, device=dev)
+            dense = True
         return out, reasons, stops
 
     def _choose(self, logits: torch.Tensor, reqs, gens, done: list[int]) -> list[int]:
@@ -389,6 +400,7 @@ class HFRuntime:
         return None, None
 
     def _results(self, requests, infos, tokens, reasons, stops) -> list[GenResult]:
+        self._log.extend(self.core.drain())
         rows, self._log = take_rows(self._log, {i.serial for i in infos})
         layers = self.cfg.layers
         res = []

@@ -145,8 +145,10 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
     if "warmup" in cfg and cfg["warmup"] != default_warmup(method, mode):  # the one warm-up rule
         out["warmup"] = _fmt_num(cfg["warmup"])
     defaults = _method_defaults(method)
-    for k, v in (cfg.get("params") or {}).items():
-        if k in _SKIP_KNOBS:
+    params = cfg.get("params") or {}
+    unused = _unused_knobs(method, params)
+    for k, v in params.items():
+        if k in _SKIP_KNOBS or k in unused:
             continue
         if defaults is None or k not in defaults or defaults[k] != v:
             if isinstance(v, str) and ("/" in v or "\\" in v):
@@ -155,6 +157,18 @@ def telltale_knobs(tt: dict) -> dict[str, str]:
     if tt.get("preset"):
         out["config"] = Path(str(tt["preset"])).stem
     return out
+
+
+def _unused_knobs(method: str, params: dict) -> set[str]:
+    """Knobs the run's other settings leave unused (the method module's ``unused_knobs``): a label
+    does not show them."""
+    from ..core.methods import method_module
+
+    try:
+        fn = getattr(method_module(method), "unused_knobs", None)
+    except ValueError:
+        return set()
+    return set(fn(params)) if fn is not None else set()
 
 
 #: the timestamp lm-eval puts in its file names (results_2026-11-22T14-01-29.202304.json) and our

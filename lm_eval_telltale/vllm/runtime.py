@@ -229,12 +229,16 @@ class VllmRuntime:
     def end_step(self) -> None:
         ops.deactivate()
         self._positions = None
-        rec = self.core.end()
+        self.core.end()
         if self.tp_size > 1:
             self._check_tp_ranks()
-        if self.records and rec["serial"].numel():
-            self._log.append(rec)
         self.steps += 1
+
+    def _drain(self) -> None:
+        """The steps' rows from the device into the host log (when requests are collected)."""
+        rows = self.core.drain()
+        if self.records:
+            self._log.extend(rows)
 
     def _tp_any(self, mask: torch.Tensor) -> bool:
         """A decision every tensor-parallel rank takes together (a rank that alone re-ran a layer
@@ -278,6 +282,7 @@ class VllmRuntime:
 
     # -- driver RPCs -----------------------------------------------------------------------------
     def _rows(self, serials: set[int]) -> dict[int, dict[str, np.ndarray]]:
+        self._drain()
         rows, self._log = take_rows(self._log, serials)
         return rows
 
@@ -322,6 +327,7 @@ class VllmRuntime:
         return out if self.records else []  # tensor-parallel ranks > 0: rank 0's records stand for them
 
     def state(self) -> dict[str, Any]:
+        self._drain()
         return {
             "live_requests": len(self.table),
             "uncollected": len(self._infos),

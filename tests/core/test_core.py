@@ -256,7 +256,8 @@ def test_core_engine_observe_records_norms_and_events(path):
     else:
         core.observe(0, residual_norm(h, r)[1])
     assert core.layer_calls == 1  # the per-step "every hook fired" check counts both paths
-    rec = core.end()
+    core.end()
+    (rec,) = core.drain()  # the step's rows stay on the device until drained
     assert rec["position"].tolist() == [2, 3]  # position 1 is a prompt token
     assert rec["norm"][:, 0].tolist() == [6.0, 1.0]
     assert rec["event"][:, 0].tolist() == [EV_ABOVE, 0]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import begin_step
+from conftest import begin_step, end_step
 
 from lm_eval_telltale.config import ConfigError, resolve
 from lm_eval_telltale.core.engine import build_core
@@ -37,7 +37,7 @@ def step(core, tab, infos, positions, x, r=R0, j=0, dtype=torch.float32):
     h = (x if rr is None else x - rr.float()).to(dtype)
     h_in = h.clone()
     h2, r2 = core.layer(j, h, rr)
-    rec = core.end()
+    rec = end_step(core)
     return h_in, h2, r2, rec
 
 
@@ -387,7 +387,7 @@ def test_compiled_layer_step_is_bit_identical_to_eager(dtype):
                 infos = [c.table.by_key[k] for k, _ in plan]
                 begin_step(c, infos, [ps for _k, ps in plan])
                 hs = [c.layer(j, *hr[j]) for j in range(2)]
-                outs.append((hs, c.end()))
+                outs.append((hs, end_step(c)))
         (hs_e, rec_e), (hs_f, rec_f) = outs
         for (a, ra), (b, rb) in zip(hs_e, hs_f):
             _same(b, a)

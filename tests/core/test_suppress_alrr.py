@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import begin_step
+from conftest import begin_step, end_step
 
 from lm_eval_telltale.config import ConfigError, resolve
 from lm_eval_telltale.core.engine import build_core, residual_norm
@@ -28,7 +28,7 @@ def test_suppress_high_scales_only_tokens_above_tau():
     core, tab, infos = make_core("suppress", {})
     begin_step(core, infos, [[1, 2, 3, 4]])  # position 1 is a prompt token (prompt_len 2)
     h2, r2 = core.layer(0, H.clone(), R.clone())
-    rec = core.end()
+    rec = end_step(core)
     x, x2 = H + R, h2 + r2
     # token 0 is a prompt token, token 2 is below τ: bit-identical; tokens 1 and 3 are above τ
     assert torch.equal(h2[[0, 2]], H[[0, 2]]) and torch.equal(r2[[0, 2]], R[[0, 2]])
@@ -61,14 +61,14 @@ def test_random_suppression_is_seeded_per_request_and_batch_independent():
     begin_step(core, infos, [pos, pos])
     x = torch.randn(4000, 8) + 1
     core.layer(0, x.clone(), torch.zeros_like(x))
-    ev = core.end()["event"][:, 0]
+    ev = end_step(core)["event"][:, 0]
     m0, m1 = (ev[:2000] & EV_SUPPRESSED) != 0, (ev[2000:] & EV_SUPPRESSED) != 0
     assert abs(m0.float().mean().item() - 0.3) < 0.04
     assert not torch.equal(m0, m1)  # different requests draw differently
     solo, stab, sinfos = make_core("suppress", {"suppress_mode": "random", "p": 0.3}, n_req=2)
     begin_step(solo, sinfos[1:], [pos])  # request 1 alone
     solo.layer(0, x[2000:].clone(), torch.zeros(2000, 8))
-    assert torch.equal((solo.end()["event"][:, 0] & EV_SUPPRESSED) != 0, m1)
+    assert torch.equal((end_step(solo)["event"][:, 0] & EV_SUPPRESSED) != 0, m1)
 
 
 def test_opted_out_request_is_untouched():
@@ -89,7 +89,7 @@ def test_matched_control_draws_only_where_the_high_rule_could_fire():
     for pos in range(2, 22):  # 20 decode steps, one token each
         begin_step(core, [info], [[pos]])
         core.layer(0, torch.tensor([[1.0 + pos % 3, 0.0]]), torch.zeros(1, 2))
-        sup.append(bool(core.end()["event"][0, 0] & EV_SUPPRESSED))
+        sup.append(bool(end_step(core)["event"][0, 0] & EV_SUPPRESSED))
     assert not any(sup[:8]) and all(sup[9:]), sup  # warm-up tokens never; afterwards at rate 1
 
 
@@ -126,7 +126,7 @@ def test_alrr_accepts_growth_and_keeps_everything_else_bit_identical():
     calls = []
     h, r = H.clone(), R.clone()
     h2, r2 = core.layer(0, h, r, grow_rerun(1.25, calls))
-    ev = core.end()["event"][:, 0].tolist()
+    ev = end_step(core)["event"][:, 0].tolist()
     # norms 5 and 6.08 are candidates (4 < n < 6.4); 1 is below τ; 7.07 is above blowup·τ.
     # Re-run norms 6.25 (accepted) and 7.6 (> blowup·τ: rejected)
     assert [bool(e & EV_CANDIDATE) for e in ev] == [True, True, False, False]
@@ -142,7 +142,7 @@ def test_alrr_rejects_insufficient_growth_and_blowup():
         core, tab, infos = make_core("alrr", {}, tau=4.0)
         begin_step(core, infos, [[2, 3, 4, 5]])
         h2, r2 = core.layer(0, H.clone(), R.clone(), grow_rerun(factor, []))
-        ev = core.end()["event"][:, 0].tolist()
+        ev = end_step(core)["event"][:, 0].tolist()
         assert torch.equal(h2, H) and torch.equal(r2, R)
         assert ev[0] & EV_CANDIDATE and not ev[0] & EV_ACCEPTED
 
@@ -175,7 +175,7 @@ def _suppressed_positions(method_args, positions, tau=0.5):
     for pos in positions:
         begin_step(core, infos, [[pos]])
         core.layer(0, H[1:2].clone(), R[1:2].clone())
-        rec = core.end()
+        rec = end_step(core)
         if int(rec["event"][0, 0]) & EV_SUPPRESSED:
             out.append(pos)
     return out

@@ -453,7 +453,7 @@ def test_online_lrs_rows_report_tokens_against_full_lrs(tmp_path):
         side.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return d
 
-    full = make("full", 400, None, {})
+    full = make("full", 400, None, {"stop_window": 16})  # a knob full LRS leaves unused: not in its label
     online = make("online", 300, 1, {"stop_signal": "conf", "stop_percentile": 90.0})
     t = build_table([full, online], progress=False, baseline="none")
     lrs = [r for r in t.rows if r.method == "lrs"]
@@ -461,6 +461,7 @@ def test_online_lrs_rows_report_tokens_against_full_lrs(tmp_path):
     assert len(on) == 1 and on[0].returned and on[0].selector == "late_sum"
     assert on[0].extras["cand_tokens"] == 300 and on[0].extras["stopped"] == 1 and on[0].extras["cand_frac"] == 0.75
     assert len(lrs) == 11 and all(r.extras["cand_frac"] == 1.0 and r.extras["stopped"] == 0 for r in lrs if r not in on)
+    assert not any("stop_window" in r.label for r in lrs)
     md = render(t, "md")
     assert "| cand tok | × full | stopped/q |" in md.splitlines()[0] + " |"
     assert "| 300.0 | 0.75 | 1.00 |" in md

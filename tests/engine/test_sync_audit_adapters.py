@@ -1,0 +1,120 @@
+"""The sync audit through the adapters: steady-state decode steps of every method, with the
+hooks' own code (the hf adapter's layer hooks and step bookkeeping; the vLLM runtime's step
+begin, layer ops, step end and logits hook) run under ``SyncAudit``. Nothing there syncs but
+ALRR's one decision; the rows arrive on the host when the requests are collected."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import worker
+
+from lm_eval_telltale.config import resolve
+from lm_eval_telltale.core.audit import SyncAudit
+
+pytestmark = pytest.mark.engine
+
+CASES = {
+    "norms": ("norms", {}),
+    "suppress": ("suppress", {"suppress_mode": "random", "p": 0.3}),
+    "alrr": ("alrr", {"warmup": 2, "growth_eps": 0.0}),
+    "erss": ("erss", {"warmup": 2, "low_k": 1, "cooldown": 1, "bank_k": 4, "p_inject": 1.0}),
+    "lrs-online": ("lrs", {"stop_signal": "conf", "stop_window": 4}),
+}
+
+
+def _audited(fn, audit, active):
+    @functools.wraps(fn)
+    def run(*a, **kw):
+        if not active():
+            return fn(*a, **kw)
+        with audit:
+            return fn(*a, **kw)
+    return run
+
+
+def _check(audit, calls, method):
+    if method == "alrr":  # its one decision per patched layer: one host read each (bool(t) or .item())
+        assert calls[0] > 0 and set(audit.syncs) <= {"aten::_local_scalar_dense", "aten::is_nonzero"}
+        assert audit.total == calls[0], audit.syncs
+    else:
+        assert audit.total == 0, audit.syncs
+
+
+def _eos(model_dir) -> int:
+    import json
+
+    return int(json.loads((model_dir / "config.json").read_text())["eos_token_id"])
+
+
+def _count_any(core, active):
+    """ALRR's host decisions taken in audited steps."""
+    calls = [0]
+    plain = core.any
+
+    def counting(mask):
+        calls[0] += bool(active())
+        return plain(mask)
+
+    core.any = counting
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_adapter_steps_issue_no_sync(case, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_telltale.hf import runtime as hfrt
+    from lm_eval_telltale.hf.runtime import GenRequest, HFRuntime
+
+    method, knobs = CASES[case]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    rt = HFRuntime(model, resolve(method, {"layers": "4-6", **knobs}, 8, seed=0),
+                   tokenizer=AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    audit = SyncAudit()
+    steady = lambda: rt.steps >= 1  # noqa: E731  (after the prefill step, which checks the layer layout once)
+    plain_post = HFRuntime._post_layer
+    monkeypatch.setattr(HFRuntime, "_post_layer",
+                        lambda self, j: _audited(plain_post(self, j), audit, steady))
+    monkeypatch.setattr(hfrt, "build_step", _audited(hfrt.build_step, audit, steady))
+    for name in ("begin", "end"):
+        setattr(rt.core, name, _audited(getattr(rt.core, name), audit, steady))
+    rt.method.observe_logits = _audited(rt.method.observe_logits, audit, steady)
+    calls = _count_any(rt.core, steady)
+    extra = {"telltale_stop_threshold": 1e9, "telltale_stop_token": _eos(tiny_model_dir)}
+    reqs = [GenRequest([(5 * i + 3 * j) % 250 + 1 for j in range(4 + 3 * i)], 12, tag=f"r{i}", temperature=0.8,
+                       sampling_seed=i, extra_args=extra if i else {}, ignore_eos=method != "lrs") for i in range(3)]
+    res = rt.generate(reqs)
+    _check(audit, calls, method)
+    assert all(r.stats["n_decode_tokens"] == len(r.token_ids) - 1 for r in res)  # drained at collection
+    if case == "lrs-online":
+        assert [r.stats["stopped_at"] for r in res] == [None, 4, 4]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_adapter_steps_issue_no_sync(case, engines, tiny_model_dir):
+    from vllm import SamplingParams
+
+    method, knobs = CASES[case]
+    llm = engines.make(tiny_model_dir, method, {"layers": "4-6", **knobs}, max_num_seqs=4)
+    rt = worker(llm)._tt
+    audit = SyncAudit()
+    steady = lambda: rt.steps >= 2  # noqa: E731
+    for name in ("begin_step", "post_layer", "observe_layer", "end_step", "apply_logits"):
+        setattr(rt, name, _audited(getattr(rt, name), audit, steady))
+    calls = _count_any(rt.core, steady)
+    extra = {"telltale_stop_threshold": 1e9, "telltale_stop_token": _eos(tiny_model_dir)}
+    sps = [SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=method != "lrs",
+                          extra_args={"telltale_tag": f"a{i}", **(extra if i else {})}) for i in range(3)]
+    prompts = [{"prompt_token_ids": [(5 * i + 3 * j) % 250 + 1 for j in range(4 + 3 * i)]} for i in range(3)]
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    assert rt.steps >= 8
+    _check(audit, calls, method)
+    recs = {r["tag"]: r for r in llm.collective_rpc("telltale_collect", args=([f"a{i}" for i in range(3)],))[0]}
+    for i, o in enumerate(outs):  # every fed generated token's row reached the host when collected
+        assert recs[f"a{i}"]["n_decode_tokens"] == len(o.outputs[0].token_ids) - 1
+    if case == "lrs-online":
+        assert [recs[f"a{i}"]["stopped_at"] for i in range(3)] == [None, 4, 4]
+    engines.close(llm)
