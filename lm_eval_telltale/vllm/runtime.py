@@ -50,13 +50,17 @@ def model_compiles(vllm_config) -> bool:
 
 def _host_timed(fn):
     """Add the host time a hook body takes to the runtime's ``hook_s`` (what telltale adds to a step
-    on the host, reported by ``telltale_state`` and ``telltale bench``)."""
+    on the host, reported by ``telltale_state`` and ``telltale bench``); while a sync audit is on
+    (:meth:`VllmRuntime.audit`), the body runs under it."""
 
     @functools.wraps(fn)
     def timed(self, *args):
         t0 = time.perf_counter()
         try:
-            return fn(self, *args)
+            if self._audit is None:
+                return fn(self, *args)
+            with self._audit:
+                return fn(self, *args)
         finally:
             self.hook_s += time.perf_counter() - t0
 
@@ -94,6 +98,8 @@ class VllmRuntime:
         self.step_active = False
         self.steps = 0
         self.hook_s = 0.0  # host seconds spent in the hooks' bodies (begin/end of step, layers, logits)
+        self._audit = None  # a SyncAudit while `telltale bench` counts the syncs of the hooks
+        self._audit_steps = 0
         self.begin_calls = 0
         self.resumed = 0
         self.dropped_after_end = 0  # rows of forwards run after an answer had ended
@@ -233,6 +239,7 @@ class VllmRuntime:
         if self.tp_size > 1:
             self._check_tp_ranks()
         self.steps += 1
+        self._audit_steps += self._audit is not None
 
     def _drain(self) -> None:
         """The steps' rows from the device into the host log (when requests are collected)."""
@@ -325,6 +332,18 @@ class VllmRuntime:
             self._finished.discard(info.serial)
             self.table.release(info.key)
         return out if self.records else []  # tensor-parallel ranks > 0: rank 0's records stand for them
+
+    def audit(self, on: bool) -> dict[str, Any] | None:
+        """Count the syncing operations of the hooks' bodies (:class:`~lm_eval_telltale.core.audit.SyncAudit`)
+        from now on (``on``), or stop and return ``{"steps", "syncs": {operation: count}}``. Slow
+        while on (every operation passes through Python): for a short run apart from timed ones."""
+        from ..core.audit import SyncAudit
+
+        if on:
+            self._audit, self._audit_steps = SyncAudit(), 0
+            return None
+        audit, self._audit = self._audit, None
+        return {"steps": self._audit_steps, "syncs": dict(audit.syncs) if audit is not None else {}}
 
     def state(self) -> dict[str, Any]:
         self._drain()

@@ -6,7 +6,8 @@
 - wiring of model ↔ row mirror ↔ runtime after the model is loaded, with loud failures when a
   piece is missing (wrong model runner, logits processor not installed, ...);
 - a per-step check that every hook fired;
-- ``collective_rpc`` targets: ``telltale_collect``, ``telltale_state``, ``telltale_discard``.
+- ``collective_rpc`` targets: ``telltale_collect``, ``telltale_state``, ``telltale_discard``,
+  ``telltale_audit`` (the sync count of ``telltale bench``).
 
 The two concrete classes live in their own modules because importing vLLM's CPU worker replaces
 parts of ``torch.cuda`` (streams, events, pinned memory) process-wide: a GPU worker must never
@@ -85,6 +86,9 @@ class TelltaleWorkerMixin:
     # -- RPC targets -------------------------------------------------------------------------
     def telltale_collect(self, tags=None, lengths=None):
         return [] if self._tt is None else self._tt.collect(tags, lengths)
+
+    def telltale_audit(self, on=True):
+        return None if self._tt is None else self._tt.audit(bool(on))
 
     def telltale_state(self):
         return None if self._tt is None else self._tt.state()

@@ -154,6 +154,10 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     # telltale's own host time: measured in its hooks (ALRR's re-runs among them), a part of the run
     hooks = cells["alrr"]["hooks"]
     assert hooks["ms_per_step"] > 0 and 0 < hooks["share"] < 1 and "hooks" not in cells["vllm"]
+    # the sync audit of an untimed run: ALRR's one host decision per patched layer and step, nothing else
+    syncs = cells["alrr"]["syncs"]
+    assert syncs["steps"] > 0 and syncs["per_step"] == 3.0 and "syncs" not in cells["vllm"]
+    assert set(syncs["ops"]) <= {"aten::_local_scalar_dense", "aten::is_nonzero"}
     rows = {r["method"]: r for r in rep["rows"]}
     assert rows["alrr"]["ratio"] > 0
     assert 0 < rows["alrr"]["compute_limit_ratio"] < 1
@@ -239,8 +243,8 @@ def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
     assert cell._hook_time([None], [None], wall_s=4.0) == {"ms_per_step": None, "share": None}
     assert cell._hook_time([None, None], after, wall_s=4.0) == {"ms_per_step": None, "share": None}
     cells = [_cell("vllm", 1, r, 20 + r) for r in range(3)]
-    cells += [{**_cell("norms", 1, r, 19 + r), "hooks": {"ms_per_step": 1.0 + r, "share": 0.02 + 0.01 * r}}
-              for r in range(3)]
+    cells += [{**_cell("norms", 1, r, 19 + r), "hooks": {"ms_per_step": 1.0 + r, "share": 0.02 + 0.01 * r},
+               "syncs": {"steps": 40, "ops": {}, "per_step": 0.0}} for r in range(3)]
     rep = report.build_report(cells, {"num_layers": 8, "cell_methods": ["vllm", "norms"], "batch_sizes": [1],
                                      "repeats": 3})
     row = {r["method"]: r for r in rep["rows"]}
@@ -248,5 +252,6 @@ def test_hook_time_is_telltales_host_time_per_step_and_share_of_the_run():
     assert row["vllm"]["hook_ms_per_step"] is None
     md = report.render_markdown(rep)
     assert "| telltale hooks ms/step (share of run) |" in md
-    assert "| 2.00 (3.0%) |" in next(l for l in md.splitlines() if l.startswith("| vllm-norms |"))
+    assert "| 2.00 (3.0%) | 0.00 |" in next(l for l in md.splitlines() if l.startswith("| vllm-norms |"))
+    assert row["norms"]["syncs_per_step"] == 0.0 and row["vllm"]["syncs_per_step"] is None
     assert "- telltale hooks: the host time" in md

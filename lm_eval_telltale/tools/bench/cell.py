@@ -83,6 +83,27 @@ def _hook_time(states0: list, states1: list, wall_s: float, tp: int = 1) -> dict
     return {"ms_per_step": 1e3 * s / steps if steps > 0 else None, "share": s / wall_s if wall_s > 0 else None}
 
 
+def audit_syncs(llm, reqs) -> dict[str, Any]:
+    """The syncing operations telltale's hooks issue per engine step, counted by the workers'
+    sync audit (``telltale_audit``) over one untimed run of ``reqs`` (the audit is slow): rank 0's
+    steps; ``ops`` by operation, summed over the workers."""
+    from ...vllm.driver import collect
+
+    ps, sps, tags = reqs
+    llm.collective_rpc("telltale_audit", args=(True,))
+    try:
+        outs = llm.generate(ps, sps, use_tqdm=False)
+    finally:
+        got = [g for g in llm.collective_rpc("telltale_audit", args=(False,)) if g]
+    collect(llm, tags, [len(o.outputs[0].token_ids) for o in outs])
+    ops: dict[str, int] = {}
+    for g in got:
+        for k, v in g["syncs"].items():
+            ops[k] = ops.get(k, 0) + int(v)
+    steps = got[0]["steps"] if got else 0
+    return {"steps": steps, "ops": ops, "per_step": sum(ops.values()) / steps if steps else None}
+
+
 def timed_run(llm, prompts: list[dict], params: list, tags: list[str]) -> tuple[list[int], list, dict[str, Any]]:
     """Generate ``prompts`` by stepping ``llm``'s engine and time it. ``LLM.generate`` asks for the
     final outputs only; this loop asks for each step's new tokens (``DELTA``: one small output per
@@ -200,6 +221,7 @@ def worker_main(argv: list[str]) -> int:
         warmup = time.perf_counter() - t0
         if telltale:
             collect(llm, tags, [len(o.outputs[0].token_ids) for o in outs])
+            syncs = audit_syncs(llm, requests(spec["warm_prompts"], int(spec["warm_tokens"]), "a"))
 
         def measure(prefix: str) -> dict[str, Any]:
             """One timed run of the cell's requests, its counters and the requests' statistics."""
@@ -230,6 +252,7 @@ def worker_main(argv: list[str]) -> int:
                 res["kernels"] = _kernels(state1)
                 tp = int(getattr(llm.llm_engine.vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
                 res["hooks"] = _hook_time(state0, state1, res["wall_s"], tp)
+                res["syncs"] = syncs
                 if method == "alrr":
                     res["alrr"] = {k: _method_total(state1, k, tp) - _method_total(state0, k, tp)
                                    for k in ("rerun_calls", "rerun_rows")}

@@ -67,6 +67,8 @@ def build_report(cells: list[dict], meta: dict) -> dict:
             hooks = [c["hooks"] for c in cs if (c.get("hooks") or {}).get("ms_per_step") is not None]
             row["hook_ms_per_step"] = _stats([h["ms_per_step"] for h in hooks])["median"]
             row["hook_share"] = _stats([h["share"] for h in hooks if h.get("share") is not None])["median"]
+            sy = [c["syncs"]["per_step"] for c in cs if (c.get("syncs") or {}).get("per_step") is not None]
+            row["syncs_per_step"] = statistics.median(sy) if sy else None
             if m == "alrr":
                 rr = [c["alrr"]["rerun_rows"] / c["generated_tokens"] for c in cs
                       if c.get("alrr") and c.get("generated_tokens")]
@@ -167,9 +169,9 @@ def render_markdown(rep: dict) -> str:
     decode = meta.get("rate") == "decode"
     out += ["", f"| method | batch | requests | {'decode ' if decode else ''}tok/s median | min | max | ratio to stock | "
                 + ("end-to-end tok/s (ratio) | " if decode else "")
-                + "interventions /1k tokens | telltale hooks ms/step (share of run) | re-run rows / token | "
-                  "ALRR compute limit | start-up s |",
-            "|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if decode else "") + "---|--:|--:|--:|--:|"]
+                + "interventions /1k tokens | telltale hooks ms/step (share of run) | syncs / step | "
+                  "re-run rows / token | ALRR compute limit | start-up s |",
+            "|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if decode else "") + "---|--:|--:|--:|--:|--:|"]
     for r in rows:
         t = r["tps"]
         ratio = _f(r["ratio"], ".3f") if r["baseline"] else "(baseline)"
@@ -192,7 +194,7 @@ def render_markdown(rep: dict) -> str:
                 e2e += f" ({_f(r.get('e2e_ratio'), '.3f')})"
             e2e += " | "
         out.append(f"| {r['label']}{fail} | {r['batch']} | {_f(r['requests'], 'd')} | {_f(t['median'])} | "
-                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {e2e}{ev} | {hook} | "
+                   f"{_f(t['min'])} | {_f(t['max'])} | {ratio} | {e2e}{ev} | {hook} | {_f(r.get('syncs_per_step'), '.2f')} | "
                    f"{_f(r.get('rerun_rows_per_token'), '.2f')} | {lim} | {_f(r['startup_s']['median'])} |")
     rate_note = (
         "- decode tok/s: the tokens generated after every request of the cell had its first token ÷ the time after "
@@ -216,8 +218,13 @@ def render_markdown(rep: dict) -> str:
             "layer's norm and method — ALRR's re-runs included —, the threshold update and the step's rows; LRS's "
             "logits) per engine step, and its share of the timed run's wall time (median over repeats): telltale's "
             "own cost, read without the run-to-run noise of the throughput ratio. It leaves out the custom op's "
-            "dispatch and the engine settings the types change. On an accelerator it includes the one wait for the "
-            "device at each step's end (the selection of the step's rows), so there it bounds the cost from above."
+            "dispatch and the engine settings the types change."
+            if engine == "vllm" else None,
+            "- syncs / step: the operations in telltale's hooks that would make the host wait for an accelerator "
+            "(a value read on the host, a data-dependent output size, a copy to the host), counted by the workers' "
+            "sync audit (`core/audit.py`) over one untimed run of the warm-up requests, per engine step. 0 but for "
+            "ALRR's skip-the-re-run decision (one per patched layer and step; `skip_sync=false` takes none); the "
+            "rows of generated tokens reach the host when the requests are collected."
             if engine == "vllm" else None,
             f"- ALRR compute limit: stock tok/s × L / (L + re-run rows per generated token), L = "
             f"{meta.get('num_layers')}: the throughput if the re-run's extra layer passes were ALRR's only cost "
