@@ -18,7 +18,7 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends placed outside the axes included
     plt.close(fig)
     return path
 
@@ -114,9 +114,10 @@ def plot_lrs_cost(t: Table, path: str | Path, column: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    rows = lrs_cost_rows(t)
+    fig, ax = plt.subplots(figsize=(8.0, 4.0 + 0.25 * len(rows)))
     cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(lrs_cost_rows(t)):
+    for i, r in enumerate(rows):
         c = r.cells.get(column)
         x = r.extras.get("cand_tokens") if not r.is_baseline else r.extras.get("gen_tokens")
         if c is None or c.value is None or x is None:
@@ -127,7 +128,8 @@ def plot_lrs_cost(t: Table, path: str | Path, column: str) -> Path:
     ax.set_ylabel(f"{column} (× 100, ± stderr)", fontsize=9)
     ax.set_title("LRS: accuracy against tokens, full and online", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.margins(x=0.15)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
     return save_figure(fig, path)
 
 
