@@ -29,6 +29,7 @@ import logging
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -70,6 +71,11 @@ def run(fn: Callable, state: tuple, inputs: tuple, written: tuple = (), consts: 
     operations' result and False — the caller runs them from then on."""
     with torch.inference_mode():
         args = (*state, *(plain(t, tokens) for t in inputs), *(dynamic_tokens(w) for w in written), *consts)
+        if _get_current_dispatch_mode() is not None:
+            # a dispatch mode is watching every operation (the sync audit, core/audit.py): the plain
+            # operations, which it can see; a compiled call would not run under it, and its failure
+            # must not switch the compiled kernel off for the steps after the audit
+            return fn(*args), True
         try:
             return compiled(fn, dynamic=tokens)(*args), True
         except Exception as e:  # noqa: BLE001 — the plain operations give the same numbers

@@ -130,3 +130,27 @@ class _Nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_an_audit_leaves_the_compiled_kernels_compiled():
+    """A step run under the audit takes the plain operations (a compiled call cannot run under a
+    dispatch mode); the compiled threshold update must stay on for the steps after it (an audit in
+    `telltale bench` once switched it off for the timed runs), with the same numbers."""
+    from lm_eval_telltale.core.thresholds import Thresholds
+
+    eager, fused = (Thresholds("request", num_layers=2, capacity=4, warmup=2) for _ in range(2))
+    fused.fuse()
+    g = torch.Generator().manual_seed(1)
+    for t in range(12):
+        slot, norms = torch.arange(3), torch.rand(3, 2, generator=g) * 5
+        mask = torch.ones(3, dtype=torch.bool)
+        with torch.inference_mode():
+            for thr in (eager, fused):
+                if t == 6:
+                    with SyncAudit() as audit:
+                        thr.update(slot, norms, mask)
+                    assert audit.total == 0
+                else:
+                    thr.update(slot, norms, mask)
+        assert torch.equal(fused.tau_slots().nan_to_num(-1.0), eager.tau_slots().nan_to_num(-1.0))
+    assert fused.fused and torch.isfinite(fused.tau_slots()[:3]).all()
