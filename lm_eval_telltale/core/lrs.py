@@ -9,10 +9,8 @@ Online LRS (``stop_signal`` ``norm`` or ``conf``, docs/methods.md §4): the firs
 ``warmup_candidates`` of a prompt run to the end; the driver sets the prompt's threshold from their
 scores (:func:`online_threshold`) and sends the later candidates with it. In the worker
 (:class:`OnlineStop`) a later candidate whose windowed score falls below its threshold is marked
-stopped on the device, and the token it samples in that step is forced to its stop token — no host
+stopped on the device, and the next token it samples is forced to its stop token — no host
 sync, no abort from the driver. Stopped candidates are excluded from selection.
-
-Scores:
 
 Norm scores (per candidate, over its generated tokens, summed over the patched layers):
   ``late_sum`` (default) Σ_l Σ_{t in last third} n_t — the reading of the paper's "summed norms

@@ -134,7 +134,7 @@ class GenRequest:
     #: generate ``max_new_tokens`` whatever the tokens (benchmarks)
     ignore_eos: bool = False
     #: per-request method settings, under the keys vLLM requests carry in ``SamplingParams.extra_args``
-    #: (online LRS's threshold and stop token: ``core.lrs.STOP_THRESHOLD_KEY``/``STOP_TOKEN_KEY``)
+    #: (online LRS's threshold, stop token and end-of-thinking token: ``core.lrs.*_KEY``)
     extra_args: dict = field(default_factory=dict)
 
 
@@ -281,7 +281,9 @@ class HFRuntime:
         counts = valid.sum(1)
         qsl = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=ids.device)
         qsl[1:] = counts.cumsum(0)
-        step = build_step(self.table, qsl, row_slot, pos[valid], ids[valid])
+        # every position of a dense step is a real token: no boolean mask (its positions are a host sync)
+        pos_t, ids_t = (pos.reshape(-1), ids.reshape(-1)) if dense else (pos[valid], ids[valid])
+        step = build_step(self.table, qsl, row_slot, pos_t, ids_t)
         self.core.begin(step)
         self._valid, self._dense, self._cache, self._active = valid, dense, cache, True
         try:
