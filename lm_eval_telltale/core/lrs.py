@@ -294,6 +294,7 @@ class OnlineStop:
     def __init__(self, table, window: int):
         self.table, self.window = table, int(window)
         self.win = SlidingLow(table, "stop", self.window)
+        self._all: torch.Tensor | None = None
         table.register("stop_thr", (), torch.float32, float("nan"))
         table.register("stop_tok", (), torch.int64, -1)
         table.register("stop_at", (), torch.int64, -1)
@@ -333,7 +334,9 @@ class OnlineStop:
         per.index_put_((s,), torch.where(step.new, v, torch.zeros_like(v)), accumulate=True)
         cnt = torch.zeros(cap + 1, dtype=torch.int64, device=v.device)
         cnt.index_put_((s,), torch.ones_like(s), accumulate=True)
-        self.update(torch.arange(cap, device=v.device), per[:cap], cnt[:cap] > 0)
+        if self._all is None or self._all.shape[0] != cap:  # every slot, made once per table size
+            self._all = torch.arange(cap, device=v.device)
+        self.update(self._all, per[:cap], cnt[:cap] > 0)
 
     def force(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
         """In place: the rows of stopped slots can sample only their stop token."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from .plots import lrs_cost_rows, plot_deltas, plot_lrs_cost
 from .render import render
 from .runs import results_files
-from .table import build_table
+from .table import build_table, full_lrs_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "telltale_arith"
@@ -142,17 +142,17 @@ def ablation_verdict(t, task: str = TASK) -> str:
 def online_lrs_summary(t, task: str = TASK) -> list[str]:
     """One line per online-LRS row: its tokens per prompt against full LRS's and its accuracy change
     (with the stderr of the difference, the runs being treated as independent)."""
-    rows = [r for r in t.rows if r.method == "lrs" and r.returned and r.extras.get("cand_tokens") is not None]
-    full = next((r for r in rows if r.settings.get("stop_signal", "none") == "none"), None)
+    full_of = full_lrs_of(t.rows)
     out = []
-    for r in rows:
-        if r is full or full is None:
+    for r in t.rows:
+        full = full_of.get(id(r))
+        if not r.returned or full is None or full is r or r.extras.get("cand_frac") is None:
             continue
         c, f = r.cells.get(task), full.cells.get(task)
         if c is None or f is None or c.value is None or f.value is None:
             continue
         se = (c.stderr ** 2 + f.stderr ** 2) ** 0.5 if c.stderr is not None and f.stderr is not None else None
-        saved = 1.0 - r.extras["cand_tokens"] / full.extras["cand_tokens"]
+        saved = 1.0 - r.extras["cand_frac"]
         out.append(f"Online LRS ({r.settings.get('stop_signal')}) on {task}: {r.extras['cand_tokens']:.0f} tokens per "
                    f"prompt vs {full.extras['cand_tokens']:.0f} for full LRS ({100 * saved:.0f} % fewer), "
                    f"{r.extras.get('stopped') or 0:.2f} candidates stopped per prompt; accuracy {c.value:.1f} vs "

@@ -615,9 +615,10 @@ def build_table(targets: Iterable[str | Path], *, baseline: str = "vllm", metric
 _LRS_DEFAULTS = {k: str(v[0]) for k, v in _LRS_KEYS.items()}
 
 
-def _full_lrs_fraction(rows: list[Row]) -> None:
-    """``cand_frac``: an LRS row's tokens per prompt as a fraction of the same model's full-LRS row
-    with as many candidates (``stop_signal`` none; its newest run)."""
+def full_lrs_of(rows: list[Row]) -> dict[int, Row]:
+    """Each LRS row's full-LRS row (``id(row)`` → row): the same model's returned full-LRS row
+    (``stop_signal`` none; its newest run) with as many candidates — the one pairing rule of the
+    ``× full`` column and ``make eval``'s online-LRS lines."""
     def n_of(r: Row) -> str:
         return r.settings.get("n_candidates", _LRS_DEFAULTS["n_candidates"])
 
@@ -625,11 +626,17 @@ def _full_lrs_fraction(rows: list[Row]) -> None:
     for r in sorted(rows, key=lambda r: r.date):
         if r.method == "lrs" and r.returned and r.settings.get("stop_signal", "none") == "none" \
                 and r.extras.get("cand_tokens"):
-            full[(r.model, n_of(r))] = r.extras["cand_tokens"]
+            full[(r.model, n_of(r))] = r
+    return {id(r): full[(r.model, n_of(r))] for r in rows if r.method == "lrs" and (r.model, n_of(r)) in full}
+
+
+def _full_lrs_fraction(rows: list[Row]) -> None:
+    """``cand_frac``: an LRS row's tokens per prompt as a fraction of its full-LRS row's."""
+    full = full_lrs_of(rows)
     for r in rows:
-        base = full.get((r.model, n_of(r))) if r.method == "lrs" else None
-        if base and r.extras.get("cand_tokens") is not None:
-            r.extras["cand_frac"] = r.extras["cand_tokens"] / base
+        base = full.get(id(r))
+        if base is not None and r.extras.get("cand_tokens") is not None:
+            r.extras["cand_frac"] = r.extras["cand_tokens"] / base.extras["cand_tokens"]
 
 
 def _date_str(ts: float) -> str:
