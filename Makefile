@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 unexport VLLM_CPU_KVCACHE_SPACE
 
-.PHONY: setup lint test test-fast eval clean
+.PHONY: setup lint test test-fast eval signals clean
 setup:
 	@bash scripts/setup_env.sh
 
@@ -21,6 +21,12 @@ test-fast: lint
 
 eval: setup
 	$(PY) -m lm_eval_telltale.tools.demo $(EVAL_ARGS)
+
+# the signal study on the shipped model (README "The signal study"): results/signals.md and its plots
+signals: setup
+	$(VENV)/bin/telltale signals --model lm_eval_telltale/arith/telltale-arith-tiny --tasks telltale_arith \
+		--limit 25 --dtype float32 --out .cache/signals $(SIGNALS_ARGS)
+	cp .cache/signals/signals.md .cache/signals/signals_corr.png .cache/signals/signals_think.png results/
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -7,6 +7,7 @@ Subcommands:
   tasks-path   print the packaged task directory (for ``--include_path``)
   table        results table from lm-eval run directories + sidecars (md/csv/latex/json, --plot PNG)
   profile      per-layer norm distributions of generated tokens (thinking on/off), JSON + PNG plots
+  signals      the ℓ2 norm vs SAE reasoning features and entropy signals per layer, thinking vs answering
   calibrate    per-layer norm quantiles as a file for ``tau_mode=calibrated`` / ``config=``
   view         self-contained HTML page: generated tokens shaded by the norm, τ crossings, interventions
   bench        decode throughput of each model type vs stock vLLM (tokens/s, ratio, ALRR's compute limit)
@@ -67,6 +68,7 @@ COMMANDS = {
     "tasks-path": lambda argv: print(__import__("lm_eval_telltale").tasks_dir()) or 0,
     "table": lambda argv: __import__("lm_eval_telltale.tools.table", fromlist=["main"]).main(argv),
     "profile": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_profile(argv),
+    "signals": lambda argv: __import__("lm_eval_telltale.tools.signals", fromlist=["main"]).main(argv),
     "calibrate": lambda argv: __import__("lm_eval_telltale.tools.profile", fromlist=["main"]).main_calibrate(argv),
     "view": lambda argv: __import__("lm_eval_telltale.tools.view", fromlist=["main"]).main(argv),
     "bench": lambda argv: __import__("lm_eval_telltale.tools.bench", fromlist=["main"]).main(argv),

@@ -215,7 +215,7 @@ def collect(model: str, tasks: list[str], *, limit: int | None = None, thinking:
         tau = np.asarray([[np.nan if v is None else v for v in row] for row in (t.get("tau") or [])],
                          dtype=np.float64).reshape(-1, L)
         samples.append({"mode": p["mode"], "task": p["task"], "doc_id": p["doc_id"],
-                        "n_prompt_tokens": len(enc), "token_ids": list(token_ids),
+                        "n_prompt_tokens": len(enc), "prompt_ids": list(enc), "token_ids": list(token_ids),
                         "text": text, "finish_reason": finish,
                         "position": list(t.get("position") or []), "norm": norm, "tau": tau})
     think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
@@ -248,6 +248,7 @@ def _generate_vllm(model, cfg, arch, tok, prompts, ids, settings, engine_args, s
         sps = [SamplingParams(**st, extra_args={TAG_KEY: p["tag"]}) for p, st in zip(prompts, settings)]
         outs = llm.generate([{"prompt_token_ids": enc} for enc in ids], sps, use_tqdm=True)
         recs = collect(llm, [p["tag"] for p in prompts], [len(o.outputs[0].token_ids) for o in outs])
+        used["model_dtype"] = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")  # vLLM may downcast
     finally:
         try:
             llm.llm_engine.engine_core.shutdown()
@@ -272,6 +273,7 @@ def _generate_hf(model, cfg, arch, tok, prompts, ids, settings, engine_args, see
     kw.setdefault("dtype", "auto")
     used.update({"device": device, "batch_size": bs, **kw})
     lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, **kw).to(device).eval()
+    used["model_dtype"] = str(lm.dtype).removeprefix("torch.")
     rt = HFRuntime(lm, cfg, engine_seed=seed, tokenizer=tok)
     reqs = [GenRequest(list(enc), st["max_tokens"], tag=p["tag"], sampling_seed=st["seed"],
                        temperature=st["temperature"], top_p=float(st.get("top_p", 1.0)),

@@ -152,7 +152,7 @@ def think_flags(pieces: list[str], starts_open: bool) -> list[int]:
     return flags
 
 
-def _prompt_opens_think(prompt: str | None) -> bool:
+def prompt_opens_block(prompt: str | None) -> bool:
     if not prompt:
         return False
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
@@ -199,7 +199,7 @@ def sample_data(row: dict, res: dict | None, tok, sample: dict | None) -> dict[s
         except (KeyError, TypeError):
             prompt = None
     full = "".join(pieces)
-    starts_open = _prompt_opens_think(prompt) or (THINK_CLOSE in full and full.find(THINK_OPEN) == -1) \
+    starts_open = prompt_opens_block(prompt) or (THINK_CLOSE in full and full.find(THINK_OPEN) == -1) \
         or (THINK_CLOSE in full and full.find(THINK_CLOSE) < full.find(THINK_OPEN))
     flags = think_flags(pieces, starts_open)
     L = len(layers)

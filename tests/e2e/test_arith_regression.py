@@ -263,3 +263,19 @@ def test_rescore_of_a_run_scored_by_an_older_scorer(eval_run, tmp_path, capsys):
     assert new_res["telltale_rescore"]["source"] == str(res_path.resolve())
     with pytest.raises(SystemExit):  # never over an earlier rescoring
         rescore.main_rescore([str(src), "--out", str(out)])
+
+
+def test_signals_teacher_forces_a_finished_run(eval_run, tmp_path):
+    """``telltale signals --run``: the norms run's logged generations (no sidecar token ids in it:
+    the raw outputs, tokenized) teacher-forced, with SAEs trained on them (issue #37)."""
+    from lm_eval_telltale.tools.signals import main
+
+    out = tmp_path / "sig"
+    assert main(["--run", str(_run_dir(eval_run, "norms")), "--limit", "3", "--layers", "5-7", "--bootstrap", "20",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "signals.json").read_text())
+    assert res["counts"]["generations"] == 12 and res["layers"] == [5, 6, 7]
+    assert res["counts"]["thinking"] > 100 and res["counts"]["answering"] > 50
+    assert res["agreement"] is None  # make eval's runs record no per-token trace
+    assert [v["verdict"] for v in res["verdicts"]][0] == "holds"
+    assert sorted(p.name for p in (out / "sae").iterdir()) == ["layers.5", "layers.6", "layers.7"]
