@@ -25,7 +25,7 @@ eval: setup
 # the signal study on the shipped model (README "The signal study"): results/signals.md and its plots
 signals: setup
 	$(VENV)/bin/telltale signals --model lm_eval_telltale/arith/telltale-arith-tiny --tasks telltale_arith \
-		--limit 25 --dtype float32 --out .cache/signals $(SIGNALS_ARGS)
+		--limit 25 --dtype float32 --kv-cache-memory-bytes 268435456 --out .cache/signals $(SIGNALS_ARGS)
 	cp .cache/signals/signals.md .cache/signals/signals_corr.png .cache/signals/signals_think.png results/
 
 clean:

@@ -127,7 +127,7 @@ def test_bound_holds_for_the_encoder_and_a_planted_violation_is_reported():
     assert 0 < r <= 1
     assert bound_ratio(f * 3.0, x, sae.W_enc, sae.b_enc) > 1  # activations the encoder cannot produce
     res = {"per_layer": {"3": {"bound_ratio": bound_ratio(f * 3.0, x, sae.W_enc, sae.b_enc)}}, "layers": [3],
-           "late_layers": [3], "signals": [], "agreement": None}
+           "late_layers": [3], "signals": [], "agreement": None, "counts": {"generations": 20}}
     v = verdicts(res)
     assert v[0]["verdict"] == "does not hold" and "layer 3" in v[0]["evidence"]
 
@@ -136,6 +136,9 @@ def test_reasoning_features_are_the_planted_ones():
     think = torch.tensor([0.0, 2.0, 1.0, 5.0, 0.5])
     answer = torch.tensor([1.0, 0.1, 1.0, 0.5, 0.0])
     assert reasoning_features(think, answer, top=2).tolist() == [1, 4]  # (2−0.1)/0.1 = 19, 0.5/ε
+    assert reasoning_features(think, answer, top=5).tolist() == [1, 3, 4]  # never one less active while thinking
+    freq = torch.tensor([0.0, 0.5, 0.5, 0.5, 0.001])  # feature 4 fires on 0.1 % of the thinking rows
+    assert reasoning_features(think, answer, top=2, think_freq=freq).tolist() == [1, 3]
     assert reasoning_features(torch.zeros(5), answer, top=3).tolist() == []
 
 
@@ -197,32 +200,63 @@ def test_sparsify_and_saelens_variants_load(tmp_path):
 
 # -- the analysis on a planted dataset ----------------------------------------------------------------
 
-def test_analysis_reports_a_planted_norm_signal():
-    """Rows whose reasoning features scale with the norm (thinking rows larger): the verdicts hold;
-    the same rows with the norm shuffled: the correlation verdict does not."""
-    rng = np.random.default_rng(3)
+def _planted(n_gen=30, seed=3):
+    """Generations whose reasoning features scale with the norm (thinking rows larger), entropies noise."""
+    rng = np.random.default_rng(seed)
     d, k = 8, 32
     sae = SAE(torch.eye(d).repeat(1, k // d), torch.zeros(k), torch.zeros(d), None, 1)
     passes, labels = [], []
-    for _g in range(30):
+    for _g in range(n_gen):
         n = 20
         lab = np.where(np.arange(n) < 12, THINK, ANSWER).astype(np.int8)
         scale = np.where(lab == THINK, 3.0, 1.0) * rng.uniform(0.5, 1.5, n)
         h = torch.from_numpy(np.abs(rng.standard_normal((n, d))) * scale[:, None]).float()
         ent = rng.standard_normal((n, 1))
-        passes.append({"position": list(range(10, 10 + n)), "h": h[None], "norm": np.linalg.norm(h.numpy(), axis=1)[:, None],
-                       "hidden_entropy": ent, "lens_entropy": ent, "attn_entropy": ent,
+        passes.append({"position": list(range(10, 10 + n)), "h": {1: h}, "norm": np.linalg.norm(h.numpy(), axis=1)[:, None],
+                       "hidden_entropy": ent, "lens_entropy": ent.copy(), "attn_entropy": ent.copy(),
                        "output_entropy": rng.standard_normal(n)})
         labels.append(lab)
     meta = {"model": "m", "num_layers": 2, "tasks": ["t"], "modes": ["thinking"], "engine": "x"}
-    res = analyze(meta, [{}] * 30, passes, labels, {1: sae}, [1], top=8, n_boot=100, seed=0)
-    v = {x["claim"][:20]: x["verdict"] for x in res["verdicts"]}
-    assert list(v.values()) == ["holds", "holds", "holds"], res["verdicts"]
+    return meta, passes, labels, {1: sae}, rng
+
+
+def _verdicts(res):
+    return [v["verdict"] for v in res["verdicts"]]
+
+
+def test_analysis_reports_a_planted_norm_signal():
+    """The planted signal: every verdict holds. The norm shuffled within each generation: the
+    correlation verdict does not. An entropy that is the norm's negative mirror tracks the score as
+    closely (in absolute value): it does not either. Too few generations or no bootstrap: the
+    statistical claims are not measured."""
+    meta, passes, labels, saes, rng = _planted()
+    res = analyze(meta, [{}] * 30, passes, labels, saes, [1], top=8, n_boot=100, seed=0)
+    assert _verdicts(res) == ["holds", "holds", "holds"], res["verdicts"]
     assert res["per_layer"]["1"]["correlation"]["norm"]["spearman"] > 0.7
+    assert res["per_layer"]["1"]["norm_margin"]["spearman_ci"][0] > 0.4
+    mirrored = [{**p, "hidden_entropy": -p["norm"] * 1.01} for p in passes]
+    res = analyze(meta, [{}] * 30, mirrored, labels, saes, [1], top=8, n_boot=100, seed=0)
+    assert _verdicts(res)[1] == "does not hold" and "hidden_entropy" in res["verdicts"][1]["evidence"]
+    assert _verdicts(analyze(meta, [{}] * 30, passes, labels, saes, [1], top=8, n_boot=0, seed=0))[1:] == [
+        "not measured", "not measured"]
+    assert _verdicts(analyze(meta, [{}] * 5, passes[:5], labels[:5], saes, [1], top=8, n_boot=50, seed=0))[1:] == [
+        "not measured", "not measured"]
+    held = analyze(meta, [{}] * 30, passes, labels, saes, [1], top=8, n_boot=50, seed=0, held_out=True)
+    assert held["counts"]["evaluated_generations"] == 15 and _verdicts(held) == ["holds", "holds", "holds"]
     for p in passes:
         p["norm"] = rng.permutation(p["norm"])
-    res = analyze(meta, [{}] * 30, passes, labels, {1: sae}, [1], top=8, n_boot=100, seed=0)
-    assert res["verdicts"][1]["verdict"] == "does not hold"
+    res = analyze(meta, [{}] * 30, passes, labels, saes, [1], top=8, n_boot=100, seed=0)
+    assert _verdicts(res)[1] == "does not hold"
+
+
+def test_engine_agreement_fails_on_a_value_that_is_not_finite():
+    from lm_eval_telltale.tools.signals.analysis import engine_agreement
+
+    p = {"position": [5, 6, 7], "norm": np.array([[1.0], [2.0], [3.0]])}
+    ok = engine_agreement([{"position": [5, 6, 7], "norm": np.array([[1.0], [2.0], [3.0]])}], [p], [4], None, "float32")
+    assert ok["ok"] and ok["rows"] == 3
+    bad = engine_agreement([{"position": [5, 6, 7], "norm": np.array([[1.0], [np.nan], [3.0]])}], [p], [4], None)
+    assert not bad["ok"] and not bad["finite"]
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -243,6 +277,7 @@ def _no_engine(monkeypatch):
     (["--sae-l1", "-1"], "--sae-l1 must be >= 0"),
     (["--run", "NORUN"], "--run"),
     (["--sae", "BADSAE", "--train-sae"], "not allowed with argument"),
+    (["--thinking", "off"], "--thinking off: the study contrasts thinking with answering tokens"),
 ])
 def test_cli_checks_before_generating(tmp_path, monkeypatch, capsys, extra, msg):
     from lm_eval_telltale.tools.signals import main
@@ -267,12 +302,12 @@ def test_cli_end_to_end_on_the_shipped_model(tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     out = tmp_path / "sig"
     p = subprocess.run([str(BIN / "telltale"), "signals", "--model", str(SHIPPED), "--tasks", "telltale_arith_l2",
-                        "--limit", "4", "--dtype", "float32", "--bootstrap", "50", "--kv-cache-memory-bytes",
+                        "--limit", "5", "--dtype", "float32", "--bootstrap", "50", "--kv-cache-memory-bytes",
                         str(KV_BYTES), "--engine-args", '{"enforce_eager": true}', "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "signals.json").read_text())
-    assert res["meta"]["modes"] == ["thinking", "non-thinking"] and res["counts"]["generations"] == 8
+    assert res["meta"]["modes"] == ["thinking", "non-thinking"] and res["counts"]["generations"] == 10
     assert res["counts"]["thinking"] > 50 and res["counts"]["answering"] > 50
     ag = res["agreement"]
     assert ag["engine_dtype"] == "float32" and ag["rows"] == res["counts"]["rows"] and ag["max_rel_diff"] <= 1e-4
@@ -296,3 +331,10 @@ def test_cli_end_to_end_on_the_shipped_model(tmp_path):
     for l in map(str, range(8)):
         assert res2["per_layer"][l]["correlation"] == res["per_layer"][l]["correlation"]
         assert res2["per_layer"][l]["sae"]["features"] == res["per_layer"][l]["sae"]["features"]
+    # the features chosen on half the generations, the statistics over the other half: 5 of 10 is too few
+    held = tmp_path / "held"
+    assert main(["--collection", str(out / "collection.npz"), "--sae", str(out / "sae"), "--bootstrap", "20",
+                 "--held-out", "--no-attention", "--layers", "6-7", "--out", str(held)]) == 0
+    res3 = json.loads((held / "signals.json").read_text())
+    assert res3["counts"]["evaluated_generations"] == 5 and "attn_entropy" not in res3["signals"]
+    assert [v["verdict"] for v in res3["verdicts"]][1:3] == ["not measured", "not measured"]

@@ -52,8 +52,12 @@ def _args() -> argparse.ArgumentParser:
     ap.add_argument("--top-features", type=int, default=TOP_FEATURES,
                     help=f"reasoning features per layer (default {TOP_FEATURES})")
     ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help=f"bootstrap draws (default {BOOTSTRAP})")
-    ap.add_argument("--no-attention", action="store_true", help="skip the attention entropy (no eager attention "
-                                                                "weights: long sequences need T² memory per layer)")
+    ap.add_argument("--held-out", action="store_true", help="choose the reasoning features on the even-numbered "
+                                                            "generations and take every statistic over the odd ones "
+                                                            "(default: both on all, as the paper does)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention entropy: the pass then runs sdpa "
+                                                                "attention (eager attention holds heads × T² weights "
+                                                                "per layer)")
     ap.add_argument("--device", default=None, help="device of the teacher-forced pass (default cuda when available)")
     return ap
 
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
             ap.error(f"--sae {e}")
         if fresh:
             _check_saes(ap, a, saes, checked["layers"], _hidden_size(a.model, a.trust_remote_code))
+    if fresh:
+        _check_thinking(ap, a)
     saved = None
     if a.run is not None:
         col = _from_run(ap, a)
@@ -137,6 +143,21 @@ def main(argv=None) -> int:
     print(f"{prog}: wrote {', '.join(map(str, paths))}" + (f" (generations: {saved})" if saved else ""),
           file=sys.stderr)
     return 0
+
+
+def _check_thinking(ap, a) -> None:
+    """Before an engine: the study contrasts thinking with answering tokens, so the model must mark
+    its thinking (``<think>`` … ``</think>``) and the generations must include thinking."""
+    if a.thinking == "off":
+        ap.error("--thinking off: the study contrasts thinking with answering tokens; use auto, both or on")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=a.trust_remote_code)
+    vocab = tok.get_vocab()
+    template = str(getattr(tok, "chat_template", "") or "")
+    if "</think>" not in vocab and "</think>" not in template:
+        ap.error(f"--model {a.model}: its tokenizer has no </think> token and its chat template no think block: the "
+                 "study needs a model that marks its thinking with <think> … </think>")
 
 
 def _from_run(ap, a) -> dict:
@@ -186,23 +207,30 @@ def run(col: dict, a, saes: dict | None, out: Path, command: str | None = None):
             raise ValueError(f"--sae {a.sae}: SAEs for layers {sorted(saes)} do not fit the collection's model "
                              f"(layers {layers}, hidden size {hidden})")
     tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
-    lm = load_model(model, a.device, trust)
-    sp = SignalPass(lm, layers, attention=not a.no_attention)
+    if saes is not None:
+        unused = sorted(set(saes) - set(layers))
+        if unused:
+            print(f"telltale signals: warning: SAEs for layers {unused} are not among the analysed layers {layers}; "
+                  "unused (see --layers)", file=sys.stderr)
+    keep = set(layers) if saes is None else set(saes) & set(layers)
+    lm = load_model(model, a.device, trust, attention=not a.no_attention)
+    sp = SignalPass(lm, layers, attention=not a.no_attention, keep=keep)
     passes, labels = [], []
     for s in tqdm(samples, desc="telltale signals: teacher-forced pass", unit="gen"):
         p = sp.run(s["prompt_ids"], s["token_ids"])
         passes.append(p)
         labels.append(row_labels(tok, s["prompt_ids"], s["token_ids"], len(p["position"])))
+    dev = lm.get_output_embeddings().weight.device
     del lm, sp
     if saes is None:
         saes = {}
         bar = tqdm(total=len(layers) * a.sae_epochs, desc="telltale signals: training SAEs", unit="epoch")
-        for j, l in enumerate(layers):
-            h = torch.cat([p["h"][j] for p in passes])
+        for l in layers:
+            h = torch.cat([p["h"][l] for p in passes])
             saes[l] = train_sae(h, l, expansion=a.sae_expansion, epochs=a.sae_epochs, lr=a.sae_lr, l1=a.sae_l1,
-                                seed=a.seed, progress=bar.update)
+                                seed=a.seed, progress=bar.update, device=dev)
             save_saelens(saes[l], out / "sae" / f"layers.{l}", model_name=str(model))
         bar.close()
     res = analyze({**meta, "sae": a.sae or "trained"}, samples, passes, labels, saes, layers,
-                  top=a.top_features, n_boot=a.bootstrap, seed=a.seed)
+                  top=a.top_features, n_boot=a.bootstrap, seed=a.seed, held_out=a.held_out)
     return report.write(res, out, command), res["verdicts"]

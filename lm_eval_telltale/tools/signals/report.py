@@ -36,27 +36,37 @@ def markdown(res: dict, command: str | None = None) -> str:
               f"generated with {m['engine']}, signals from a teacher-forced transformers pass (float32, eager "
               f"attention). {c['generations']} generations, {c['rows']} token rows: {c['thinking']} thinking, "
               f"{c['answering']} answering, {c['think tag']} think-tag rows. Intervals: 95 %, bootstrap over "
-              f"generations ({res['settings']['bootstrap']} draws). Definitions: `docs/methods.md` §9.", "",
+              f"generations ({res['settings']['bootstrap']} draws). "
+              + ("Reasoning features chosen on the even-numbered generations, every statistic over the "
+                 f"{c['evaluated_generations']} odd-numbered ones (--held-out). " if res["settings"].get("held_out")
+                 else "")
+              + "Definitions: `docs/methods.md` §9.", "",
               "## Verdicts", ""]
     for v in res["verdicts"]:
         lines.append(f"- **{v['verdict']}**: {v['claim']} ({v['evidence']})")
     lines += [""]
     rows = [l for l in map(str, res["layers"]) if "correlation" in pl[l]]
     if rows:
+        margin = any("norm_margin" in pl[l] for l in rows)
         lines += ["## Correlation with the SAE reasoning-feature score (Spearman ρ [95 %]; Pearson r)", "",
-                  "| layer | " + " | ".join(TITLES[s] for s in names) + " |",
-                  "|--:|" + "--:|" * len(names)]
+                  "| layer | " + " | ".join(TITLES[s] for s in names) + (" | ρ_norm − max \\|ρ_entropy\\| |" if margin
+                                                                         else " |"),
+                  "|--:|" + "--:|" * (len(names) + margin)]
         for l in rows:
             cc = pl[l]["correlation"]
+            m = pl[l].get("norm_margin")
             lines.append(f"| {l} | " + " | ".join(f"{_num(cc[s]['spearman'])}{_ci(cc[s]['spearman_ci'])}; "
-                                                 f"{_num(cc[s]['pearson'])}" for s in names) + " |")
-        lines += ["", "## The SAEs", "", "| layer | source | d_sae | features | L0 (rows) | train FVU | train L0 | "
-                  "dead | largest bound ratio |", "|--:|--|--:|--:|--:|--:|--:|--:|--:|"]
+                                                 f"{_num(cc[s]['pearson'])}" for s in names)
+                         + (f" | {_num(m['spearman'])}{_ci(m['spearman_ci'])} |" if m else (" | |" if margin else " |")))
+        lines += ["", "## The SAEs", "", "| layer | source | d_sae | features | their firing share (thinking) | "
+                  "zero scores | L0 (rows) | train FVU | train L0 | dead | largest bound ratio |",
+                  "|--:|--|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for l in rows:
             s = pl[l]["sae"]
             t = s.get("train") or {}
-            lines.append(f"| {l} | {s['source'].split(':')[0]} | {s['d_sae']} | {s['n_features']} | {s['l0']:.1f} | "
-                         f"{_num(t.get('fvu'), '.3f')} | {_num(t.get('l0'), '.1f')} | "
+            lines.append(f"| {l} | {s['source'].split(':')[0]} | {s['d_sae']} | {s['n_features']} | "
+                         f"{_num(s.get('feature_think_freq'), '.1%')} | {_num(s.get('zero_score_share'), '.0%')} | "
+                         f"{s['l0']:.1f} | {_num(t.get('fvu'), '.3f')} | {_num(t.get('l0'), '.1f')} | "
                          f"{_num(t.get('dead_fraction'), '.0%')} | {pl[l]['bound_ratio']:.4f} |")
         lines += [""]
     cols = names + (["feature_score"] if rows else [])
@@ -69,9 +79,13 @@ def markdown(res: dict, command: str | None = None) -> str:
     ag = res.get("agreement")
     lines += ["", "## Reading", "",
               "- The reasoning features are the top "
-              f"{res['settings']['top_features']} by (thinking − answering)/(answering + ε) mean activation, chosen "
-              "on the same rows they are scored on (as the paper does); the feature score's own thinking-vs-answering "
-              "contrast is therefore large by construction and is no evidence.",
+              f"{res['settings']['top_features']} by (thinking − answering)/(answering + ε) mean activation, among "
+              "those more active while thinking and firing on ≥ 1 % of the thinking rows"
+              + (", chosen on the other half of the generations (--held-out)." if res["settings"].get("held_out") else
+                 ", chosen on the rows they are scored on (as the paper does; --held-out separates the two): the "
+                 "feature score's own thinking-vs-answering contrast is large by construction and no evidence."),
+              "- A sparse SAE leaves many rows with a feature score of exactly 0 (the SAE table's \"zero scores\"); "
+              "Spearman ρ then compares mostly tied ranks.",
               f"- The bound check passes when the largest ratio is ≤ 1 (+{BOUND_TOL:g} for float32 rounding); it is "
               "a property of any ReLU-family encoder, so a failure means the activations are not the encoder's.",
               "- Output entropy is one value per token (the same at every layer).",

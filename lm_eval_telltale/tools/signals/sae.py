@@ -6,9 +6,13 @@ Formats read (one SAE per directory; ``--sae DIR`` may hold one, or one per laye
 - SAELens: ``cfg.json`` + ``sae_weights.safetensors`` (``W_enc`` [d_in, d_sae], ``b_enc``,
   ``W_dec`` [d_sae, d_in], ``b_dec``; ``threshold`` for ``jumprelu``), architectures ``standard``,
   ``jumprelu`` and ``topk``; the hook (``metadata.hook_name`` or ``hook_name``) must be a residual
-  stream: ``blocks.N.hook_resid_post`` is layer N, ``blocks.N.hook_resid_pre`` layer N − 1. The
-  encoder input is h − b_dec when ``apply_b_dec_to_input``; ``normalize_activations`` ``none`` or
-  ``expected_average_only_in`` (each h scaled to norm √d_in, as SAELens does at run time).
+  stream: ``blocks.N.hook_resid_post`` (or the module path ``model.layers.N``) is layer N,
+  ``blocks.N.hook_resid_pre`` layer N − 1. The encoder input is h − b_dec when
+  ``apply_b_dec_to_input``. ``normalize_activations``: ``none``, or ``expected_average_only_in``,
+  which SAELens does not apply at run time (its one dataset-wide scale is folded into the weights,
+  or a pretrained SAE's ``norm_scaling_factor`` that the caller must fold in). SAEs that normalise
+  each token's input (``constant_norm_rescale``, ``layer_norm``) are refused: their features
+  cannot depend on ‖h‖, so the norm claim cannot be tested with them.
 - sparsify: ``cfg.json`` (``d_in``, ``k``) + ``sae.safetensors`` (``encoder.weight`` [d_sae, d_in],
   ``encoder.bias``, ``W_dec``, ``b_dec``); the directory name ``layers.N`` gives the layer (the
   output of decoder layer N); input h − b_dec, ReLU then the top k. Transcoders are refused.
@@ -38,6 +42,8 @@ EXPANSION, EPOCHS, LR, L1, BATCH = 4, 6, 1e-3, 3.0, 32
 TOP_FEATURES = 40
 #: ε of the reasoning-feature ratio (think − answer) / (answer + ε)
 RATIO_EPS = 1e-6
+#: a reasoning feature fires on at least this share of the thinking rows (ours)
+MIN_FREQ = 0.01
 #: the SAELens config format written (its 6.x layout: settings at the top, the hook under ``metadata``)
 SAELENS_FORMAT = "6.0.0"
 SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, CFG = "sae_weights.safetensors", "sae.safetensors", "cfg.json"
@@ -58,7 +64,7 @@ class SAE:
     threshold: torch.Tensor | None = None
     k: int | None = None
     subtract_b_dec: bool = False
-    normalize: str = "none"      # none | expected_average_only_in
+    normalize: str = "none"      # as the SAE's config says (no run-time scaling either way)
     source: str = ""
     info: dict = field(default_factory=dict)
 
@@ -72,9 +78,14 @@ class SAE:
 
     def encoder_input(self, h: torch.Tensor) -> torch.Tensor:
         x = h.float()
-        if self.normalize == "expected_average_only_in":
-            x = x * (math.sqrt(self.d_in) / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12))
         return x - self.b_dec if self.subtract_b_dec else x
+
+    def to(self, device) -> SAE:
+        for k in ("W_enc", "b_enc", "b_dec", "W_dec", "threshold"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.to(device))
+        return self
 
     def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, d_in] → (feature activations [N, d_sae], encoder input x [N, d_in])."""
@@ -110,12 +121,18 @@ def bound_ratio(acts: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc:
 
 
 def reasoning_features(think_mean: torch.Tensor, answer_mean: torch.Tensor, top: int = TOP_FEATURES,
-                       eps: float = RATIO_EPS) -> torch.Tensor:
-    """The indices of the ``top`` features by (think − answer) / (answer + ε) mean activation,
-    among those active while thinking (the paper's selection)."""
+                       eps: float = RATIO_EPS, think_freq: torch.Tensor | None = None,
+                       min_freq: float = MIN_FREQ) -> torch.Tensor:
+    """The indices of the ``top`` features by (think − answer) / (answer + ε) mean activation (the
+    paper's selection), among those more active while thinking than while answering and, given
+    ``think_freq`` (the share of thinking rows where each fires), firing on at least ``min_freq``
+    of the thinking rows (else the ratio favours features that almost never fire at all)."""
     ratio = (think_mean - answer_mean) / (answer_mean + eps)
-    ratio = torch.where(think_mean > 0, ratio, torch.full_like(ratio, -math.inf))
-    n = min(top, int((think_mean > 0).sum()))
+    ok = think_mean > answer_mean
+    if think_freq is not None:
+        ok &= think_freq >= min_freq
+    ratio = torch.where(ok, ratio, torch.full_like(ratio, -math.inf))
+    n = min(top, int(ok.sum()))
     return ratio.topk(n).indices.sort().values if n else torch.zeros(0, dtype=torch.long)
 
 
@@ -124,26 +141,29 @@ def reasoning_features(think_mean: torch.Tensor, answer_mean: torch.Tensor, top:
 # --------------------------------------------------------------------------------------------
 
 def train_sae(acts: torch.Tensor, layer: int, *, expansion: int = EXPANSION, epochs: int = EPOCHS, lr: float = LR,
-              l1: float = L1, batch_size: int = BATCH, seed: int = 0, progress=None) -> SAE:
+              l1: float = L1, batch_size: int = BATCH, seed: int = 0, progress=None, device=None) -> SAE:
     """A ReLU SAE on ``acts`` [N, d], SAELens's conventions: the inputs scaled by one constant so that
     their mean norm is √d, loss = Σ_d (x̂ − x)² + λ·Σ_i |f_i|·‖W_dec,i‖ (mean over the batch), Adam,
     decoder rows at unit norm after each step, encoder initialised as the decoder's transpose, b_dec
     at the mean. The scale is folded into the saved weights, so the SAE reads raw h. ``info``
-    records the settings, the fraction of variance unexplained, the mean L0 and the dead fraction."""
+    records the settings, the fraction of variance unexplained, the mean L0 and the dead fraction.
+    ``device``: where it trains (the draws stay on the CPU generator: the same SAE anywhere up to
+    float rounding); the SAE returned lives on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    raw = acts.float()
+    raw = acts.float().to(device) if device is not None else acts.float()
+    dev = raw.device
     n, d = raw.shape
     scale = math.sqrt(d) / float(torch.linalg.vector_norm(raw, dim=-1).mean().clamp_min(1e-12))
     x = raw * scale
     k = d * expansion
-    W_dec = torch.randn(k, d, generator=g)
+    W_dec = torch.randn(k, d, generator=g).to(dev)
     W_dec /= torch.linalg.vector_norm(W_dec, dim=1, keepdim=True)
-    params = {"W_enc": W_dec.t().clone(), "b_enc": torch.zeros(k), "W_dec": W_dec, "b_dec": x.mean(0)}
+    params = {"W_enc": W_dec.t().clone(), "b_enc": torch.zeros(k, device=dev), "W_dec": W_dec, "b_dec": x.mean(0)}
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(params.values(), lr=lr)
     for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g).to(dev)
         for i in range(0, n, batch_size):
             xb = x[order[i:i + batch_size]]
             f = torch.relu((xb - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
@@ -164,9 +184,11 @@ def train_sae(acts: torch.Tensor, layer: int, *, expansion: int = EXPANSION, epo
         f, _ = sae.encode(raw)
         fvu = float((sae.decode(f) - raw).square().sum() / (raw - raw.mean(0)).square().sum().clamp_min(1e-12))
         l0 = float((f > 0).float().sum(-1).mean())
+        dead = float(((f > 0).sum(0) == 0).float().mean())
+    sae.to("cpu")
     sae.info = {"trained_on_tokens": n, "d_in": d, "d_sae": k, "expansion": expansion, "epochs": epochs, "lr": lr,
                 "l1": l1, "batch_size": batch_size, "seed": seed, "input_scale": scale, "fvu": fvu, "l0": l0,
-                "dead_fraction": float(((f > 0).sum(0) == 0).float().mean())}
+                "dead_fraction": dead}
     return sae
 
 
@@ -196,6 +218,9 @@ def save_saelens(sae: SAE, path: str | Path, model_name: str = "") -> Path:
 # --------------------------------------------------------------------------------------------
 
 def _layer_of_hook(hook: str) -> int | None:
+    m = re.fullmatch(r"(?:model\.)?layers\.(\d+)", hook or "")  # a decoder layer's output (HF module path)
+    if m:
+        return int(m.group(1))
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook or "")
     if not m:
         return None
@@ -210,7 +235,8 @@ def _load_saelens(d: Path, cfg: dict) -> SAE:
         raise SAEError(f"{d}: SAELens architecture {arch!r} is not supported (standard, jumprelu, topk)")
     norm = cfg.get("normalize_activations", "none") or "none"
     if norm not in ("none", "expected_average_only_in"):
-        raise SAEError(f"{d}: normalize_activations {norm!r} is not supported (none, expected_average_only_in)")
+        raise SAEError(f"{d}: normalize_activations {norm!r} rescales each token's input, so its features cannot "
+                       "depend on ‖h‖ and the norm claim cannot be tested with it (none, expected_average_only_in)")
     if (cfg.get("reshape_activations") or "none") != "none":
         raise SAEError(f"{d}: reshape_activations {cfg['reshape_activations']!r}: not a residual-stream SAE")
     meta = cfg.get("metadata") or {}
@@ -218,7 +244,7 @@ def _load_saelens(d: Path, cfg: dict) -> SAE:
     layer = _layer_of_hook(hook)
     if layer is None or layer < 0:
         raise SAEError(f"{d}: hook {hook!r} is not a decoder layer's residual stream "
-                       "(blocks.N.hook_resid_post, or blocks.N.hook_resid_pre with N ≥ 1)")
+                       "(blocks.N.hook_resid_post or model.layers.N, or blocks.N.hook_resid_pre with N ≥ 1)")
     w = load_file(str(d / SAELENS_WEIGHTS))
     missing = [k for k in ("W_enc", "b_enc", "b_dec") if k not in w]
     if missing:
@@ -232,7 +258,11 @@ def _load_saelens(d: Path, cfg: dict) -> SAE:
                w["W_dec"].float() if "W_dec" in w else None, layer,
                kind={"standard": "relu"}.get(arch, arch), threshold=w.get("threshold"),
                k=int(k) if k else None, subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-               normalize=norm, source=f"saelens:{d}", info={"hook_name": hook})
+               normalize=norm, source=f"saelens:{d}",
+               info={"hook_name": hook, **({"note": "normalize_activations expected_average_only_in: SAELens "
+                                                    "applies no run-time scale; a pretrained norm_scaling_factor "
+                                                    "must be folded into the weights"}
+                                          if norm != "none" else {})})
 
 
 def _load_sparsify(d: Path, cfg: dict) -> SAE:

@@ -34,7 +34,7 @@ def collection_from_run(target: str | Path, *, model: str | None, limit: int | N
     if not model:
         raise ValueError(f"{target}: the run does not say its model (model_args pretrained=); pass --model")
     tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    samples, seen = [], set()
+    samples, seen, fell_back = [], set(), False
     for run in runs:
         rows = {(r.get("task"), r.get("doc_id"), r.get("repeat", 0)): r for r in (run.rows or [])}
         think = parse_args_string((run.res.get("config") or {}).get("model_args")).get("enable_thinking")
@@ -47,7 +47,7 @@ def collection_from_run(target: str | Path, *, model: str | None, limit: int | N
                 continue
             logged = sorted(read_samples(sp), key=lambda s: s.get("doc_id", 0))
             for s in logged[:limit] if limit else logged:
-                key = (task, s.get("doc_id"))
+                key = (mode, task, s.get("doc_id"))
                 if key in seen:
                     continue
                 seen.add(key)
@@ -65,6 +65,11 @@ def collection_from_run(target: str | Path, *, model: str | None, limit: int | N
                     if text is None:
                         resps = s.get("resps") or [[""]]
                         text = resps[0][0] if isinstance(resps[0], list) else resps[0]
+                        if not fell_back:
+                            warn(f"{sp}: no sidecar text for the generations: lm-eval's logged responses are "
+                                 "teacher-forced, and lm-eval may have cut the thinking out of them "
+                                 "(think_end_token); a telltale model type's sidecar keeps it")
+                            fell_back = True
                     g_ids, source = tok(str(text), add_special_tokens=False)["input_ids"], "text"
                 trace = row.get("tokens") or {}
                 n_p = row.get("n_prompt_tokens")

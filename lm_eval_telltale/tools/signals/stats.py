@@ -43,12 +43,28 @@ def auc(a: np.ndarray, b: np.ndarray) -> float:
     return float((r[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
 
 
-def cluster_draws(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """``n_boot`` token index arrays, each the tokens of as many generations drawn with replacement."""
-    rng = np.random.default_rng(seed)
-    ids = np.unique(groups)
-    members = [np.flatnonzero(groups == g) for g in ids]
-    return [np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))]) for _ in range(n_boot)]
+class Draws:
+    """``n`` bootstrap draws of whole generations (``groups``: each row's generation): iterating
+    gives each draw's row indices, built on demand from the stored picks (n × generations small
+    integers), so the same draws serve every statistic without holding n × rows indices."""
+
+    def __init__(self, groups: np.ndarray, n: int, seed: int):
+        rng = np.random.default_rng(seed)
+        ids = np.unique(groups)
+        self.members = [np.flatnonzero(groups == g) for g in ids]
+        self.picks = rng.integers(0, len(ids), (n, len(ids))) if len(ids) else np.zeros((n, 0), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __iter__(self):
+        for pick in self.picks:
+            yield np.concatenate([self.members[i] for i in pick]) if len(pick) else np.zeros(0, dtype=np.int64)
+
+
+def cluster_draws(groups: np.ndarray, n_boot: int, seed: int) -> Draws:
+    """``n_boot`` draws, each the rows of as many generations drawn with replacement."""
+    return Draws(groups, n_boot, seed)
 
 
 def interval(values: list[float] | np.ndarray) -> list[float | None]:
@@ -60,19 +76,20 @@ def interval(values: list[float] | np.ndarray) -> list[float | None]:
     return [float(lo), float(hi)]
 
 
-def correlations(signals: np.ndarray, target: np.ndarray, draws: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Spearman and Pearson of each signal row [S, n] with ``target`` [n]: point values [S] and
-    intervals [S, 2] from the draws."""
+def correlations(signals: np.ndarray, target: np.ndarray, draws) -> dict[str, np.ndarray]:
+    """Spearman and Pearson of each signal row [S, n] with ``target`` [n]: point values [S],
+    intervals [S, 2] and the draws' values [n_boot, S] (``*_boot``: paired statistics use them)."""
     out = {}
     for name, fn in (("spearman", spearman_rows), ("pearson", pearson_rows)):
         point = fn(signals, target)
         boot = np.array([fn(signals[:, ix], target[ix]) for ix in draws]).reshape(len(draws), len(signals))
         out[name] = point
+        out[name + "_boot"] = boot
         out[name + "_ci"] = np.array([interval(boot[:, s]) for s in range(len(signals))], dtype=object)
     return out
 
 
-def contrast(values: np.ndarray, think: np.ndarray, answer: np.ndarray, draws: list[np.ndarray]) -> dict:
+def contrast(values: np.ndarray, think: np.ndarray, answer: np.ndarray, draws) -> dict:
     """Thinking vs answering tokens for one signal: means, Cohen's d (with interval) and AUC."""
     d_boot = [cohens_d(values[ix][think[ix]], values[ix][answer[ix]]) for ix in draws]
     a, b = values[think], values[answer]

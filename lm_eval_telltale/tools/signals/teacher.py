@@ -1,11 +1,16 @@
 """The teacher-forced pass of ``telltale signals``: every generation (prompt + generated tokens) run
-once through transformers (float32, eager attention), hooks reading the chosen decoder layers.
+once through transformers (float32), hooks reading the chosen decoder layers.
 
 A generation's rows are the forwards of its generated tokens that the engine ran (position p is
 the forward of generated token p − n_prompt; the last generated token is never fed), the rows of a
-vLLM or hf ``norms`` trace. Per row it records, at each layer: the residual stream h (float32, kept
-for the SAE), its norm, the hidden-state and logit-lens entropies, the attention entropy; and once
-the output entropy. Memory: rows × layers × hidden × 4 bytes for h.
+vLLM or hf ``norms`` trace. Per row it records, at each layer: its norm, the hidden-state and
+logit-lens entropies, the attention entropy (eager attention; sdpa when the attention entropy is
+not asked for); and once the output entropy. The residual stream h itself is kept (float32, on the
+CPU) only at the layers an SAE reads: rows × those layers × hidden × 4 bytes.
+
+Memory on a device: eager attention materialises each layer's [heads, T, T] weights (transformers'
+own cost; ``--no-attention`` avoids it); the pass reduces them to entropies and the vocabulary
+projections to entropies in chunks of rows and one layer at a time.
 """
 
 from __future__ import annotations
@@ -18,32 +23,43 @@ import torch
 from ...hf.runtime import decoder_layers
 from .measures import attention_entropy, hidden_entropy, l2_norm, logits_entropy
 
-#: rows per chunk of the vocabulary projections (logit lens, output entropy)
+#: rows per chunk of the vocabulary projections and of the attention entropies
 CHUNK = 256
 
 
-def load_model(model: str, device: str | None, trust_remote_code: bool = False):
-    """The model for the pass: float32, eager attention (the attention weights are read)."""
+def load_model(model: str, device: str | None, trust_remote_code: bool = False, attention: bool = True):
+    """The model for the pass: float32; eager attention when its weights are read."""
     from transformers import AutoModelForCausalLM
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager",
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
+                                              attn_implementation="eager" if attention else "sdpa",
                                               trust_remote_code=trust_remote_code)
     return lm.to(dev).eval()
 
 
 class SignalPass:
-    def __init__(self, lm, layers: list[int], attention: bool = True):
+    def __init__(self, lm, layers: list[int], attention: bool = True, keep: set[int] | None = None):
         self.lm, self.layers, self.attention = lm, list(layers), attention
+        self.keep = set(self.layers if keep is None else keep) & set(self.layers)
         self.decoder = lm.get_decoder()
         self.final_norm = getattr(self.decoder, "norm", None)
         self.head = lm.get_output_embeddings()
         if self.final_norm is None or self.head is None:
             raise ValueError(f"{type(lm).__name__}: no final norm or output embedding to read the logit lens with")
+        self.softcap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
         self.blocks = decoder_layers(lm)
+        if attention and any(not hasattr(self.blocks[l], "self_attn") for l in self.layers):
+            raise ValueError(f"{type(lm).__name__}: a decoder layer without .self_attn; pass --no-attention")
         self._rows: torch.Tensor | None = None
         self._h: dict[int, torch.Tensor] = {}
         self._attn: dict[int, torch.Tensor] = {}
+
+    def _logits_entropy(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits_entropy(logits)
 
     def _hooks(self):
         handles = []
@@ -58,20 +74,24 @@ class SignalPass:
                     if w is None:
                         raise RuntimeError("the attention module returned no weights: the model must run with "
                                            "attn_implementation='eager' (or pass --no-attention)")
-                    self._attn[l] = attention_entropy(w[0][:, self._rows])
+                    rows = self._rows
+                    self._attn[l] = torch.cat([attention_entropy(w[0][:, rows[i:i + CHUNK]])
+                                               for i in range(0, rows.shape[0], CHUNK)])
                 handles.append(self.blocks[l].self_attn.register_forward_hook(on_attn))
         return handles
 
     @torch.no_grad()
     def run(self, prompt_ids: list[int], token_ids: list[int]) -> dict[str, Any]:
-        """The rows of one generation: ``position`` [R] and per-row arrays (``h`` [L, R, d] a tensor)."""
+        """The rows of one generation: ``position`` [R], per-row arrays [R, L] (``output_entropy``
+        [R]) and ``h``: {layer: [R, d] float32 CPU tensor} for the kept layers."""
         dev = self.head.weight.device
         n_p, n_g = len(prompt_ids), len(token_ids)
         pos = list(range(n_p, n_p + max(0, n_g - 1)))
         L = len(self.layers)
         if not pos:
             z = np.zeros((0, L))
-            return {"position": [], "h": torch.zeros(L, 0, self.head.weight.shape[1]), "norm": z,
+            d = self.head.weight.shape[1]
+            return {"position": [], "h": {l: torch.zeros(0, d) for l in self.keep}, "norm": z,
                     "hidden_entropy": z, "lens_entropy": z, "attn_entropy": z if self.attention else None,
                     "output_entropy": np.zeros(0)}
         ids = torch.tensor([list(prompt_ids) + list(token_ids[:-1])], device=dev)
@@ -84,15 +104,19 @@ class SignalPass:
             for h in handles:
                 h.remove()
         last = out.last_hidden_state[0, self._rows]
-        h = torch.stack([self._h[l] for l in self.layers])                       # [L, R, d]
-        lens = torch.cat([logits_entropy(self.head(self.final_norm(h[:, i:i + CHUNK])))
-                          for i in range(0, h.shape[1], CHUNK)], dim=1)
-        outp = torch.cat([logits_entropy(self.head(last[i:i + CHUNK])) for i in range(0, last.shape[0], CHUNK)])
-        res = {"position": pos, "h": h.cpu(), "norm": l2_norm(h).T.cpu().double().numpy(),
-               "hidden_entropy": hidden_entropy(h).T.cpu().double().numpy(),
-               "lens_entropy": lens.T.cpu().double().numpy(),
-               "attn_entropy": (torch.stack([self._attn[l] for l in self.layers]).T.cpu().double().numpy()
+        R = len(pos)
+        norm, hent, lens = (np.zeros((R, L)) for _ in range(3))
+        for j, l in enumerate(self.layers):
+            h = self._h[l]
+            norm[:, j] = l2_norm(h).double().cpu().numpy()
+            hent[:, j] = hidden_entropy(h).double().cpu().numpy()
+            lens[:, j] = torch.cat([self._logits_entropy(self.final_norm(h[i:i + CHUNK]))
+                                    for i in range(0, R, CHUNK)]).double().cpu().numpy()
+        outp = torch.cat([self._logits_entropy(last[i:i + CHUNK]) for i in range(0, R, CHUNK)])
+        res = {"position": pos, "h": {l: self._h[l].cpu() for l in self.layers if l in self.keep}, "norm": norm,
+               "hidden_entropy": hent, "lens_entropy": lens,
+               "attn_entropy": (torch.stack([self._attn[l] for l in self.layers]).T.double().cpu().numpy()
                                 if self.attention else None),
-               "output_entropy": outp.cpu().double().numpy()}
+               "output_entropy": outp.double().cpu().numpy()}
         self._h, self._attn = {}, {}
         return res
