@@ -115,6 +115,17 @@ def rpc(llm, name, *args):
     return llm.collective_rpc(name, args=args)[0]
 
 
+def no_generation(monkeypatch):
+    """Any attempt to generate (``tools.profile.collect``, which profile, calibrate and signals
+    call) fails the test: a tool's argument checks must come before its engine."""
+    import lm_eval_telltale.tools.profile as prof
+
+    def boom(*a, **k):
+        raise AssertionError("generation started before the arguments were checked")
+
+    monkeypatch.setattr(prof, "collect", boom)
+
+
 # -- crafted steps for the core (tests/core) ----------------------------------------------------
 
 def end_step(core):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import no_generation
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "table"
 EDGE = [DATA / "edge" / n for n in ("baseline", "alrr", "suppress", "corrupt", "lrs")]
@@ -25,15 +26,6 @@ def _reach_collect(monkeypatch):
         raise Reached
 
     monkeypatch.setattr(prof, "collect", reached)
-
-
-def _no_engine(monkeypatch):
-    import lm_eval_telltale.tools.profile as prof
-
-    def boom(*a, **k):
-        raise AssertionError("generation started before the arguments were checked")
-
-    monkeypatch.setattr(prof, "collect", boom)
 
 
 def _exit2(fn, argv, capsys) -> str:
@@ -70,7 +62,7 @@ def _gen_args(tiny_model_dir, local_task_dir, *extra):
 def test_calibrate_refuses_out_onto_its_collection(tmp_path, monkeypatch, capsys):
     from lm_eval_telltale.tools.profile import main_calibrate
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     col = _collection(tmp_path / "c.npz")
     before = col.read_bytes()
     err = _exit2(main_calibrate, ["--collection", col, "--out", col], capsys)
@@ -90,7 +82,7 @@ def test_calibrate_refuses_out_onto_a_model_file_before_generating(tiny_model_di
                                                                    capsys):
     from lm_eval_telltale.tools.profile import main_calibrate
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     cfg = Path(tiny_model_dir) / "config.json"
     before = cfg.read_bytes()
     err = _exit2(main_calibrate, _gen_args(tiny_model_dir, local_task_dir, "--out", cfg), capsys)
@@ -100,7 +92,7 @@ def test_calibrate_refuses_out_onto_a_model_file_before_generating(tiny_model_di
 def test_profile_refuses_out_where_its_collection_would_be_overwritten(tmp_path, monkeypatch, capsys):
     from lm_eval_telltale.tools.profile import main_profile
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     d = tmp_path / "prof"
     col = _collection(d / "profile.json")  # profile.json is what --out DIR gets
     before = col.read_bytes()
@@ -213,7 +205,7 @@ def test_table_destination_under_a_file_fails_before_building(tmp_path, capsys, 
 def test_profile_unknown_task_is_a_clear_error(tiny_model_dir, local_task_dir, tmp_path, monkeypatch, capsys):
     from lm_eval_telltale.tools.profile import main_profile
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     argv = _gen_args(tiny_model_dir, local_task_dir, "--out", tmp_path / "p")
     argv[argv.index("telltale_local")] = "telltale_local,nosuch_task"
     err = _exit2(main_profile, argv, capsys)
@@ -243,7 +235,7 @@ def test_profile_task_load_failure_names_tasks(tiny_model_dir, local_task_dir, t
 def test_profile_unknown_engine_args_are_refused(tiny_model_dir, local_task_dir, tmp_path, monkeypatch, capsys):
     from lm_eval_telltale.tools.profile import main_calibrate, main_profile
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     bad = '{"enforce_eager": true, "bogus_key": 1}'
     err = _exit2(main_profile, _gen_args(tiny_model_dir, local_task_dir, "--out", tmp_path / "p", "--engine-args", bad),
                  capsys)

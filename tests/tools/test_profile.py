@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import BIN, KV_BYTES, rpc
+from conftest import BIN, KV_BYTES, no_generation, rpc
 
 from lm_eval_telltale.config import ConfigError, load_calibration, load_preset, resolve
 
@@ -127,16 +127,6 @@ def test_cli_profile_and_calibrate(tiny_model_dir, local_task_dir, tmp_path):
 
 # -- issue 14 item 7: every argument checked before an engine starts; collected data saved first ------
 
-def _no_engine(monkeypatch):
-    """Any attempt to generate fails the test (the checks must come first)."""
-    import lm_eval_telltale.tools.profile as prof
-
-    def boom(*a, **k):
-        raise AssertionError("generation started before the arguments were checked")
-
-    monkeypatch.setattr(prof, "collect", boom)
-
-
 def _args(tiny_model_dir, local_task_dir, *extra):
     return ["--model", str(tiny_model_dir), "--tasks", "telltale_local", "--include_path", str(local_task_dir),
             "--limit", "2", "--max-tokens", "12", "--warmup", "4", *extra]
@@ -165,7 +155,7 @@ def test_cli_checks_everything_before_generating(tiny_model_dir, local_task_dir,
                                                  cmd, extra, flag):
     from lm_eval_telltale.tools.profile import main_calibrate, main_profile
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     (tmp_path / "FILE").write_text("x")
     (tmp_path / "DIR").mkdir()
     extra = [str(tmp_path / x) if x in ("DIR", "FILE", "FILE/cal.yaml", "FILE/sub") else x for x in extra]
@@ -222,7 +212,7 @@ def test_late_failure_keeps_the_generations(collection, tiny_model_dir, local_ta
     assert calls == [1] and saved.is_file() and not out.exists()
     assert "disk on fire" in err and f"--collection {saved}" in err
     monkeypatch.setattr(prof, "calibration_data", real)
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     assert prof.main_calibrate(["--collection", str(saved), "--out", str(out)]) == 0
     assert load_calibration(out)["quantiles"] == load_calibration(write_cal(real(collection), tmp_path))["quantiles"]
 
@@ -234,7 +224,7 @@ def test_late_failure_keeps_the_generations(collection, tiny_model_dir, local_ta
     assert prof.main_profile(_args(tiny_model_dir, local_task_dir, "--out", str(d))) == 1
     assert "no space left" in capsys.readouterr().err and (d / "collection.npz").is_file()
     monkeypatch.setattr(prof, "plot_trace", real_plot)
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     assert prof.main_profile(["--collection", str(d / "collection.npz"), "--out", str(d), "--trace-layer", "5"]) == 0
     assert json.loads((d / "profile.json").read_text())["trace"]["layer"] == 5
     _check_png(d / "profile_trace.png")

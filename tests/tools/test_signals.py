@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, KV_BYTES
+from conftest import BIN, KV_BYTES, no_generation
 
 from lm_eval_telltale.tools.signals import measures, stats
 from lm_eval_telltale.tools.signals.analysis import ANSWER, THINK, analyze, verdicts
@@ -261,15 +261,6 @@ def test_engine_agreement_fails_on_a_value_that_is_not_finite():
 
 # -- the command ----------------------------------------------------------------------------------------
 
-def _no_engine(monkeypatch):
-    import lm_eval_telltale.tools.profile as prof
-
-    def boom(*a, **k):
-        raise AssertionError("generation started before the arguments were checked")
-
-    monkeypatch.setattr(prof, "collect", boom)
-
-
 @pytest.mark.parametrize("extra,msg", [
     (["--sae", "NOSAE"], "--sae"),
     (["--sae", "BADSAE"], "reads 16 dimensions, the model's hidden size is 128"),
@@ -282,7 +273,7 @@ def _no_engine(monkeypatch):
 def test_cli_checks_before_generating(tmp_path, monkeypatch, capsys, extra, msg):
     from lm_eval_telltale.tools.signals import main
 
-    _no_engine(monkeypatch)
+    no_generation(monkeypatch)
     bad = tmp_path / "BADSAE" / "layers.3"
     save_saelens(_random_sae(layer=3), bad)
     extra = [str(tmp_path / x) if x in ("NOSAE", "NORUN") else str(tmp_path / "BADSAE") if x == "BADSAE" else x
