@@ -38,8 +38,8 @@ from typing import Any
 
 from ..core.stats import EVENT_NAMES
 from ..sidecar import read_sidecar
+from ..tasksupport.scoring.process import think_tags
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 #: the page template (inline CSS and JS): {{TITLE}} and {{DATA}} are filled in by :func:`render_page`
 TEMPLATE = Path(__file__).with_name("view.html")
 
@@ -133,19 +133,21 @@ def token_pieces(tok, ids: list[int]) -> list[str]:
 
 
 def think_flags(pieces: list[str], starts_open: bool) -> list[int]:
-    """Per token: 0 outside, 1 inside the thinking block, 2 a token that completes a think tag.
-    ``starts_open``: the prompt already opened the block (Qwen3 thinking / R1 templates)."""
+    """Per token: 0 outside, 1 inside the thinking block, 2 a token that completes a think tag (the
+    scorer's tags: ``think_tags``). ``starts_open``: the prompt already opened the block (Qwen3
+    thinking / R1 templates)."""
+    opening, closing = think_tags()
     flags, inside, text = [], starts_open, ""
     for p in pieces:
         start = len(text)
         text += p
         tag_here = False
-        for tag in (THINK_OPEN, THINK_CLOSE):
+        for tag in (opening, closing):
             i = text.find(tag, max(0, start - len(tag) + 1))
             while i != -1:
                 tag_here = tag_here or i + len(tag) > start
                 i = text.find(tag, i + 1)
-        o, c = text.rfind(THINK_OPEN), text.rfind(THINK_CLOSE)
+        o, c = text.rfind(opening), text.rfind(closing)
         if o != -1 or c != -1:
             inside = o > c
         flags.append(2 if tag_here else (1 if inside else 0))
@@ -155,7 +157,8 @@ def think_flags(pieces: list[str], starts_open: bool) -> list[int]:
 def prompt_opens_block(prompt: str | None) -> bool:
     if not prompt:
         return False
-    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+    opening, closing = think_tags()
+    return prompt.rfind(opening) > prompt.rfind(closing)
 
 
 def crossings(norm: list[list[float]], tau: list[list[float | None]], j: int) -> tuple[list[int], list[int]]:
@@ -199,8 +202,9 @@ def sample_data(row: dict, res: dict | None, tok, sample: dict | None) -> dict[s
         except (KeyError, TypeError):
             prompt = None
     full = "".join(pieces)
-    starts_open = prompt_opens_block(prompt) or (THINK_CLOSE in full and full.find(THINK_OPEN) == -1) \
-        or (THINK_CLOSE in full and full.find(THINK_CLOSE) < full.find(THINK_OPEN))
+    opening, closing = think_tags()
+    starts_open = prompt_opens_block(prompt) or (closing in full and full.find(opening) == -1) \
+        or (closing in full and full.find(closing) < full.find(opening))
     flags = think_flags(pieces, starts_open)
     L = len(layers)
     norm = [[float(x) for x in r] for r in tokens["norm"]]

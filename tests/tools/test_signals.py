@@ -329,3 +329,16 @@ def test_cli_end_to_end_on_the_shipped_model(tmp_path):
     res3 = json.loads((held / "signals.json").read_text())
     assert res3["counts"]["evaluated_generations"] == 5 and "attn_entropy" not in res3["signals"]
     assert [v["verdict"] for v in res3["verdicts"]][1:3] == ["not measured", "not measured"]
+
+
+def test_think_labels_follow_the_scorers_tags(monkeypatch):
+    """One rule for the think block: the view's and the study's labels read the scorer's tags
+    (``TELLTALE_THINK_START`` / ``TELLTALE_THINK_END``), not a second copy of them."""
+    from lm_eval_telltale.tools.view import prompt_opens_block, think_flags
+
+    pieces = ["<reason>", "a", "b", "</reason>", "c"]
+    assert think_flags(pieces, False) == [0, 0, 0, 0, 0]
+    monkeypatch.setenv("TELLTALE_THINK_START", "<reason>")
+    monkeypatch.setenv("TELLTALE_THINK_END", "</reason>")
+    assert think_flags(pieces, False) == [2, 1, 1, 2, 0]
+    assert prompt_opens_block("user: hi <reason>") and not prompt_opens_block("<reason> x </reason>")

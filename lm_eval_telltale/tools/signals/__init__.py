@@ -152,12 +152,15 @@ def _check_thinking(ap, a) -> None:
         ap.error("--thinking off: the study contrasts thinking with answering tokens; use auto, both or on")
     from transformers import AutoTokenizer
 
+    from ...tasksupport.scoring.process import think_tags
+
+    opening, closing = think_tags()
     tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=a.trust_remote_code)
-    vocab = tok.get_vocab()
     template = str(getattr(tok, "chat_template", "") or "")
-    if "</think>" not in vocab and "</think>" not in template:
-        ap.error(f"--model {a.model}: its tokenizer has no </think> token and its chat template no think block: the "
-                 "study needs a model that marks its thinking with <think> … </think>")
+    if closing not in tok.get_vocab() and closing not in template:
+        ap.error(f"--model {a.model}: its tokenizer has no {closing} token and its chat template no think block: the "
+                 f"study needs a model that marks its thinking with {opening} … {closing} (other tags: "
+                 "TELLTALE_THINK_START / TELLTALE_THINK_END)")
 
 
 def _from_run(ap, a) -> dict:
