@@ -70,12 +70,15 @@ def _hidden_size(model: str, trust_remote_code: bool) -> int | None:
     return getattr(cfg, "hidden_size", None)
 
 
-def _check_saes(ap, a, saes: dict, layers: list[int] | None, hidden: int | None) -> None:
+def sae_misfit(saes: dict, layers: list[int] | None, hidden: int | None) -> str | None:
+    """Why the SAEs do not fit the model and the analysed layers (None: they do). Checked before an
+    engine when the model is known then, else once a collection or run names it."""
     for l, s in saes.items():
         if hidden is not None and s.d_in != hidden:
-            ap.error(f"--sae {a.sae}: the SAE of layer {l} reads {s.d_in} dimensions, the model's hidden size is {hidden}")
+            return f"the SAE of layer {l} reads {s.d_in} dimensions, the model's hidden size is {hidden}"
     if layers is not None and not set(saes) & set(layers):
-        ap.error(f"--sae {a.sae}: SAEs for layers {sorted(saes)}, none among the analysed layers {layers} (see --layers)")
+        return f"SAEs for layers {sorted(saes)}, none among the analysed layers {layers} (see --layers)"
+    return None
 
 
 def main(argv=None) -> int:
@@ -119,7 +122,9 @@ def main(argv=None) -> int:
         except SAEError as e:
             ap.error(f"--sae {e}")
         if fresh:
-            _check_saes(ap, a, saes, checked["layers"], _hidden_size(a.model, a.trust_remote_code))
+            why = sae_misfit(saes, checked["layers"], _hidden_size(a.model, a.trust_remote_code))
+            if why:
+                ap.error(f"--sae {a.sae}: {why}")
     if fresh:
         _check_thinking(ap, a)
     saved = None
@@ -204,11 +209,9 @@ def run(col: dict, a, saes: dict | None, out: Path, command: str | None = None):
     layers = [int(l) for l in meta["layers"]]
     trust = bool(getattr(a, "trust_remote_code", False))
     if saes is not None:
-        hidden = _hidden_size(model, trust)
-        bad = [l for l, s in saes.items() if hidden is not None and s.d_in != hidden]
-        if bad or not set(saes) & set(layers):
-            raise ValueError(f"--sae {a.sae}: SAEs for layers {sorted(saes)} do not fit the collection's model "
-                             f"(layers {layers}, hidden size {hidden})")
+        why = sae_misfit(saes, layers, _hidden_size(model, trust))
+        if why:
+            raise ValueError(f"--sae {a.sae}: {why} (the collection's model {model})")
     tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
     if saes is not None:
         unused = sorted(set(saes) - set(layers))
