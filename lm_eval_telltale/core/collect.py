@@ -46,6 +46,7 @@ class StepRows:
     def __init__(self, names: list[str], num_layers: int, device=None, capacity: int = STEP_ROWS):
         self.names, self.L, self.device = list(names), int(num_layers), device
         self.held: list[dict[str, torch.Tensor]] = []  # drained early (the buffer was full)
+        self._fixed = False
         self._alloc(int(capacity))
 
     # the buffers are written in vLLM's steps (inference mode) and drained outside them: every
@@ -63,16 +64,28 @@ class StepRows:
     def append(self, ints: torch.Tensor, floats: torch.Tensor, new: torch.Tensor, rows: int) -> None:
         """One step's rows; ``new`` [N] marks the rows kept; ``rows``: the step's requests (a bound
         on its new tokens)."""
+        rows_write(*self.reserve(rows), ints, floats, new)
+
+    def reserve(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Make room for a step with ``rows`` requests (the host's part of :meth:`append`: drain
+        first if the buffer could fill up); the buffers :func:`rows_write` then writes."""
         if self.bound + rows > self.capacity:
             self._hold()
             if rows > self.capacity:
+                if self._fixed:
+                    raise RuntimeError(f"telltale: {rows} rows in a step, more than the fixed rows' buffer holds "
+                                       f"({self.capacity})")
                 self._alloc(2 * rows)
-        dest = self.cursor + torch.cumsum(new.to(torch.int64), 0) - 1
-        dest = torch.where(new, dest, torch.full_like(dest, self.capacity))  # the spare row
-        self.ints.index_copy_(0, dest, ints)
-        self.floats.index_copy_(0, dest, floats)
-        self.cursor += new.sum()
         self.bound += rows
+        return self.ints, self.floats, self.cursor
+
+    def fixed(self, max_rows: int) -> None:
+        """Keep these buffers from now on (a model graph holds them), big enough for steps of up to
+        ``max_rows`` rows."""
+        if max_rows > self.capacity:
+            self._hold()
+            self._alloc(2 * max_rows)
+        self._fixed = True
 
     def _hold(self) -> None:
         part = self._take()
@@ -101,6 +114,17 @@ class StepRows:
         self._hold()
         out, self.held = self.held, []
         return out
+
+
+def rows_write(ints_buf, floats_buf, cursor, ints, floats, new) -> None:
+    """The device's part of :meth:`StepRows.append`: the step's rows where ``new`` [N] into the
+    buffers from ``cursor`` on, every other row into the spare last row, and the cursor advanced —
+    in place, device arithmetic only (a compiled step calls it)."""
+    dest = cursor + torch.cumsum(new.to(torch.int64), 0) - 1
+    dest = torch.where(new, dest, torch.full_like(dest, ints_buf.shape[0] - 1))  # the spare row
+    ints_buf.index_copy_(0, dest, ints)
+    floats_buf.index_copy_(0, dest, floats)
+    cursor += new.sum()
 
 
 def take_rows(log: list[dict[str, torch.Tensor]], serials: set[int]) -> tuple[dict[int, Rows], list[dict[str, torch.Tensor]]]:

@@ -19,13 +19,64 @@ from typing import Callable
 
 import torch
 
-from .collect import StepRows
+from . import fuse as _fuse
+from .collect import StepRows, rows_write
 from .state import SlotTable
 from .stats import EV_ABOVE
-from .step import StepMap, finish_step
+from .step import STEP_TABLES, StepMap, advance_last_pos, step_map, step_tensors
 from .thresholds import Thresholds
 
 Rerun = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_buffers(tau_t, slot, decode, num_layers: int, modifies: bool, num_columns: int):
+    """A step's per-(token, layer) buffers: τ of each token's request (``tau_t``:
+    :meth:`Thresholds.tau_table`), NaN where the token is not generated (NaN compares False
+    everywhere: no decision elsewhere); the norms and events to fill; ``norm_out`` for a method
+    that may change (h, r), else None; the method's columns, NaN-filled."""
+    n = slot.shape[0]
+    tau = tau_t.expand(n, num_layers) if tau_t.shape[0] == 1 else tau_t[slot.clamp(min=0)]
+    tau = torch.where(decode[:, None], tau, torch.full_like(tau, float("nan")))
+    norm = torch.zeros(n, num_layers, dtype=torch.float32, device=slot.device)
+    event = torch.zeros(n, num_layers, dtype=torch.int16, device=slot.device)
+    norm_out = torch.zeros(n, num_layers, dtype=torch.float32, device=slot.device) if modifies else None
+    cols = tuple(torch.full((n, num_layers), float("nan"), dtype=torch.float32, device=slot.device)
+                 for _ in range(num_columns))
+    return tau, norm, event, norm_out, cols
+
+
+def end_kernel(event, norm, tau, floats, slot, position, new, serial, last_pos, rows_ints, rows_floats, cursor,
+               thr_tables, thr_inputs, thr_consts, thr_step):
+    """The end of a step as one function of tensors (:meth:`CoreEngine.end`), every write in place:
+    the "above τ" events of every layer; the thresholds' update (``thr_step(*thr_tables,
+    *thr_inputs, *thr_consts)``, :meth:`Thresholds.step_parts`; None: τ keeps no state); each
+    request's last seen position; the step's rows of new generated tokens (serial, position,
+    events; the float columns ``floats``) into the device buffers (:func:`rows_write`)."""
+    event |= torch.where(norm > tau, EV_ABOVE, 0).to(torch.int16)
+    if thr_step is not None:
+        thr_step(*thr_tables, *thr_inputs, *thr_consts)
+    advance_last_pos(last_pos, slot, position, new)
+    ints = torch.cat([serial[slot.clamp(min=0)][:, None], position[:, None], event.to(torch.int64)], 1)
+    rows_write(rows_ints, rows_floats, cursor, ints, torch.cat(floats, 1), new)
+
+
+def observe_step(norm, positions, query_start_loc, row_slot, prompt_len, last_pos, enabled, seed, serial,
+                 rows_ints, rows_floats, cursor, tau_tables, thr_tables, *, tau_fn, tau_consts, thr_step, thr_sample,
+                 thr_consts, num_columns: int):
+    """A whole step of a method that only observes (:meth:`Method.in_graph`), from its norms
+    ``norm`` [N, L] after the last patched layer: the step map, τ, the events, the threshold update,
+    each request's last position and the rows — :func:`start_kernel`'s and :func:`end_kernel`'s
+    work as one function of tensors, every state written in place (the parts of
+    :meth:`CoreEngine.graph_parts`), so an adapter can run it inside its model's compiled graph.
+    ``query_start_loc`` and ``row_slot`` may be padded to fixed sizes: rows without a request
+    (slot −1) and tokens past the last row's end change nothing."""
+    parts = step_tensors(prompt_len, last_pos, enabled, seed, query_start_loc, row_slot, positions)
+    slot, pos, decode, new = parts[:4]
+    tau, _, event, _, cols = step_buffers(tau_fn(*tau_tables, *tau_consts), slot, decode, norm.shape[1], False,
+                                          num_columns)
+    inputs = (slot, norm, new) if thr_sample is None else thr_sample(slot, norm, new)
+    end_kernel(event, norm, tau, (norm, tau, *cols), slot, pos, new, serial, last_pos, rows_ints, rows_floats, cursor,
+               thr_tables, inputs, thr_consts, thr_step)
 
 
 class HookWiringError(RuntimeError):
@@ -61,6 +112,12 @@ class Method:
         self.table = table
         self.L = num_layers
         self.device = device
+
+    def in_graph(self) -> bool:
+        """Whether a whole step of this method is tensor work over static buffers after the last
+        patched layer (:func:`observe_step`), so an adapter may run it inside its model's graph: a
+        method that only observes and has no per-step work of its own (:meth:`end_step`)."""
+        return self.observes_only() and type(self).end_step is Method.end_step
 
     @classmethod
     def observes_only(cls) -> bool:
@@ -117,15 +174,28 @@ class CoreEngine:
         self.step: StepMap | None = None
         self.layer_calls = 0
         self._rows: StepRows | None = None
+        self.steps_fused = False  # whether the end of a step runs as a compiled kernel (fuse)
         table.on_resize(thresholds.resize)
         table.on_reset(thresholds.reset_slot)
 
     def fuse(self) -> None:
-        """Run the per-step threshold update, and the method's per-layer step where it has one
-        (ERSS), as compiled kernels (:mod:`~lm_eval_telltale.core.fuse`): the same results, fewer
-        small operations. Adapters call it when their model runs compiled."""
-        self.thr.fuse()
+        """Run the end of each step (:meth:`end`: the events, the threshold update, the rows), and
+        the method's per-layer step where it has one (ERSS), as compiled kernels
+        (:mod:`~lm_eval_telltale.core.fuse`): the same results, fewer small operations. Adapters call
+        it when their model runs compiled. Compiles now (dry steps that change nothing: rows without
+        a request), so compiling lands in the engine's start-up."""
+        self.thr.fuse(warm=False)  # its update runs inside the end of step's kernel
         self.method.fuse()
+        self.steps_fused = True
+        dev = self.table.t["seed"].device
+        if self._rows is None:
+            self._rows = StepRows(self._row_names(), self.L, dev)
+        bound = self._rows.bound
+        for n in (1, 2):  # one token (its own graph) and any count ≥ 2
+            self.start(torch.tensor([0, n], device=dev), torch.full((1,), -1, dtype=torch.int64, device=dev),
+                       torch.zeros(n, dtype=torch.int64, device=dev))
+            self.end()
+        self._rows.bound = bound
 
     @property
     def fused(self) -> bool:
@@ -144,23 +214,28 @@ class CoreEngine:
         parallelism: every rank runs the layer's collectives) replace it with a collective version."""
         return bool(mask.any())
 
+    def start(self, query_start_loc: torch.Tensor, row_slot: torch.Tensor, positions: torch.Tensor,
+              tokens: torch.Tensor | None = None) -> StepMap:
+        """Begin a step from the adapter's own step metadata (:func:`~lm_eval_telltale.core.step.build_step`'s
+        arguments): the step map and the step's buffers. Returns the step map."""
+        t = self.table.t
+        parts = step_tensors(*(t[k] for k in STEP_TABLES), query_start_loc, row_slot, positions)
+        self._set(step_map(parts, tokens, int(row_slot.shape[0])),
+                  step_buffers(self.thr.tau_table(), parts[0], parts[2], self.L, bool(self.method.modifies),
+                               len(self.method.columns)))
+        return self.step
+
     def begin(self, step: StepMap) -> None:
+        """Begin a step whose map was built apart (:func:`~lm_eval_telltale.core.step.build_step`)."""
+        self._set(step, step_buffers(self.thr.tau_table(), step.slot, step.decode, self.L,
+                                     bool(self.method.modifies), len(self.method.columns)))
+
+    def _set(self, step: StepMap, bufs) -> None:
         self.step = step
         self.layer_calls = 0
-        n = step.num_tokens
-        dev = step.slot.device
-        tau_s = self.thr.tau_slots()
-        if tau_s.shape[0] == 1:
-            tau = tau_s.expand(n, self.L)
-        else:
-            tau = tau_s[step.slot.clamp(min=0)]
-        # τ only for generated tokens (NaN compares False everywhere: no decision elsewhere)
-        self.tau = torch.where(step.decode[:, None], tau, torch.full_like(tau, float("nan")))
-        self.norm = torch.zeros(n, self.L, dtype=torch.float32, device=dev)
-        self.event = torch.zeros(n, self.L, dtype=torch.int16, device=dev)
-        self.norm_out = torch.zeros(n, self.L, dtype=torch.float32, device=dev) if self.method.modifies else None
-        self.columns = {c: torch.full((n, self.L), float("nan"), dtype=torch.float32, device=dev)
-                        for c in self.method.columns}
+        self.tau, self.norm, self.event, self.norm_out, cols = bufs
+        self.columns = dict(zip(self.method.columns, cols))
+
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun: Rerun | None = None):
         x, n = residual_norm(h, r)
@@ -180,23 +255,63 @@ class CoreEngine:
         self.layer_calls += 1
         self.norm[:, j] = n
 
+    def graph_parts(self, max_rows: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """What an adapter needs to run :func:`observe_step` in its model's graph: the state's
+        tensors (``{name: tensor}``, to hold as static buffers: :func:`observe_step`'s tensor
+        arguments after ``row_slot``, the τ and threshold tables as ``tau<i>``/``thr<i>``) and its
+        constant keyword arguments. The state's tensors stay these from now on: the slot table and
+        the rows' buffer are fixed in size (a table that would grow raises), the rows' buffer holds
+        ``max_rows`` rows a step."""
+        t = self.table
+        t.fixed = True
+        if self._rows is None:
+            self._rows = StepRows(self._row_names(), self.L, t.t["seed"].device)
+        self._rows.fixed(max_rows)
+        tau_fn, tau_tables, tau_consts = self.thr.tau_parts()
+        thr_step, thr_sample, thr_tables, thr_consts = self.thr.update_parts()
+        tensors = {k: t.t[k] for k in (*STEP_TABLES, "serial")}
+        tensors.update(rows_ints=self._rows.ints, rows_floats=self._rows.floats, cursor=self._rows.cursor)
+        tensors.update({f"tau{i}": x for i, x in enumerate(tau_tables)})
+        tensors.update({f"thr{i}": x for i, x in enumerate(thr_tables)})
+        consts = dict(tau_fn=tau_fn, tau_consts=tau_consts, thr_step=thr_step, thr_sample=thr_sample,
+                      thr_consts=thr_consts, num_columns=len(self.method.columns))
+        return tensors, consts
+
+    def _row_names(self) -> list[str]:
+        return ["norm", "tau"] + (["norm_out"] if self.method.modifies else []) + list(self.method.columns)
+
     def end(self) -> None:
-        """Feed the thresholds and keep this step's rows of new generated tokens on the device (the
-        integer and the float columns each packed into one tensor; :class:`StepRows`)."""
+        """Set the events, feed the thresholds, advance each request's last position and keep this
+        step's rows of new generated tokens on the device (:class:`StepRows`) — one compiled kernel
+        when fused (:func:`end_kernel`), after the method's own end of step."""
         step = self.step
         assert step is not None
-        self.event |= torch.where(self.norm > self.tau, EV_ABOVE, 0).to(torch.int16)
         self.method.end_step(self, step)
-        self.thr.update(step.slot, self.norm, step.new)
-        finish_step(self.table, step)
-        ints = torch.cat([self.table.t["serial"][step.slot.clamp(min=0)][:, None], step.position[:, None],
-                          self.event.to(torch.int64)], 1)
-        parts = [self.norm, self.tau] + ([self.norm_out] if self.norm_out is not None else []) + list(self.columns.values())
         if self._rows is None:
-            names = ["norm", "tau"] + (["norm_out"] if self.norm_out is not None else []) + list(self.columns)
-            self._rows = StepRows(names, self.L, step.slot.device)
-        self._rows.append(ints, torch.cat(parts, 1), step.new, step.rows or step.num_tokens)
+            self._rows = StepRows(self._row_names(), self.L, step.slot.device)
+        rows = self._rows.reserve(step.rows or step.num_tokens)
+        # in inference mode: the rows' buffers are inference tensors (StepRows), vLLM's steps run in
+        # it, and a compiled kernel is specialised on it (global τ's sample is made here)
+        with torch.inference_mode():
+            thr_step, thr_tables, thr_inputs, thr_consts = self.thr.step_parts(step.slot, self.norm, step.new)
+            floats = (self.norm, self.tau) + ((self.norm_out,) if self.norm_out is not None else ()) \
+                + tuple(self.columns.values())
+            tokens = (self.event, self.norm, self.tau, floats, step.slot, step.position, step.new)
+            if self.steps_fused:  # the token dimension: one graph for every count (see fuse.dynamic_tokens)
+                for t in (*tokens[:3], *floats, *tokens[4:]):  # (request τ's inputs are these tensors)
+                    _fuse.dynamic_tokens(t)
+            args = (*tokens, self.table.t["serial"], self.table.t["last_pos"], *rows)
+            consts = (thr_tables, thr_inputs, thr_consts, thr_step)
+            if self.steps_fused:
+                _, self.steps_fused = _fuse.run(end_kernel, args, (), consts=consts, tokens=True)
+            else:
+                end_kernel(*args, *consts)
         self.step = None
+
+    def reserve(self, rows: int) -> None:
+        """Room for a step of ``rows`` requests in the rows' buffer, for a step the adapter runs
+        itself (:func:`observe_step`; :meth:`end` does it)."""
+        self._rows.reserve(rows)
 
     def drain(self) -> list[dict[str, torch.Tensor]]:
         """The rows of new generated tokens of every step since the last drain, on the host (row

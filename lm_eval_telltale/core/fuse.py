@@ -92,7 +92,7 @@ def plain(t, tokens: bool = False):
     if t._is_view() or not t.is_contiguous() or not t.is_inference():
         t = t.to(memory_format=torch.contiguous_format, copy=True)
     if tokens and t.ndim and t.shape[0] >= 2:
-        torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
     return t
 
 
@@ -100,5 +100,5 @@ def dynamic_tokens(t):
     """A compiled step's input that it writes in place (a step's record column): never copied, its
     first (token) dimension marked dynamic as :func:`plain` does."""
     if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] >= 2:
-        torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
     return t

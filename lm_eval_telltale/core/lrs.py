@@ -107,6 +107,9 @@ class LrsMethod(Method):
         self.conf = ConfidenceTracker(table, self.p.conf_topk, self.p.conf_window, device)
         self.stop = OnlineStop(table, self.p.stop_window) if self.p.stop_signal != "none" else None
 
+    def in_graph(self) -> bool:
+        return self.stop is None  # online stopping has per-step work of its own (end_step)
+
     def slot_values(self, extra: dict) -> dict:
         if self.stop is None:
             return {}

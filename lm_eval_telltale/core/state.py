@@ -34,6 +34,9 @@ class SlotTable:
         self.t: dict[str, torch.Tensor] = {}
         self._on_resize: list[Callable[[int], None]] = []
         self._on_reset: list[Callable[[int], None]] = []
+        #: True once an adapter holds the tensors as static buffers (a model graph reads them): the
+        #: table may not grow then (:meth:`~lm_eval_telltale.core.engine.CoreEngine.graph_parts`)
+        self.fixed = False
         self.register("prompt_len", (), torch.int64, 0)
         self.register("last_pos", (), torch.int64, -1)
         self.register("seed", (), torch.int64, 0)
@@ -53,6 +56,9 @@ class SlotTable:
         self._on_reset.append(fn)
 
     def _grow(self) -> None:
+        if self.fixed:
+            raise RuntimeError(f"telltale: more than {self.capacity} requests hold a slot at once; the slot table is "
+                               "fixed in size here (its tensors are static buffers of the model's graph)")
         old, new = self.capacity, self.capacity * 2
         for name, (tail, dtype, fill) in self._specs.items():
             ext = torch.full((new - old, *tail), fill, dtype=dtype, device=self.device)

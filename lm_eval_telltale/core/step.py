@@ -41,11 +41,15 @@ class StepMap:
         return int(self.slot.shape[0])
 
 
-def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.Tensor,
-               positions: torch.Tensor, tokens: torch.Tensor | None = None) -> StepMap:
-    """``query_start_loc``: [R+1] token offsets of the R rows; ``row_slot``: [R] slot of each row
-    (in the runner's row order for this step); ``positions``: [N] (N >= qsl[R], rest padding);
-    ``tokens``: [N] the fed token ids, if known."""
+#: the slot-table tensors a step map reads, in :func:`step_tensors`' order
+STEP_TABLES = ("prompt_len", "last_pos", "enabled", "seed")
+
+
+def step_tensors(prompt_len, last_pos, enabled, seed, query_start_loc, row_slot, positions):
+    """The step map's tensors ``(slot, position, decode, new, act, seed)`` from the slot table's
+    tensors (:data:`STEP_TABLES`) and the step's ``query_start_loc`` [R+1], ``row_slot`` [R] and
+    ``positions`` [N]: device arithmetic only (a function of tensors, so a compiled step can call
+    it: :meth:`~lm_eval_telltale.core.engine.CoreEngine.start`)."""
     dev = positions.device
     n = positions.shape[0]
     r = row_slot.shape[0]
@@ -57,16 +61,35 @@ def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.
     valid = slot >= 0
     s = slot.clamp(min=0)
     pos = positions.to(torch.int64)
-    decode = valid & (pos >= table.t["prompt_len"][s])
-    new = decode & (pos > table.t["last_pos"][s])
-    act = decode & table.t["enabled"][s]
-    return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=table.t["seed"][s],
-                   token=None if tokens is None else tokens.to(dev, torch.int64), rows=int(r))
+    decode = valid & (pos >= prompt_len[s])
+    new = decode & (pos > last_pos[s])
+    act = decode & enabled[s]
+    return slot, pos, decode, new, act, seed[s]
+
+
+def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.Tensor,
+               positions: torch.Tensor, tokens: torch.Tensor | None = None) -> StepMap:
+    """``query_start_loc``: [R+1] token offsets of the R rows; ``row_slot``: [R] slot of each row
+    (in the runner's row order for this step); ``positions``: [N] (N >= qsl[R], rest padding);
+    ``tokens``: [N] the fed token ids, if known."""
+    parts = step_tensors(*(table.t[k] for k in STEP_TABLES), query_start_loc, row_slot, positions)
+    return step_map(parts, tokens, int(row_slot.shape[0]))
+
+
+def step_map(parts, tokens: torch.Tensor | None, rows: int) -> StepMap:
+    """A :class:`StepMap` of :func:`step_tensors`' result."""
+    slot, pos, decode, new, act, seed = parts
+    return StepMap(slot=slot, position=pos, decode=decode, new=new, act=act, seed=seed,
+                   token=None if tokens is None else tokens.to(pos.device, torch.int64), rows=rows)
+
+
+def advance_last_pos(last_pos, slot, position, new) -> None:
+    """Advance each request's last seen position (``last_pos`` [S], in place) to its newest new
+    token's: an ``amax`` scatter, where every other token brings −1 (no slot's value is below it)."""
+    src = torch.where(new, position, torch.full_like(position, -1))
+    last_pos.scatter_reduce_(0, slot.clamp(min=0), src, reduce="amax")
 
 
 def finish_step(table: SlotTable, step: StepMap) -> None:
     """Advance each request's last seen position (after all layers ran)."""
-    s = torch.where(step.new, step.slot, torch.full_like(step.slot, table.capacity))
-    lp = torch.cat([table.t["last_pos"], table.t["last_pos"].new_full((1,), -1)])
-    lp = lp.scatter_reduce(0, s, step.position, reduce="amax")
-    table.t["last_pos"] = lp[:-1]
+    advance_last_pos(table.t["last_pos"], step.slot, step.position, step.new)

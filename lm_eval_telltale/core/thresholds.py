@@ -19,11 +19,12 @@ need no extra "ready" mask.
 The P² algorithm (Jain & Chlamtac, 1985) is vectorised here over any leading shape: one
 ``update`` call feeds one sample to every estimator selected by ``mask``. Each mode's step is one
 function that also gives τ for the next step, so ``tau_slots`` reads it instead of recomputing it:
-:func:`global_step` returns the new state; :func:`request_step` reads and writes, in place, only
-the rows of the slots that have a token in the step (its cost follows the step's tokens, not the
-slot table's size). Adapters whose model runs compiled also compile that step
-(:meth:`Thresholds.fuse`): one kernel instead of ~200 small operations per step, with the same
-results bit for bit.
+every step writes its state in place (:meth:`Thresholds.step_parts`); :func:`request_step` reads
+and writes only the rows of the slots that have a token in the step (its cost follows the step's
+tokens, not the slot table's size). Adapters whose model runs compiled also compile that step
+(:meth:`Thresholds.fuse`), and run it inside the engine's compiled end of step
+(:meth:`~lm_eval_telltale.core.engine.CoreEngine.end`): one kernel instead of ~200 small operations
+per step, with the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -232,10 +233,41 @@ def request_step(q, n, np_, count, dn, tau, slot, norms, mask, iqr_k, min_iqr, t
     tau[idx] = p2_tau(qs, cs, iqr_k, min_iqr, tau_floor, ready_at)
 
 
-def global_step(q, n, np_, count, dn, x, mask, iqr_k, min_iqr, tau_floor, ready_at):
-    """One step of global mode (pure): sample ``x`` [L] fed where ``mask``; the new state and τ [L]."""
-    q, n, np_, count = p2_update(q, n, np_, count, dn, x, mask)
-    return q, n, np_, count, p2_tau(q, count, iqr_k, min_iqr, tau_floor, ready_at)
+def global_sample(slot, norms, mask):
+    """Global mode's sample of a step: the mean norm of its new generated tokens (``norms`` [N, L],
+    ``mask`` [N]) per layer, and whether it has any ([L]). Its sum stays out of compiled steps (a
+    compiled reduction may add in another order: :mod:`~lm_eval_telltale.core.fuse`)."""
+    m = mask.to(torch.float32)[:, None]
+    cnt = m.sum(0)  # [1] broadcast per layer
+    mean = (norms.to(torch.float32) * m).sum(0) / cnt.clamp(min=1)
+    return mean, (cnt > 0).expand(norms.shape[1])
+
+
+def global_step(q, n, np_, count, dn, tau, mean, has, iqr_k, min_iqr, tau_floor, ready_at):
+    """One step of global mode, in place: the step's sample (:func:`global_sample`) fed where it
+    has one, and τ for the next step written (``tau`` [1, L])."""
+    q2, n2, np2, c2 = p2_update(q, n, np_, count, dn, mean, has)
+    q.copy_(q2)
+    n.copy_(n2)
+    np_.copy_(np2)
+    count.copy_(c2)
+    tau.copy_(p2_tau(q2, c2, iqr_k, min_iqr, tau_floor, ready_at)[None])
+
+
+def _same(tau):
+    return tau
+
+
+def warmed_tau(fixed, seen, warmup: int):
+    """Fixed and calibrated τ [S, L] with a warm-up: NaN for a request before ``warmup`` of its
+    generated tokens (``seen`` [S])."""
+    return torch.where((seen >= warmup)[:, None], fixed, torch.full_like(fixed, float("nan")))
+
+
+def seen_step(seen, slot, norms, mask):
+    """Fixed and calibrated τ with a warm-up, in place: count each request's new generated tokens
+    (``seen`` [S]; every other token adds 0)."""
+    seen.index_add_(0, slot.clamp(min=0), mask.to(seen.dtype))
 
 
 class Thresholds:
@@ -260,7 +292,7 @@ class Thresholds:
         if mode in ("fixed", "calibrated"):
             if tau_values is None or len(tau_values) != num_layers:
                 raise ValueError(f"tau_mode={mode} needs one τ per patched layer ({num_layers})")
-            self._fixed = torch.tensor(tau_values, dtype=torch.float32, device=device)[None, :]
+            self._fixed = torch.tensor([tau_values], dtype=torch.float32, device=device)  # [1, L]
             # with a warm-up, no decision before `warmup` of the request's own generated tokens
             self.seen = torch.zeros(capacity, dtype=torch.int64, device=device) if self.warmup > 0 else None
         elif mode == "request":
@@ -279,14 +311,16 @@ class Thresholds:
     def _consts(self) -> tuple:
         return self.iqr_k, self.min_iqr, self.tau_floor, max(self.warmup, 5)
 
-    def fuse(self) -> None:
+    def fuse(self, warm: bool = True) -> None:
         """Compile the per-step update of request and global modes (:meth:`P2Quartiles.fuse`): the
         quartile update and the next step's τ in one kernel, in request mode the scatter of the
-        step's tokens to their slots too. Compiles now, for the table's shape."""
+        step's tokens to their slots too. Compiles now, for the table's shape (not with ``warm``
+        false: a caller that runs the update inside its own kernel, :meth:`step_parts`)."""
         if self.mode in ("request", "global"):
             self.p2.fuse()
             self._tau = None  # made again from the fused (inference) state
-            self._warm()
+            if warm:
+                self._warm()
 
     def _warm(self) -> None:
         p2 = self.p2
@@ -298,9 +332,9 @@ class Thresholds:
                 slot = torch.zeros(n, dtype=torch.int64, device=p2.q.device)
                 p2.warm(request_step, slot, torch.zeros(n, self.L, device=p2.q.device), slot.bool(), *self._consts,
                         tables=(tau,), tokens=True)
-        else:
+        else:  # no sample: the same state and τ written back
             p2.warm(global_step, torch.zeros(self.L, device=p2.q.device),
-                    torch.zeros(self.L, dtype=torch.bool, device=p2.q.device), *self._consts)
+                    torch.zeros(self.L, dtype=torch.bool, device=p2.q.device), *self._consts, tables=(self._tau_table(),))
 
     @property
     def fused(self) -> bool:
@@ -331,35 +365,65 @@ class Thresholds:
             self.seen[slot] = 0
 
     def tau_slots(self) -> torch.Tensor:
-        if self.mode in ("fixed", "calibrated"):
-            if not self._counts_tokens:
-                return self._fixed
-            ready = (self.seen >= self.warmup)[:, None]
-            return torch.where(ready, self._fixed, torch.full_like(self._fixed, float("nan")))
-        tau = self._tau_table()
-        return tau[: self.capacity] if self.mode == "request" else tau[None, :]
+        tau = self.tau_table()
+        return tau[: self.capacity] if self.mode == "request" else tau
+
+    def tau_parts(self) -> tuple:
+        """τ as ``(fn, tables, consts)``: ``fn(*tables, *consts)`` is :meth:`tau_table` (a function
+        of the state's tensors, for a step that runs in a model's graph)."""
+        if self.mode in ("request", "global"):
+            return _same, (self._tau_table(),), ()
+        if self._counts_tokens:
+            return warmed_tau, (self._fixed, self.seen), (self.warmup,)
+        return _same, (self._fixed,), ()
+
+    def tau_table(self) -> torch.Tensor:
+        """τ as one tensor that is not a view, for a step to index: [rows ≥ S, L] by slot (request
+        mode has a dump row more), or [1, L] for every token (global; fixed/calibrated without a
+        warm-up)."""
+        fn, tables, consts = self.tau_parts()
+        return fn(*tables, *consts)
 
     def _tau_table(self) -> torch.Tensor:
         """τ from the state (P² modes), computed only before the first step (or fusing): each step
-        writes the next one, and a slot's reset writes its own row."""
+        writes the next one, and a slot's reset writes its own row. Global mode's is [1, L]."""
         if self._tau is None:
             with self.p2._mode():  # a table the fused step writes: made as its state is
-                self._tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
+                tau = p2_tau(self.p2.q, self.p2.count, *self._consts)
+                self._tau = tau if self.mode == "request" else tau[None].clone()
         return self._tau
+
+    def update_parts(self) -> tuple:
+        """The update as ``(step, sample, tables, consts)``: ``step(*tables, *inputs, *consts)``
+        writes the state in place, with ``inputs`` = ``sample(slot, norms, mask)`` (None: those
+        three); ``(None, None, (), ())`` when τ keeps no state. See :meth:`step_parts`."""
+        if self.mode in ("request", "global"):
+            p2 = self.p2
+            tables = (p2.q, p2.n, p2.np_, p2.count, p2.dn, self._tau_table())
+            if self.mode == "request":
+                return request_step, None, tables, self._consts
+            return global_step, global_sample, tables, self._consts
+        if self._counts_tokens:
+            return seen_step, None, (self.seen,), ()
+        return None, None, (), ()
+
+    def step_parts(self, slot: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """A step's update as ``(step, tables, inputs, consts)``: ``step(*tables, *inputs, *consts)``
+        writes the state in place (:func:`request_step`, :func:`global_step`, :func:`seen_step`), or
+        ``(None, (), (), ())`` when τ keeps no state. ``slot`` [N], ``norms`` [N, L] and ``mask`` [N]
+        (the step's new generated tokens) as :meth:`update` takes them; ``inputs`` have the token
+        dimension first, but global mode's (its sample, made here). :meth:`update` runs it; a
+        compiled engine step runs it inside its own kernel
+        (:meth:`~lm_eval_telltale.core.engine.CoreEngine.end`)."""
+        step, sample, tables, consts = self.update_parts()
+        inputs = (slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool))
+        return step, tables, inputs if sample is None else sample(*inputs), consts
 
     def update(self, slot: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed one step. ``slot``: [N] slot per token; ``norms``: [N, L]; ``mask``: [N] tokens
         that are new generated tokens. At most one such token per slot per step."""
-        if self.mode == "request":
-            self.p2.write(request_step, slot.to(torch.int64), norms.to(torch.float32), mask.to(torch.bool),
-                          *self._consts, tables=(self._tau_table(),), tokens=True)
-        elif self.mode == "global":
-            m = mask.to(torch.float32)[:, None]
-            cnt = m.sum(0)  # [1] broadcast per layer
-            mean = (norms.to(torch.float32) * m).sum(0) / cnt.clamp(min=1)
-            self._tau, = self.p2.run(global_step, mean, (cnt > 0).expand(self.L), *self._consts)
-        elif self._counts_tokens:
-            S = self.seen.shape[0]
-            idx = torch.where(mask, slot, torch.full_like(slot, S))
-            self.seen = torch.cat([self.seen, self.seen.new_zeros(1)]).index_add_(
-                0, idx, torch.ones_like(idx))[:S]
+        step, tables, inputs, consts = self.step_parts(slot, norms, mask)
+        if self.mode in ("request", "global"):
+            self.p2.write(step, *inputs, *consts, tables=(tables[-1],), tokens=self.mode == "request")
+        elif step is not None:
+            step(*tables, *inputs, *consts)

@@ -27,8 +27,9 @@ re-run's (h2, r2)) act on the same decomposition as on vLLM.
 tokens are the attention mask's ones; their positions come from the mask (prefill:
 cumsum − 1) and from each row's count of fed tokens (decode: one token per row, position =
 prompt length + generated − 1, the cache position). They are flattened row-major (N tokens,
-``query_start_loc`` = the rows' cumulative counts) and :func:`~lm_eval_telltale.core.step.build_step`
-gives each its request slot, ``decode`` (position ≥ its prompt length), ``new`` and ``act``.
+``query_start_loc`` = the rows' cumulative counts) and the core's step map
+(:meth:`~lm_eval_telltale.core.engine.CoreEngine.start`) gives each its request slot, ``decode``
+(position ≥ its prompt length), ``new`` and ``act``.
 Padding never reaches the core; prompt tokens get τ = NaN. A request's slot is keyed by the
 request (not its row) and its seed is :func:`~lm_eval_telltale.core.rng.request_seed` of the
 engine seed, the request's identity and its sampling seed — the vLLM adapter's formula — so
@@ -63,7 +64,6 @@ from transformers import DynamicCache
 from ..core.collect import empty_rows, request_record, take_rows
 from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
-from ..core.step import build_step
 
 logger = logging.getLogger("lm_eval_telltale")
 
@@ -283,8 +283,7 @@ class HFRuntime:
         qsl[1:] = counts.cumsum(0)
         # every position of a dense step is a real token: no boolean mask (its positions are a host sync)
         pos_t, ids_t = (pos.reshape(-1), ids.reshape(-1)) if dense else (pos[valid], ids[valid])
-        step = build_step(self.table, qsl, row_slot, pos_t, ids_t)
-        self.core.begin(step)
+        self.core.start(qsl, row_slot, pos_t, ids_t)
         self._valid, self._dense, self._cache, self._active = valid, dense, cache, True
         try:
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,

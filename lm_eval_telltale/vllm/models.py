@@ -30,6 +30,7 @@ from ..config import TelltaleConfig
 from ..core.engine import residual_norm
 from ..core.methods import method_module
 from . import ops
+from .graph import graph_hook
 from .kvguard import check_separable_kv_write
 
 
@@ -81,6 +82,11 @@ class TelltaleModelMixin:
         # per-layer statistics of all stages into one record per answer
         owned = [l for l in self.telltale_cfg.layers if lo <= l < hi]
         self.telltale_stage_cfg = self.telltale_cfg.for_layers(owned)
+        # the in-graph step (vllm/graph.py) where the method allows it: one stage, one rank (the
+        # tensor-parallel digest check reads the step's norms on the host), the hooks not debugged
+        par = vllm_config.parallel_config
+        self.telltale_graph_ok = (os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") != "1"
+                                  and par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
         if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1":
             hook = _plain_python_hook
         elif method_module(self.telltale_cfg.method).METHOD.observes_only():
@@ -99,6 +105,13 @@ class TelltaleModelMixin:
 
     def telltale_attach(self, runtime) -> None:
         self._tt_runtime = runtime
+        if runtime.graph is not None:  # the in-graph step: its hook instead of the op's
+            for h in self._tt_handles:
+                h.remove()
+            self._tt_handles = []
+            for layer in self.telltale_layers:
+                object.__setattr__(layer, "_tt_graph", runtime.graph)  # not a submodule: no state_dict entry
+                self._tt_handles.append(layer.register_forward_hook(graph_hook))
 
     def forward(self, input_ids, positions, *args, **kwargs):
         rt = self._tt_runtime

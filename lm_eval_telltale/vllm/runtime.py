@@ -30,7 +30,6 @@ from ..core.collect import empty_rows, request_record, take_rows, trim_rows
 from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
 from ..core.state import SlotInfo
-from ..core.step import build_step
 from . import ops
 from .kvguard import no_kv_write
 
@@ -68,7 +67,7 @@ def _host_timed(fn):
 
 
 class VllmRuntime:
-    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers):
+    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers, in_graph: bool = False):
         self.cfg = cfg
         self.device = device
         self.runner = runner  # vLLM's V1 model runner: query_start_loc and num_reqs of each step
@@ -80,9 +79,17 @@ class VllmRuntime:
             raise ValueError("telltale: speculative decoding is not supported (several new tokens per request per step)")
         self.engine_seed = int(getattr(vllm_config.model_config, "seed", 0) or 0)
         self.core = build_core(cfg, cap, device)
-        if model_compiles(vllm_config):
-            self.core.fuse()  # the per-step threshold update as one kernel, like the model
         self.table, self.method = self.core.table, self.core.method
+        # the in-graph step (vllm/graph.py): the whole step inside the model's forward, on static
+        # buffers; else the ops' path, with the end of each step compiled where the model is
+        self.graph = None
+        self.compiled = model_compiles(vllm_config)
+        if in_graph and self.method.in_graph():
+            from .graph import GraphStep
+
+            self.graph = GraphStep(self.core, runner.query_start_loc.gpu, int(runner.max_num_tokens))
+        elif self.compiled:
+            self.core.fuse()
         # tensor parallelism: every rank holds the same (h, r) and runs the same decisions (checked
         # each step); rank 0 alone keeps the rows, and a host-side decision is taken together
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -186,14 +193,17 @@ class VllmRuntime:
         if rows and rs.min() < 0:
             raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
         row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
-        step = build_step(self.table, qsl, row_slot, positions, input_ids)
-        self.core.begin(step)
+        if self.graph is not None:
+            self.core.reserve(rows)  # room in the rows' buffer (host arithmetic; drains when it could fill)
+            self.graph.begin(row_slot)
+        else:
+            self.core.start(qsl, row_slot, positions, input_ids)
         self._positions = positions
         ops.activate(self)
         self.begin_calls += 1
         if self.method.wants_logits and rows:
             # a row's sampled token is kept iff its last fed position reaches the prompt's end
-            last = step.position[qsl[1:].to(positions.device, torch.int64) - 1]
+            last = positions[qsl[1:].to(positions.device, torch.int64) - 1]
             keep = last >= self.table.t["prompt_len"][row_slot] - 1
             self._sampling_rows = (row_slot, keep)
 
@@ -235,7 +245,10 @@ class VllmRuntime:
     def end_step(self) -> None:
         ops.deactivate()
         self._positions = None
-        self.core.end()
+        if self.graph is not None:
+            self.graph.end()
+        else:
+            self.core.end()
         if self.tp_size > 1:
             self._check_tp_ranks()
         self.steps += 1
@@ -243,6 +256,8 @@ class VllmRuntime:
 
     def _drain(self) -> None:
         """The steps' rows from the device into the host log (when requests are collected)."""
+        if self.graph is not None:
+            self.graph.check()
         rows = self.core.drain()
         if self.records:
             self._log.extend(rows)
@@ -275,7 +290,8 @@ class VllmRuntime:
         """Called by the worker after each execute_model: a real step must have run every hook."""
         if num_scheduled_tokens <= 0:
             return
-        calls = self.core.layer_calls
+        # the in-graph step's layers are counted on the device (checked at drain: GraphStep.check)
+        calls = len(self.cfg.layers) if self.graph is not None else self.core.layer_calls
         if self.begin_calls != 1 or calls != len(self.cfg.layers):
             raise HookWiringError(
                 f"telltale: hooks did not fire as wired in this step (model forward hook ran {self.begin_calls}x, "
@@ -359,7 +375,9 @@ class VllmRuntime:
             "tp_rank": self.tp_rank,
             "records": self.records,
             "step_digest": self.step_digest,
-            "fused": self.core.fused,
+            # the per-step work compiled: in the model's compiled graph, or as the core's own kernels
+            "fused": (self.graph is not None and self.compiled) or self.core.fused,
+            "in_graph": self.graph is not None,
             "method_fused": self.core.method_fused,
             "method": self.method.summary(),
         }

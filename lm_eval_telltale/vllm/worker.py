@@ -49,7 +49,8 @@ class TelltaleWorkerMixin:
             raise HookWiringError("telltale: the row-mirror logits processor is not installed "
                                   "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
         device = next(model.parameters()).device
-        self._tt = VllmRuntime(model.telltale_stage_cfg, self.vllm_config, device, runner, model.telltale_layers)
+        self._tt = VllmRuntime(model.telltale_stage_cfg, self.vllm_config, device, runner, model.telltale_layers,
+                               in_graph=model.telltale_graph_ok)
         if getattr(self.vllm_config.scheduler_config, "async_scheduling", False):
             logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
                            "are dropped at collection, but tau_mode=global and online matched suppression see them")

@@ -107,11 +107,15 @@ def test_a_compiled_engine_runs_the_fused_threshold_update(mixed_engine, request
 
 
 def test_attribution_test_detects_a_wrong_row_order(mixed_engine, monkeypatch):
-    import lm_eval_telltale.vllm.runtime as rt
+    from lm_eval_telltale.core.engine import CoreEngine
+    from lm_eval_telltale.vllm.graph import GraphStep
 
     solo = _solo(mixed_engine)
-    real = rt.build_step
-    monkeypatch.setattr(rt, "build_step", lambda table, qsl, row_slot, pos, *tok: real(table, qsl, row_slot.flip(0), pos, *tok))
+    assert rpc(mixed_engine, "telltale_state")["in_graph"]  # the row → slot map the engine uses
+    real, real_g = CoreEngine.start, GraphStep.begin
+    monkeypatch.setattr(CoreEngine, "start",
+                        lambda self, qsl, row_slot, pos, *tok: real(self, qsl, row_slot.flip(0), pos, *tok))
+    monkeypatch.setattr(GraphStep, "begin", lambda self, row_slot: real_g(self, row_slot.flip(0)))
     conc = _traces(mixed_engine, _prompts(LENGTHS), BUDGETS, [f"w{i}" for i in range(len(LENGTHS))])
     differs = [not (len(solo[f"s{i}"][1]) == len(conc[f"w{i}"][1]) and np.array_equal(solo[f"s{i}"][1], conc[f"w{i}"][1]))
                for i in range(len(LENGTHS))]
@@ -164,8 +168,11 @@ def test_a_hook_that_does_not_fire_is_caught(engines, tiny_model_dir):
     llm = engines.make(tiny_model_dir, "norms", {"layers": "4-6"})
     model = worker(llm).model_runner.get_model()
     model._tt_handles[1].remove()  # as if torch.compile had traced the hook away
+    # the in-graph step counts its layers' calls on the device and checks them when the rows are
+    # drained (no host read in a step): before any statistic of the request is made
     with pytest.raises(Exception) as e:
         llm.generate(_prompts([8]), [_sp(4, "x")], use_tqdm=False)
+        rpc(llm, "telltale_collect", ["x"])
     chain = [e.value, e.value.__cause__, e.value.__context__]
     assert any(isinstance(x, HookWiringError) or "did not fire" in str(x) for x in chain if x is not None)
     engines.close(llm)

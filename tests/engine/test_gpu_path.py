@@ -24,8 +24,17 @@ def _sp(n, tag):
 
 def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
     """What async scheduling does after a request sampled its stop token: one more decode row for
-    it, fed with that token (position prompt_len + n_out − 1), through every patched layer."""
-    core = rt.core
+    it, fed with that token (position prompt_len + n_out − 1), through every patched layer — by the
+    in-graph step where the engine runs it (vllm/graph.py), else by the core's step."""
+    core, graph = rt.core, rt.graph
+    if graph is not None:
+        core.reserve(1)
+        with torch.inference_mode():  # as vLLM's forward
+            graph.begin(torch.tensor([slot]))
+            for j in range(len(rt.cfg.layers)):
+                graph.layer(j, torch.tensor([position]), torch.full((1,), 50.0))
+            graph.end()
+        return
     step = build_step(rt.table, torch.tensor([0, 1]), torch.tensor([slot]), torch.tensor([position]))
     core.begin(step)
     for j in range(len(rt.cfg.layers)):
@@ -34,8 +43,11 @@ def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
 
 
 @pytest.mark.engine
-def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_model_dir):
-    llm = engines.make(tiny_model_dir, "norms", {"layers": LAYERS, "warmup": 4})
+@pytest.mark.parametrize("method,knobs", [("norms", {}), ("lrs", {"stop_signal": "conf", "stop_window": 4})],
+                         ids=["in-graph", "ops"])
+def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_model_dir, method, knobs):
+    llm = engines.make(tiny_model_dir, method, {"layers": LAYERS, "warmup": 4, **knobs})
+    assert (worker(llm)._tt.graph is not None) == (not knobs)
     prompt = {"prompt_token_ids": list(range(5, 25))}
     llm.generate([prompt], _sp(12, "ref"), use_tqdm=False)
     ref = rpc(llm, "telltale_collect", ["ref"], [12])[0]

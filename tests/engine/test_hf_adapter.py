@@ -74,13 +74,14 @@ def test_padding_and_prompt_tokens_never_reach_a_decision(qwen3):
     prompts = _prompts()
     steps = []
     rt = _rt(qwen3, "suppress", tau_mode="fixed", tau=1e-3)
-    begin = rt.core.begin
+    start = rt.core.start
 
-    def spy(step):
+    def spy(*args):
+        step = start(*args)
         steps.append((step.slot.clone(), step.position.clone(), step.decode.clone()))
-        begin(step)
+        return step
 
-    rt.core.begin = spy
+    rt.core.start = spy
     res = _gen(rt, prompts)
     slot0, pos0, dec0 = steps[0]  # the prefill: exactly the prompts' tokens, none generated
     assert slot0.numel() == sum(map(len, prompts)) and (slot0 >= 0).all() and not dec0.any()
