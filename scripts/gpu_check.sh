@@ -8,7 +8,9 @@
 #    vLLM's default compilation (torch.compile + CUDA graphs: no enforce_eager); prints the
 #    compilation and CUDA-graph mode vLLM reports in each run's log;
 # 3. checks: no run raised the hook check, every telltale run's sidecar has rows with counts > 0
-#    (the hooks fired), and vllm-norms' responses equal stock vllm's;
+#    (the hooks fired), and vllm-norms' responses equal stock vllm's; vllm-norms runs a second time
+#    with FULL CUDA graphs (its in-graph step, vllm/graph.py, allows them; vllm-norms and vllm-lrs
+#    keep vLLM's async scheduling), and both runs' statistics must be equal;
 # 4. `telltale bench` at batch sizes 1 and 64 (one repeat: a check, not the benchmark).
 #
 # Prepared, not run: no GPU with vLLM was available when it was written. --dry-run prints every
@@ -19,7 +21,8 @@
 # Environment: WORK (default .cache/gpu_check), DTYPE (default float32, so that the equality check
 # is not at the mercy of bf16 kernel noise), LAYERS (default auto), LIMIT (documents, default 12),
 # BENCH_ARGS (more `telltale bench` flags). Stock vLLM runs with the V1 model runner and async
-# scheduling off, like the telltale types, so that "norms equals stock" tests the hooks alone.
+# scheduling off, like the op-calling telltale types, so that "norms equals stock" tests the hooks
+# alone (greedy answers do not depend on the scheduling).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,6 +67,8 @@ KNOBS="layers=$LAYERS,warmup=8"
 declare -A EXTRA=(
   [vllm]="async_scheduling=False"
   [vllm-norms]="$KNOBS"
+  # model_args with a brace: lm-eval takes them only as JSON, whole
+  [vllm-norms-full]="{\"pretrained\": \"$MODEL\", \"dtype\": \"$DTYPE\", \"max_model_len\": 512, \"gpu_memory_utilization\": 0.3, \"seed\": 0, \"layers\": \"$LAYERS\", \"warmup\": 8, \"compilation_config\": {\"cudagraph_mode\": \"FULL_AND_PIECEWISE\"}}"
   [vllm-alrr]="$KNOBS,growth_eps=0"
   [vllm-erss]="$KNOBS,low_k=4,cooldown=8,bank_k=8"
   [vllm-lrs]="$KNOBS"
@@ -72,8 +77,10 @@ declare -A EXTRA=(
 LINES=$(mktemp)
 trap 'rm -f "$LINES"' EXIT
 (( DRY )) || mkdir -p "$WORK/logs"
-for t in vllm vllm-norms vllm-alrr vllm-erss vllm-lrs vllm-suppress; do
-  cmd=("$BIN/lm_eval" --model "$t" --model_args "$BASE,${EXTRA[$t]}" --tasks telltale_local --include_path "$TASKS"
+for t in vllm vllm-norms vllm-norms-full vllm-alrr vllm-erss vllm-lrs vllm-suppress; do
+  margs="$BASE,${EXTRA[$t]}"
+  [[ ${EXTRA[$t]} == \{* ]] && margs=${EXTRA[$t]}
+  cmd=("$BIN/lm_eval" --model "${t%-full}" --model_args "$margs" --tasks telltale_local --include_path "$TASKS"
        --batch_size auto --limit "$LIMIT" --output_path "$WORK/runs/$t" --log_samples)
   [[ $t == vllm-lrs ]] && cmd+=(--gen_kwargs "temperature=0.7,top_p=0.8,top_k=20,do_sample=True")
   show "${cmd[@]}"
@@ -115,6 +122,16 @@ diff = sorted(d for d in set(stock) | set(norms) if stock.get(d) != norms.get(d)
 print(f"   vllm-norms vs vllm: {len(stock)} documents, {len(diff)} with different responses {diff[:10]}")
 if not stock or diff:
     bad.append("vllm-norms does not equal stock vllm")
+
+def stats(t):
+    files = sorted((runs / t).rglob("telltale_*.jsonl"))
+    rows = read_sidecar(files[-1]) if files else []
+    return sorted(json.dumps([r.get("doc_id"), r.get("layers")], sort_keys=True) for r in rows)
+
+same = stats("vllm-norms") == stats("vllm-norms-full") != []
+print(f"   vllm-norms with FULL CUDA graphs: statistics {'equal' if same else 'DIFFERENT'} to piecewise")
+if not same:
+    bad.append("vllm-norms with FULL CUDA graphs does not equal vllm-norms")
 if bad:
     sys.exit("gpu_check: FAILED\n  " + "\n  ".join(bad))
 print("gpu_check: the hooks fired in every telltale run; vllm-norms equals stock vllm")

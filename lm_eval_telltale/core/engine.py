@@ -113,11 +113,12 @@ class Method:
         self.L = num_layers
         self.device = device
 
-    def in_graph(self) -> bool:
-        """Whether a whole step of this method is tensor work over static buffers after the last
-        patched layer (:func:`observe_step`), so an adapter may run it inside its model's graph: a
-        method that only observes and has no per-step work of its own (:meth:`end_step`)."""
-        return self.observes_only() and type(self).end_step is Method.end_step
+    @classmethod
+    def in_graph(cls, cfg) -> bool:
+        """Whether a whole step of this method under ``cfg`` is tensor work over static buffers after
+        the last patched layer (:func:`observe_step`), so an adapter may run it inside its model's
+        graph: a method that only observes and has no per-step work of its own (:meth:`end_step`)."""
+        return cls.observes_only() and cls.end_step is Method.end_step
 
     @classmethod
     def observes_only(cls) -> bool:

@@ -107,8 +107,10 @@ class LrsMethod(Method):
         self.conf = ConfidenceTracker(table, self.p.conf_topk, self.p.conf_window, device)
         self.stop = OnlineStop(table, self.p.stop_window) if self.p.stop_signal != "none" else None
 
-    def in_graph(self) -> bool:
-        return self.stop is None  # online stopping has per-step work of its own (end_step)
+    @classmethod
+    def in_graph(cls, cfg) -> bool:
+        # online stopping has per-step work of its own (end_step: its norm window)
+        return cls.observes_only() and LrsParams(**cfg.params).stop_signal == "none"
 
     def slot_values(self, extra: dict) -> dict:
         if self.stop is None:

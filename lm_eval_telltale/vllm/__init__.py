@@ -133,12 +133,13 @@ def modifies_kv(cfg: TelltaleConfig) -> bool:
     return bool(method_module(cfg.method).METHOD.modifies)
 
 
-def compilation_config(user: dict | None = None) -> dict | None:
+def compilation_config(user: dict | None = None, full_graphs: bool = False) -> dict | None:
     """vLLM's compilation settings for the telltale hooks. CPU (inductor, no CUDA graphs): vLLM's
     defaults as they are — the hook ops are opaque to torch.compile. GPU: piecewise CUDA graphs with
     the telltale ops (``telltale::post_layer``, ``telltale::observe_norm``) among the splitting ops
     (vLLM's own defaults kept), so they run eagerly between the captured pieces; FULL graphs would
-    replay without running any Python."""
+    replay without running any Python, and are refused unless ``full_graphs`` (the in-graph step,
+    ``vllm/graph.py``: its forward runs no Python and calls no telltale op)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -153,7 +154,7 @@ def compilation_config(user: dict | None = None) -> dict | None:
     split += [op for op in OP_NAMES if op not in split]
     cc["splitting_ops"] = split
     mode = str(cc.get("cudagraph_mode") or "PIECEWISE").upper().replace("CUDAGRAPHMODE.", "")
-    if mode.startswith("FULL"):
+    if mode.startswith("FULL") and not full_graphs:
         raise UnsupportedModelError(
             f"telltale: compilation_config cudagraph_mode={mode}: FULL CUDA graphs replay without running the "
             "telltale hooks; use PIECEWISE (the default of the telltale model types) or NONE")
@@ -162,7 +163,8 @@ def compilation_config(user: dict | None = None) -> dict | None:
 
 
 def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str, Any] | None = None, *,
-                  compilation: dict | None = None, salted_requests: bool = False) -> dict[str, Any]:
+                  compilation: dict | None = None, salted_requests: bool = False,
+                  parallel: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """``LLM(**kwargs)`` additions for a Telltale method.
 
     - ``hf_overrides``: the Telltale architecture and the resolved config (reaches every worker,
@@ -180,7 +182,10 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
       knows that step N sampled a stop token, so a stopped request takes one more forward. Its
       rows are dropped at collection, but the engine-wide streams (``tau_mode=global``, online
       matched suppression) would have seen them; a synchronous step keeps every statistic exact.
-      Pass ``async_scheduling=True`` yourself to trade that for speed.
+      Pass ``async_scheduling=True`` yourself to trade that for speed. Where the in-graph step runs
+      (``vllm/graph.py``; ``parallel``: the tensor and pipeline parallel sizes) and its statistics
+      stay exact with it (:func:`~lm_eval_telltale.vllm.graph.async_exact`), vLLM's default is
+      kept, and FULL CUDA graphs are allowed.
 
     Environment: the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``: the hooks follow its
     persistent batch) and, with ``cfg.batch_invariant``, vLLM's batch-invariant kernels
@@ -202,13 +207,17 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
                 "telltale: batch_invariant=true: vLLM's batch-invariant kernels need Triton and are not available on "
                 "the CPU engine (where a request's float32 results are already independent of the batch)")
         _set_vllm_env("VLLM_BATCH_INVARIANT", "1", "batch_invariant=true asks for vLLM's batch-invariant kernels")
+    from .graph import async_exact, in_graph
+
+    graph = in_graph(cfg, *parallel)
     kw: dict[str, Any] = {
         "hf_overrides": ov,
         "worker_cls": worker_cls(),
         "logits_processors": [ROW_MIRROR],
-        "async_scheduling": False,
     }
-    cc = compilation_config(compilation)
+    if not (graph and async_exact(cfg)):
+        kw["async_scheduling"] = False
+    cc = compilation_config(compilation, full_graphs=graph)
     if cc is not None:
         kw["compilation_config"] = cc
     if modifies_kv(cfg) and not salted_requests:
@@ -247,7 +256,9 @@ def assemble_engine_args(cfg: TelltaleConfig, architecture: str, user: dict[str,
     if isinstance(cc, int):
         cc = {"mode": cc}
     mine = set(explicit) if explicit is not None else {k for k, v in user.items() if v is not None}
-    for k, v in engine_kwargs(cfg, architecture, overrides, compilation=cc, salted_requests=salted_requests).items():
+    parallel = (int(kw.get("tensor_parallel_size") or 1), int(kw.get("pipeline_parallel_size") or 1))
+    for k, v in engine_kwargs(cfg, architecture, overrides, compilation=cc, salted_requests=salted_requests,
+                              parallel=parallel).items():
         if k in USER_MAY_SET and k in mine:
             continue
         kw[k] = v

@@ -15,19 +15,51 @@ and the rows of new generated tokens, every write in place. torch.compile traces
 model's graph (no custom op, no graph split, no Python at run time); in eager mode the same code
 runs as plain operations.
 
-Outside it the host does per step only: before the forward, the step's row → slot map copied into
-``row_slot`` (and room made in the rows' buffer); after it, ``row_slot`` reset to −1. A forward
-with no step running (vLLM's dummy, profiling and capture runs) thus sees no request: every token
-has slot −1, nothing decodes and nothing is new, and no state changes. Whether every patched layer
-ran in every step is counted on the device (``calls``, one per layer and step with a request) and
-checked when the rows are drained.
+The model's forward itself runs no Python of telltale's, so a FULL CUDA graph may capture it. The
+host's part of a step runs outside it: when the runner's batch update reaches the row mirror
+(every step, before the forward), the step's row → slot map is copied into ``row_slot`` (on a
+GPU from double-buffered pinned memory, non-blocking) and room is made in the rows' buffer; after
+the worker's ``execute_model``, ``row_slot`` is reset to −1. A forward with no step running (vLLM's
+dummy, profiling and capture runs) thus sees no request: every token has slot −1, nothing decodes
+and nothing is new, and no state changes. Whether every patched layer ran in every step is counted
+on the device (``calls``, one per layer and forward with a request) and checked when the rows are
+drained: a replay that skipped the step, or a hook traced away, fails there.
 """
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 
 from ..core.engine import HookWiringError, observe_step, residual_norm
+from ..core.methods import method_module
+
+#: debug switch: the layer hooks as plain Python that reads process state (models.py)
+PLAIN_HOOKS_ENV = "TELLTALE_DEBUG_PLAIN_HOOKS"
+
+
+def plain_hooks() -> bool:
+    return os.environ.get(PLAIN_HOOKS_ENV) == "1"
+
+
+def in_graph(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> bool:
+    """Whether an engine of ``cfg`` runs the in-graph step — the one place this is decided (the
+    engine settings, the worker): a method whose step allows it
+    (:meth:`~lm_eval_telltale.core.engine.Method.in_graph`), on one rank and one stage (the
+    tensor-parallel digest check reads each step's norms on the host; a pipeline stage's forward
+    differs), without the debug hooks."""
+    return (not plain_hooks() and int(tensor_parallel_size or 1) == 1 and int(pipeline_parallel_size or 1) == 1
+            and method_module(cfg.method).METHOD.in_graph(cfg))
+
+
+def async_exact(cfg) -> bool:
+    """Whether an in-graph engine's statistics stay exact under async scheduling. Its extra forward
+    for a request that already stopped writes only that request's own rows and state (the rows
+    past its end are dropped at collection); only ``tau_mode=global``'s engine-wide stream would
+    see it."""
+    return cfg.tau_mode != "global"
 
 
 class GraphStep(torch.nn.Module):
@@ -36,6 +68,12 @@ class GraphStep(torch.nn.Module):
     def __init__(self, core, query_start_loc: torch.Tensor, max_tokens: int):
         super().__init__()
         dev = query_start_loc.device
+        self._pinned = None
+        if dev.type == "cuda":  # the row map's staging: two pinned buffers, each reused once its copy ran
+            n = int(query_start_loc.shape[0]) - 1
+            self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._copied: list = [None, None]
+            self._flip = 0
         rows = int(query_start_loc.shape[0]) - 1
         tensors, self.consts = core.graph_parts(rows)
         self.n_tau = sum(k.startswith("tau") for k in tensors)
@@ -47,7 +85,7 @@ class GraphStep(torch.nn.Module):
         self.register_buffer("norm", torch.zeros(max_tokens, core.L, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("calls", torch.zeros(core.L, dtype=torch.int64, device=dev), persistent=False)
         self.last = core.L - 1
-        self.steps = 0  # host: the steps with a request that ran a forward
+        self.steps = 0  # host: the forwards with a request (counted by the adapter)
 
     def layer(self, j: int, positions: torch.Tensor, n: torch.Tensor) -> None:
         """After patched layer ``j``, inside the traced forward: its norms ``n`` [N] recorded; after
@@ -62,12 +100,30 @@ class GraphStep(torch.nn.Module):
                          tuple(getattr(self, f"thr{i}") for i in range(self.n_thr)), **self.consts)
 
     # -- host, around the forward ------------------------------------------------------------------
-    def begin(self, row_slot: torch.Tensor) -> None:
-        rows = int(row_slot.shape[0])
-        self.row_slot[:rows].copy_(row_slot, non_blocking=True)
-        self.steps += rows > 0
+    def begin(self, row_slot) -> torch.Tensor:
+        """The step's row → slot map (``row_slot``: [R], a numpy array or a tensor) into the buffer
+        the forward reads; returns it on the device (the sampling rows' slots)."""
+        src = torch.from_numpy(row_slot.copy()) if isinstance(row_slot, np.ndarray) else row_slot
+        rows = int(src.shape[0])
+        if self._pinned is None:
+            dev = src.to(self.row_slot.device, torch.int64, copy=True)
+        else:
+            i, self._flip = self._flip, self._flip ^ 1
+            if self._copied[i] is not None:
+                self._copied[i].synchronize()  # that buffer's copy, two steps ago, has run
+            pin = self._pinned[i][:rows]
+            pin.copy_(src)
+            dev = pin.to(self.row_slot.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[i] = ev
+        self.row_slot[:rows].copy_(dev)
+        return dev
 
-    def end(self) -> None:
+    def end(self, ran: bool) -> None:
+        """After the step: ``row_slot`` reset (a forward outside a step sees no request); ``ran``:
+        a forward with a request ran, counted for :meth:`check`."""
+        self.steps += bool(ran)
         self.row_slot.fill_(-1)
 
     def check(self) -> None:

@@ -16,11 +16,14 @@ Because the hook's only work is that op, it survives torch.compile (the traced g
 on every forward) and CUDA graphs (the op is a graph-splitting point: it runs eagerly between the
 captured pieces); in eager mode the same op runs as a plain call. The worker checks after every
 step that the model forward and every layer hook ran, and fails loudly otherwise.
+
+Where the in-graph step runs (:mod:`lm_eval_telltale.vllm.graph`: the observing methods on one
+rank and stage), :meth:`TelltaleModelMixin.telltale_attach` replaces those hooks by
+:func:`~lm_eval_telltale.vllm.graph.graph_hook`, which calls no op: the step is tensor work the
+traced graph contains, and the top-level ``forward`` runs no telltale Python at all.
 """
 
 from __future__ import annotations
-
-import os
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -30,7 +33,7 @@ from ..config import TelltaleConfig
 from ..core.engine import residual_norm
 from ..core.methods import method_module
 from . import ops
-from .graph import graph_hook
+from .graph import graph_hook, plain_hooks
 from .kvguard import check_separable_kv_write
 
 
@@ -82,12 +85,7 @@ class TelltaleModelMixin:
         # per-layer statistics of all stages into one record per answer
         owned = [l for l in self.telltale_cfg.layers if lo <= l < hi]
         self.telltale_stage_cfg = self.telltale_cfg.for_layers(owned)
-        # the in-graph step (vllm/graph.py) where the method allows it: one stage, one rank (the
-        # tensor-parallel digest check reads the step's norms on the host), the hooks not debugged
-        par = vllm_config.parallel_config
-        self.telltale_graph_ok = (os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") != "1"
-                                  and par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1)
-        if os.environ.get("TELLTALE_DEBUG_PLAIN_HOOKS") == "1":
+        if plain_hooks():
             hook = _plain_python_hook
         elif method_module(self.telltale_cfg.method).METHOD.observes_only():
             hook = _observe_hook
@@ -115,7 +113,8 @@ class TelltaleModelMixin:
 
     def forward(self, input_ids, positions, *args, **kwargs):
         rt = self._tt_runtime
-        if rt is None or not rt.step_active:
+        # the in-graph step runs no Python here: its host part is the runtime's, outside the forward
+        if rt is None or not rt.step_active or rt.graph is not None:
             return super().forward(input_ids, positions, *args, **kwargs)
         rt.begin_step(positions, input_ids)
         try:

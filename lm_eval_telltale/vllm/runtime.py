@@ -31,6 +31,7 @@ from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
 from ..core.state import SlotInfo
 from . import ops
+from .graph import GraphStep, in_graph
 from .kvguard import no_kv_write
 
 logger = logging.getLogger("lm_eval_telltale")
@@ -67,7 +68,7 @@ def _host_timed(fn):
 
 
 class VllmRuntime:
-    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers, in_graph: bool = False):
+    def __init__(self, cfg: TelltaleConfig, vllm_config, device: torch.device, runner, layers):
         self.cfg = cfg
         self.device = device
         self.runner = runner  # vLLM's V1 model runner: query_start_loc and num_reqs of each step
@@ -84,9 +85,10 @@ class VllmRuntime:
         # buffers; else the ops' path, with the end of each step compiled where the model is
         self.graph = None
         self.compiled = model_compiles(vllm_config)
-        if in_graph and self.method.in_graph():
-            from .graph import GraphStep
-
+        par = vllm_config.parallel_config
+        if getattr(par, "use_ubatching", False):  # the ops' path also checks each step's attention metadata
+            raise HookWiringError("telltale: micro-batching (enable_dbo / ubatch_size) is not supported")
+        if in_graph(cfg, par.tensor_parallel_size, par.pipeline_parallel_size):
             self.graph = GraphStep(self.core, runner.query_start_loc.gpu, int(runner.max_num_tokens))
         elif self.compiled:
             self.core.fuse()
@@ -100,6 +102,7 @@ class VllmRuntime:
         if self.tp_size > 1:
             self.core.any = self._tp_any
         self._sampling_rows = None
+        self._graph_rows, self._graph_slots = 0, None  # the in-graph step's rows of the running step
         self.row_slot = np.full(cap, -1, dtype=np.int64)
         self.num_rows = 0
         self.step_active = False
@@ -138,8 +141,12 @@ class VllmRuntime:
 
     # -- row mirror (logits processor update_state, inside the runner, before the forward) ------
     def apply_batch_update(self, bu) -> None:
-        if bu is None:
-            return
+        if bu is not None:
+            self._mirror(bu)
+        if self.graph is not None and self.step_active:
+            self._graph_begin()
+
+    def _mirror(self, bu) -> None:
         rs = self.row_slot
         if bu.batch_size > rs.shape[0] or any(i >= rs.shape[0] for i, *_ in bu.added):
             n = max(bu.batch_size, *(i + 1 for i, *_ in bu.added), 2 * rs.shape[0])
@@ -175,7 +182,49 @@ class VllmRuntime:
                 rs[a] = -1
         self.num_rows = bu.batch_size
 
-    # -- model forward ---------------------------------------------------------------------------
+    # -- the in-graph step's host part (vllm/graph.py) ----------------------------------------------
+    def _rows_in_step(self) -> int:
+        """The step's batch rows, checked against the row mirror."""
+        rows = int(self.runner.input_batch.num_reqs)
+        if rows != self.num_rows:
+            raise HookWiringError(f"telltale: row mirror out of sync ({self.num_rows} mirrored rows, {rows} in the step)")
+        if rows and self.row_slot[:rows].min() < 0:
+            raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
+        return rows
+
+    @_host_timed
+    def _graph_begin(self) -> None:
+        """Before the forward (the runner's batch update, every step): the row → slot map into the
+        graph's buffer and room in the rows' buffer (host arithmetic; it drains when it could fill)."""
+        rows = self._rows_in_step()
+        self.core.reserve(rows)
+        self._graph_slots = self.graph.begin(self.row_slot[:rows])
+        self._graph_rows = rows
+        self.begin_calls += 1
+
+    @_host_timed
+    def graph_end(self, num_scheduled_tokens: int) -> None:
+        """After the worker's ``execute_model``: the sampling rows of the step that ran (the runner's
+        positions and ``query_start_loc`` still hold it), ``row_slot`` reset (a forward outside a
+        step sees no request), the step counted for the layers' check."""
+        rows, slots = self._graph_rows, self._graph_slots
+        self._graph_rows, self._graph_slots = 0, None
+        ran = num_scheduled_tokens > 0 and rows > 0
+        if ran:
+            self.steps += 1
+            self._audit_steps += self._audit is not None
+            if self.method.wants_logits:
+                runner = self.runner
+                self._sampling(runner.positions, runner.query_start_loc.gpu[: rows + 1], slots)
+        self.graph.end(ran)
+
+    def _sampling(self, positions: torch.Tensor, qsl: torch.Tensor, slots: torch.Tensor) -> None:
+        """The step's sampling rows for :meth:`apply_logits`: a row's sampled token is kept iff its
+        last fed position reaches the prompt's end."""
+        last = positions[qsl[1:].to(positions.device, torch.int64) - 1]
+        self._sampling_rows = (slots, last >= self.table.t["prompt_len"][slots] - 1)
+
+    # -- model forward (the ops' path) -------------------------------------------------------------
     @_host_timed
     def begin_step(self, positions: torch.Tensor, input_ids: torch.Tensor | None = None) -> None:
         from vllm.forward_context import get_forward_context
@@ -184,28 +233,15 @@ class VllmRuntime:
             raise HookWiringError("telltale: micro-batching (list attention metadata) is not supported")
         # token → row: the runner's query_start_loc for this step (every attention backend's
         # metadata is built from it; FlashInfer's does not carry it)
-        runner = self.runner
-        rows = int(runner.input_batch.num_reqs)
-        qsl = runner.query_start_loc.gpu[: rows + 1]
-        if rows != self.num_rows:
-            raise HookWiringError(f"telltale: row mirror out of sync ({self.num_rows} mirrored rows, {rows} in the step)")
-        rs = self.row_slot[:rows]
-        if rows and rs.min() < 0:
-            raise HookWiringError("telltale: a batch row has no request slot (row mirror out of sync)")
-        row_slot = torch.from_numpy(rs.copy()).to(positions.device, non_blocking=True)
-        if self.graph is not None:
-            self.core.reserve(rows)  # room in the rows' buffer (host arithmetic; drains when it could fill)
-            self.graph.begin(row_slot)
-        else:
-            self.core.start(qsl, row_slot, positions, input_ids)
+        rows = self._rows_in_step()
+        qsl = self.runner.query_start_loc.gpu[: rows + 1]
+        row_slot = torch.from_numpy(self.row_slot[:rows].copy()).to(positions.device, non_blocking=True)
+        self.core.start(qsl, row_slot, positions, input_ids)
         self._positions = positions
         ops.activate(self)
         self.begin_calls += 1
         if self.method.wants_logits and rows:
-            # a row's sampled token is kept iff its last fed position reaches the prompt's end
-            last = positions[qsl[1:].to(positions.device, torch.int64) - 1]
-            keep = last >= self.table.t["prompt_len"][row_slot] - 1
-            self._sampling_rows = (row_slot, keep)
+            self._sampling(positions, qsl, row_slot)
 
     @_host_timed
     def apply_logits(self, logits: torch.Tensor) -> None:
@@ -245,10 +281,7 @@ class VllmRuntime:
     def end_step(self) -> None:
         ops.deactivate()
         self._positions = None
-        if self.graph is not None:
-            self.graph.end()
-        else:
-            self.core.end()
+        self.core.end()
         if self.tp_size > 1:
             self._check_tp_ranks()
         self.steps += 1

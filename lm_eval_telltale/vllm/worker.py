@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from .graph import async_exact
 from .models import TelltaleModelMixin
 from .rows import TelltaleRowMirror
 from .runtime import HookWiringError, VllmRuntime
@@ -49,9 +50,9 @@ class TelltaleWorkerMixin:
             raise HookWiringError("telltale: the row-mirror logits processor is not installed "
                                   "(pass logits_processors=[lm_eval_telltale.vllm.rows:TelltaleRowMirror])")
         device = next(model.parameters()).device
-        self._tt = VllmRuntime(model.telltale_stage_cfg, self.vllm_config, device, runner, model.telltale_layers,
-                               in_graph=model.telltale_graph_ok)
-        if getattr(self.vllm_config.scheduler_config, "async_scheduling", False):
+        self._tt = VllmRuntime(model.telltale_stage_cfg, self.vllm_config, device, runner, model.telltale_layers)
+        if getattr(self.vllm_config.scheduler_config, "async_scheduling", False) and not (
+                self._tt.graph is not None and async_exact(self._tt.cfg)):
             logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
                            "are dropped at collection, but tau_mode=global and online matched suppression see them")
         model.telltale_attach(self._tt)
@@ -81,6 +82,8 @@ class TelltaleWorkerMixin:
             out = super().execute_model(scheduler_output)
         finally:
             rt.step_active = False
+            if rt.graph is not None:
+                rt.graph_end(scheduler_output.total_num_scheduled_tokens)
         rt.check_step(scheduler_output.total_num_scheduled_tokens)
         return out
 

@@ -33,7 +33,7 @@ def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
             graph.begin(torch.tensor([slot]))
             for j in range(len(rt.cfg.layers)):
                 graph.layer(j, torch.tensor([position]), torch.full((1,), 50.0))
-            graph.end()
+            graph.end(True)
         return
     step = build_step(rt.table, torch.tensor([0, 1]), torch.tensor([slot]), torch.tensor([position]))
     core.begin(step)
@@ -72,7 +72,13 @@ def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_mod
 def test_engine_settings_forced_by_the_model_types():
     cfg = resolve("norms", {"layers": LAYERS}, 8)
     kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
-    assert kw["async_scheduling"] is False
+    # async scheduling: vLLM's default where the in-graph step runs with per-request τ (exact under
+    # it); off for the methods that change (h, r), for global τ and for tensor parallelism
+    assert "async_scheduling" not in kw
+    for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8), resolve("suppress", {"layers": LAYERS}, 8),
+                  resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8)):
+        assert engine_kwargs(other, "Qwen3ForCausalLM")["async_scheduling"] is False
+    assert engine_kwargs(cfg, "Qwen3ForCausalLM", parallel=(2, 1))["async_scheduling"] is False
     assert kw["worker_cls"] == "lm_eval_telltale.vllm.worker_cpu.TelltaleCPUWorker"
     # the V1 runner: a user's VLLM_USE_V2_MODEL_RUNNER=1 is a clear error, not an obscure one later
     import os
@@ -106,6 +112,16 @@ def test_gpu_compilation_splits_the_graph_at_every_telltale_op(monkeypatch):
     assert mine == ["my::op", "telltale::post_layer", "telltale::observe_norm"]
     with pytest.raises(UnsupportedModelError, match="FULL"):
         compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"})
+    # the in-graph step runs no Python in the forward: FULL graphs allowed (the model types ask for
+    # them through engine_kwargs, which knows the method)
+    assert compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"}, full_graphs=True)["cudagraph_mode"] == \
+        "FULL_AND_PIECEWISE"
+    norms, suppress = resolve("norms", {"layers": LAYERS}, 8), resolve("suppress", {"layers": LAYERS}, 8)
+    full = {"cudagraph_mode": "FULL_AND_PIECEWISE"}
+    assert engine_kwargs(norms, "Qwen3ForCausalLM", compilation=full)["compilation_config"]["cudagraph_mode"] == \
+        "FULL_AND_PIECEWISE"
+    with pytest.raises(UnsupportedModelError, match="FULL"):
+        engine_kwargs(suppress, "Qwen3ForCausalLM", compilation=full)
 
 
 def test_gpu_worker_never_imports_the_cpu_worker():

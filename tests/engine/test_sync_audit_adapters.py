@@ -124,7 +124,7 @@ def test_vllm_adapter_steps_issue_no_sync(case, engines, tiny_model_dir):
     rt = worker(llm)._tt
     audit = SyncAudit()
     steady = lambda: rt.steps >= 2  # noqa: E731
-    for name in ("begin_step", "post_layer", "observe_layer", "end_step", "apply_logits"):
+    for name in ("begin_step", "post_layer", "observe_layer", "end_step", "apply_logits", "_graph_begin", "graph_end"):
         setattr(rt, name, _audited(getattr(rt, name), audit, steady))
     # the observing methods run their step inside the model's forward (vllm/graph.py); in this eager
     # engine its operations run one by one and are watched too

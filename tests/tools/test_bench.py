@@ -230,6 +230,12 @@ def test_report_says_whether_each_methods_kernels_ran_compiled():
                     "(vllm-erss)")
     per["vllm-erss"]["method"] = True
     assert report._kernels_line(per) == "compiled (every telltale method)"
+    # the in-graph step (vllm/graph.py): named as such
+    assert cell._kernels([{"fused": True, "method_fused": None, "in_graph": True}]) == \
+        {"core": True, "method": None, "graph": True}
+    per = report._kernels_of([{"method": "norms", "ok": True, "repeat": 0, "kernels": {"core": True, "method": None,
+                                                                                        "graph": True}}], "vllm")
+    assert report._kernels_line(per) == "in the model's compiled graph (vllm-norms)"
     assert report._kernels_line({}) is None
 
 

@@ -51,8 +51,10 @@ def _reference(mode, steps):
     return core
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("mode", list(MODES))
+CASES = [(m, False) for m in MODES] + [("request", True), ("global", True)]  # compiling: ~17 s a case
+
+
+@pytest.mark.parametrize("mode,compiled", CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
 def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     steps = _steps()
     ref = _reference(mode, steps)
@@ -77,7 +79,7 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
             # a padded forward (CUDA-graph sizes): two tokens past the last row
             pos = torch.tensor([q for _, p in rows for q in p] + [0, 0])
             fwd(pos, [torch.cat([x, torch.full((2,), 99.0)]) for x in norms])
-            g.end()
+            g.end(True)
         # a forward with no step running (vLLM's dummy runs): changes nothing
         before = {k: v.clone() for k, v in core.table.t.items()}
         fwd(torch.arange(5), [torch.full((5,), 77.0)] * L)
@@ -103,6 +105,6 @@ def test_a_layer_that_did_not_run_is_caught_when_drained():
         g.begin(torch.tensor([infos[0].slot]))
         for j in (0, 2):  # layer 1's hook skipped
             g.layer(j, torch.tensor([4]), torch.tensor([20.0]))
-        g.end()
+        g.end(True)
     with pytest.raises(RuntimeError, match=r"ran \[1, 0, 1\] times in 1 steps"):
         g.check()

@@ -61,8 +61,11 @@ def _kernels(states: list) -> dict[str, bool | None]:
     run says how that run ran."""
     sts = [st for st in states or [] if st]
     mf = [st.get("method_fused") for st in sts]
-    return {"core": bool(sts) and all(bool(st.get("fused")) for st in sts),
-            "method": None if all(m is None for m in mf) else all(bool(m) for m in mf)}
+    out = {"core": bool(sts) and all(bool(st.get("fused")) for st in sts),
+           "method": None if all(m is None for m in mf) else all(bool(m) for m in mf)}
+    if any(st.get("in_graph") for st in sts):  # the in-graph step (vllm/graph.py) on every worker
+        out["graph"] = all(bool(st.get("in_graph")) for st in sts)
+    return out
 
 
 def _hook_time(states0: list, states1: list, wall_s: float, tp: int = 1) -> dict[str, float | None]:

@@ -108,6 +108,8 @@ def _kernels_of(cells: list[dict], engine: str) -> dict[str, dict[str, bool | No
             continue
         o = out.setdefault(label(c["method"], engine), {"core": True, "method": k.get("method")})
         o["core"] = o["core"] and bool(k.get("core"))
+        if "graph" in k:
+            o["graph"] = o.get("graph", True) and bool(k["graph"])
         if k.get("method") is not None:
             o["method"] = bool(o["method"]) and bool(k["method"])
     return out
@@ -120,7 +122,9 @@ def _kernels_line(per_method: dict) -> str | None:
     groups: dict[str, list[str]] = {}
     for m, k in per_method.items():
         core, meth = k.get("core"), k.get("method")
-        if core and meth is not False:
+        if k.get("graph"):
+            word = f"in the model's {'compiled ' if core else ''}graph"
+        elif core and meth is not False:
             word = "compiled"
         elif not core and not meth:
             word = "plain operations"
@@ -229,8 +233,9 @@ def render_markdown(rep: dict) -> str:
             f"- ALRR compute limit: stock tok/s × L / (L + re-run rows per generated token), L = "
             f"{meta.get('num_layers')}: the throughput if the re-run's extra layer passes were ALRR's only cost "
             "(a re-run pushes every token row of its step through the layer again).",
-            "- the telltale types run with their own engine settings (async scheduling off, the V1 model runner; on "
-            "GPU piecewise CUDA graphs split at the telltale ops); stock vLLM keeps its defaults unless "
+            "- the telltale types run with their own engine settings (the V1 model runner; async scheduling off and, "
+            "on GPU, piecewise CUDA graphs split at the telltale ops, but for the in-graph types vllm-norms and "
+            "vllm-lrs, which keep vLLM's default and call no op); stock vLLM keeps its defaults unless "
             "--engine-args / the environment say otherwise. Each cell's effective settings are in the JSON."
             if engine == "vllm" else
             "- the hf-* types generate with the hf adapter's own loop (the patched layers' hooks, a DynamicCache, "
