@@ -65,7 +65,7 @@ def observe_step(norm, positions, query_start_loc, row_slot, prompt_len, last_po
                  thr_consts, num_columns: int):
     """A whole step of a method that only observes (:meth:`Method.in_graph`), from its norms
     ``norm`` [N, L] after the last patched layer: the step map, τ, the events, the threshold update,
-    each request's last position and the rows — :func:`start_kernel`'s and :func:`end_kernel`'s
+    each request's last position and the rows — :meth:`CoreEngine.start`'s and :func:`end_kernel`'s
     work as one function of tensors, every state written in place (the parts of
     :meth:`CoreEngine.graph_parts`), so an adapter can run it inside its model's compiled graph.
     ``query_start_loc`` and ``row_slot`` may be padded to fixed sizes: rows without a request
@@ -200,9 +200,10 @@ class CoreEngine:
 
     @property
     def fused(self) -> bool:
-        """Whether the threshold update runs compiled (False in eager adapters, fixed/calibrated τ,
-        or after a compile failure fell back to the plain operations)."""
-        return self.thr.fused
+        """Whether the end of each step (the events, the threshold update, the rows) runs as a
+        compiled kernel (False in eager adapters, or after a compile failure fell back to the plain
+        operations)."""
+        return self.steps_fused
 
     @property
     def method_fused(self) -> bool | None:
@@ -236,7 +237,6 @@ class CoreEngine:
         self.layer_calls = 0
         self.tau, self.norm, self.event, self.norm_out, cols = bufs
         self.columns = dict(zip(self.method.columns, cols))
-
 
     def layer(self, j: int, h: torch.Tensor, r: torch.Tensor, rerun: Rerun | None = None):
         x, n = residual_norm(h, r)
