@@ -29,14 +29,19 @@ from .thresholds import Thresholds
 Rerun = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def step_buffers(tau_t, slot, decode, num_layers: int, modifies: bool, num_columns: int):
-    """A step's per-(token, layer) buffers: τ of each token's request (``tau_t``:
-    :meth:`Thresholds.tau_table`), NaN where the token is not generated (NaN compares False
-    everywhere: no decision elsewhere); the norms and events to fill; ``norm_out`` for a method
-    that may change (h, r), else None; the method's columns, NaN-filled."""
+def step_tau(tau_t, slot, decode, num_layers: int):
+    """τ of each token's request [N, L] (``tau_t``: :meth:`Thresholds.tau_table`), NaN where the
+    token is not generated (NaN compares False everywhere: no decision elsewhere)."""
     n = slot.shape[0]
     tau = tau_t.expand(n, num_layers) if tau_t.shape[0] == 1 else tau_t[slot.clamp(min=0)]
-    tau = torch.where(decode[:, None], tau, torch.full_like(tau, float("nan")))
+    return torch.where(decode[:, None], tau, torch.full_like(tau, float("nan")))
+
+
+def step_buffers(tau_t, slot, decode, num_layers: int, modifies: bool, num_columns: int):
+    """A step's per-(token, layer) buffers: τ (:func:`step_tau`); the norms and events to fill;
+    ``norm_out`` for a method that may change (h, r), else None; the method's columns, NaN-filled."""
+    n = slot.shape[0]
+    tau = step_tau(tau_t, slot, decode, num_layers)
     norm = torch.zeros(n, num_layers, dtype=torch.float32, device=slot.device)
     event = torch.zeros(n, num_layers, dtype=torch.int16, device=slot.device)
     norm_out = torch.zeros(n, num_layers, dtype=torch.float32, device=slot.device) if modifies else None
@@ -60,22 +65,24 @@ def end_kernel(event, norm, tau, floats, slot, position, new, serial, last_pos, 
     rows_write(rows_ints, rows_floats, cursor, ints, torch.cat(floats, 1), new)
 
 
-def observe_step(norm, positions, query_start_loc, row_slot, prompt_len, last_pos, enabled, seed, serial,
-                 rows_ints, rows_floats, cursor, tau_tables, thr_tables, *, tau_fn, tau_consts, thr_step, thr_sample,
-                 thr_consts, num_columns: int):
-    """A whole step of a method that only observes (:meth:`Method.in_graph`), from its norms
-    ``norm`` [N, L] after the last patched layer: the step map, τ, the events, the threshold update,
-    each request's last position and the rows — :meth:`CoreEngine.start`'s and :func:`end_kernel`'s
-    work as one function of tensors, every state written in place (the parts of
-    :meth:`CoreEngine.graph_parts`), so an adapter can run it inside its model's compiled graph.
-    ``query_start_loc`` and ``row_slot`` may be padded to fixed sizes: rows without a request
-    (slot −1) and tokens past the last row's end change nothing."""
+def graph_start(positions, query_start_loc, row_slot, prompt_len, last_pos, enabled, seed, tau_tables, *, tau_fn,
+                tau_consts, num_layers: int):
+    """The start of a step as one function of tensors, for a step an adapter runs inside its
+    model's graph (:meth:`Method.in_graph`; the parts of :meth:`CoreEngine.graph_parts`): the step
+    map's tensors (:func:`~lm_eval_telltale.core.step.step_tensors`) and each token's τ
+    (:func:`step_tau`) — :meth:`CoreEngine.start`'s work. ``query_start_loc`` and ``row_slot`` may
+    be padded to fixed sizes: rows without a request (slot −1) and tokens past the last row's end
+    are no request's."""
     parts = step_tensors(prompt_len, last_pos, enabled, seed, query_start_loc, row_slot, positions)
-    slot, pos, decode, new = parts[:4]
-    tau, _, event, _, cols = step_buffers(tau_fn(*tau_tables, *tau_consts), slot, decode, norm.shape[1], False,
-                                          num_columns)
+    return parts, step_tau(tau_fn(*tau_tables, *tau_consts), parts[0], parts[2], num_layers)
+
+
+def graph_end(event, norm, tau, floats, slot, position, new, serial, last_pos, rows_ints, rows_floats, cursor,
+              thr_tables, *, thr_step, thr_sample, thr_consts):
+    """The end of a step run inside a model's graph: :func:`end_kernel` with the thresholds'
+    inputs made in the graph too (global τ's sample, :meth:`Thresholds.update_parts`)."""
     inputs = (slot, norm, new) if thr_sample is None else thr_sample(slot, norm, new)
-    end_kernel(event, norm, tau, (norm, tau, *cols), slot, pos, new, serial, last_pos, rows_ints, rows_floats, cursor,
+    end_kernel(event, norm, tau, floats, slot, position, new, serial, last_pos, rows_ints, rows_floats, cursor,
                thr_tables, inputs, thr_consts, thr_step)
 
 
@@ -115,10 +122,19 @@ class Method:
 
     @classmethod
     def in_graph(cls, cfg) -> bool:
-        """Whether a whole step of this method under ``cfg`` is tensor work over static buffers after
-        the last patched layer (:func:`observe_step`), so an adapter may run it inside its model's
-        graph: a method that only observes and has no per-step work of its own (:meth:`end_step`)."""
-        return cls.observes_only() and cls.end_step is Method.end_step
+        """Whether a whole step of this method under ``cfg`` is tensor work over static buffers, so
+        an adapter may run it inside its model's graph (:func:`graph_start`, :meth:`layer_op` at each
+        patched layer, :func:`graph_end`): a method whose per-layer work is :meth:`layer_op` (no
+        host decision, no state outside the slot table and :meth:`graph_state`) and that has no
+        per-step work of its own (:meth:`end_step`)."""
+        return (cls.apply is Method.apply or cls.layer_op is not Method.layer_op) and cls.end_step is Method.end_step
+
+    @classmethod
+    def engine_wide(cls, cfg) -> bool:
+        """Whether the method under ``cfg`` keeps state that every request's generated tokens feed
+        (online matched suppression's rates): a forward run after a request stopped (async
+        scheduling) would then count in another request's decisions."""
+        return False
 
     @classmethod
     def observes_only(cls) -> bool:
@@ -133,8 +149,30 @@ class Method:
 
     def apply(self, core: "CoreEngine", j: int, h: torch.Tensor, r: torch.Tensor, x: torch.Tensor,
               n: torch.Tensor, tau: torch.Tensor, rerun: Rerun | None):
-        """Return (h', r', events) for patched layer ``j``; ``events``: int16 [N] bits or None."""
+        """Return (h', r', events) for patched layer ``j``; ``events``: int16 [N] bits or None. By
+        default the tensor operation :meth:`layer_op` on the core's step; a method that needs more
+        (ALRR's re-run, ERSS's long steps) overrides this instead."""
+        return self.layer_op(j, h, r, x, n, tau, core.step, core.columns, self.graph_state())
+
+    def layer_op(self, j: int, h: torch.Tensor, r: torch.Tensor, x: torch.Tensor, n: torch.Tensor,
+                 tau: torch.Tensor, step: StepMap, columns: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
+        """The method at patched layer ``j`` as a function of tensors: (h, r) after the layer, x =
+        h + r and its norm ``n`` [N], τ of each token ``tau`` [N] (NaN: not generated), the step map
+        ``step``, the step's record columns (``columns[name]`` [N, L], :attr:`columns`) and the
+        method's state tensors ``state`` (:meth:`graph_state`), written in place. Returns (h', r',
+        events: int16 [N] bits or None). Runs in the core's step (:meth:`apply`) and, where
+        :meth:`in_graph`, inside an adapter's model graph on static buffers: no host decision."""
         return h, r, None
+
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        """The method's own state tensors that :meth:`layer_op` reads or writes (besides the step
+        map's slot-table tensors), by name; an in-graph adapter holds them as static buffers."""
+        return {}
+
+    def prepare(self, hidden: int) -> None:
+        """Allocate the state whose size depends on the model's hidden size (ERSS's bank) now,
+        before an in-graph adapter takes :meth:`graph_state` (the core's step allocates it at its
+        first step)."""
 
     def summarize_columns(self, position, cols: dict, events, layers: list[int]) -> dict[str, dict]:
         """Per-layer statistics ``{str(layer): {...}}`` from one request's rows (numpy, token
@@ -256,13 +294,17 @@ class CoreEngine:
         self.layer_calls += 1
         self.norm[:, j] = n
 
-    def graph_parts(self, max_rows: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """What an adapter needs to run :func:`observe_step` in its model's graph: the state's
-        tensors (``{name: tensor}``, to hold as static buffers: :func:`observe_step`'s tensor
-        arguments after ``row_slot``, the τ and threshold tables as ``tau<i>``/``thr<i>``) and its
-        constant keyword arguments. The state's tensors stay these from now on: the slot table and
-        the rows' buffer are fixed in size (a table that would grow raises), the rows' buffer holds
-        ``max_rows`` rows a step."""
+    def graph_parts(self, max_rows: int, hidden: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """What an adapter needs to run a step in its model's graph (:func:`graph_start`, the
+        method's :meth:`Method.layer_op`, :func:`graph_end`): the state's tensors (``{name: tensor}``,
+        to hold as static buffers: the slot table's :data:`~lm_eval_telltale.core.step.STEP_TABLES`
+        and ``serial``, the rows' buffer, the τ and threshold tables as ``tau<i>``/``thr<i>``, the
+        method's :meth:`Method.graph_state` as ``m_<name>``) and the constant keyword arguments of
+        :func:`graph_start` and :func:`graph_end`. The state's tensors stay these from now on: the
+        slot table and the rows' buffer are fixed in size (a table that would grow raises), the
+        rows' buffer holds ``max_rows`` rows a step; ``hidden``: the model's hidden size
+        (:meth:`Method.prepare`)."""
+        self.method.prepare(hidden)
         t = self.table
         t.fixed = True
         if self._rows is None:
@@ -274,9 +316,10 @@ class CoreEngine:
         tensors.update(rows_ints=self._rows.ints, rows_floats=self._rows.floats, cursor=self._rows.cursor)
         tensors.update({f"tau{i}": x for i, x in enumerate(tau_tables)})
         tensors.update({f"thr{i}": x for i, x in enumerate(thr_tables)})
-        consts = dict(tau_fn=tau_fn, tau_consts=tau_consts, thr_step=thr_step, thr_sample=thr_sample,
-                      thr_consts=thr_consts, num_columns=len(self.method.columns))
-        return tensors, consts
+        tensors.update({f"m_{k}": x for k, x in self.method.graph_state().items()})
+        start = dict(tau_fn=tau_fn, tau_consts=tau_consts, num_layers=self.L)
+        end = dict(thr_step=thr_step, thr_sample=thr_sample, thr_consts=thr_consts)
+        return tensors, start, end
 
     def _row_names(self) -> list[str]:
         return ["norm", "tau"] + (["norm_out"] if self.method.modifies else []) + list(self.method.columns)
@@ -311,7 +354,7 @@ class CoreEngine:
 
     def reserve(self, rows: int) -> None:
         """Room for a step of ``rows`` requests in the rows' buffer, for a step the adapter runs
-        itself (:func:`observe_step`; :meth:`end` does it)."""
+        itself in its model's graph (:func:`graph_start`, :func:`graph_end`; :meth:`end` does it)."""
         self._rows.reserve(rows)
 
     def drain(self) -> list[dict[str, torch.Tensor]]:

@@ -33,15 +33,19 @@ nor steered, so their recomputed K/V do not carry earlier injections.
 
 State lives in slot tensors of the :class:`~lm_eval_telltale.core.state.SlotTable` (reset when a
 request acquires its slot): ``erss_bank`` [S, L, K+1, hidden] float32 (allocated at the first
-step, when the hidden size is known), ``erss_bank_norm`` [S, L, K+1] (−inf = empty),
+step, when the hidden size is known, or ahead by :meth:`ErssMethod.prepare` for a step in a
+model's graph), ``erss_bank_norm`` [S, L, K+1] (−inf = empty),
 ``erss_streak`` and ``erss_cooldown`` [S, L]. Entry K of each bank is a scratch entry that absorbs
 the writes of tokens that store nothing, so one ``index_put_`` per step writes the bank with no
 host sync and no duplicate indices among real writes. A step of N ≤ S tokens works on all of them
 in their order (each token's work is its own); a longer one (a prefill chunk of thousands of
 tokens) on the first S in "new first" order (a stable sort; at most one new token per request per
-step), gathered and scattered back, so it costs no more bank gathers than S. Memory: S·L·(K+1)·hidden·4 bytes, e.g.
-S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 → 0.8 GiB (allocated after vLLM
-sized its KV cache; lower ``max_num_seqs`` or ``bank_k`` if the device is tight).
+step), gathered and scattered back, so it costs no more bank gathers than S.
+:meth:`ErssMethod.layer_op` is the form for a step inside a model's graph: every step gathered, on
+the first min(N, S) tokens — no host decision, the same numbers (tested); vLLM's in-graph step
+does not use it yet (:meth:`ErssMethod.in_graph`). Memory: S·L·(K+1)·hidden·4 bytes, e.g.
+S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 → 0.8 GiB (allocated at the
+first step, after vLLM sized its KV cache; lower ``max_num_seqs`` or ``bank_k`` if the device is tight).
 
 Compiled: when the model runs compiled (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`),
 each layer's step (:func:`erss_layer`) is one compiled kernel instead of ~60 small operations,
@@ -159,7 +163,7 @@ class ErssMethod(Method):
         o, p, cols = self._order, self.p, core.columns
         hs, rs, xs, ns = (h, r, x, n) if o is None else (h[o], None if r is None else r[o], x[o], n[o])
         cols = (cols["erss_cos"], cols["erss_vnorm"], cols["erss_bank"])
-        h_s, ev_s = self._call(erss_layer, self._state(j), (hs, rs, xs, ns, core.tau, *self._sel), cols,
+        h_s, ev_s = self._call(erss_layer, self._state(j), (hs, rs, xs, ns, tau, *self._sel), cols,
                                (p.bank_k, p.gamma, p.low_k, p.p_inject, p.cos_min, p.cooldown, p.beta))
         if o is None:
             return h_s, r, ev_s
@@ -167,6 +171,41 @@ class ErssMethod(Method):
         h2[o] = h_s
         ev = torch.zeros(n.shape[0], dtype=torch.int16, device=n.device)
         ev[o] = ev_s
+        return h2, r, ev
+
+    @classmethod
+    def in_graph(cls, cfg) -> bool:
+        # not yet: layer_op equals the core's step bit for bit, eager and compiled on its own
+        # (tests/vllm/test_graph_step.py), but inside a compiled vLLM model a recorded cosine of a
+        # request differed in its last bit alone and in a batch (its norms and decisions did not);
+        # until that is found, ERSS keeps the ops' path, which is batch-invariant (tested)
+        return False
+
+    def prepare(self, hidden: int) -> None:
+        self._ensure_bank(hidden)
+
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        t = self.table.t
+        if self.hidden is None:
+            raise RuntimeError("erss: graph_state before the bank is allocated (prepare(hidden))")
+        return {"bank": t["erss_bank"], "bank_norm": t["erss_bank_norm"], "streak": t["erss_streak"],
+                "cooldown": t["erss_cooldown"], "index": torch.stack([i for i, _ in self._jt]),
+                "layer": torch.stack([l for _, l in self._jt])}
+
+    def layer_op(self, j, h, r, x, n, tau, step, columns, state):
+        """The step inside a model's graph: always the gathered form (:meth:`_prepare`'s, for any token
+        count): the first min(N, capacity) tokens in "new first" order — every live token — so the
+        bank gathers stay bounded by the table's size without a host decision."""
+        live, sl = step.new & step.act, step.slot.clamp(min=0)
+        o = torch.argsort((~live).to(torch.int8), stable=True)[: torch.sym_min(n.shape[0], self.table.capacity)]
+        p = self.p
+        h_s, ev_s = erss_layer(state["bank"], state["bank_norm"], state["streak"], state["cooldown"],
+                               state["index"][j], state["layer"][j], h[o], None if r is None else r[o], x[o], n[o],
+                               tau, live[o], sl[o], step.seed[o], step.position[o], o,
+                               columns["erss_cos"], columns["erss_vnorm"], columns["erss_bank"],
+                               p.bank_k, p.gamma, p.low_k, p.p_inject, p.cos_min, p.cooldown, p.beta)
+        h2 = h.index_put((o,), h_s)
+        ev = torch.zeros(n.shape[0], dtype=torch.int16, device=n.device).index_put((o,), ev_s)
         return h2, r, ev
 
     def _call(self, fn, state: tuple, tokens: tuple, written: tuple, consts: tuple):
@@ -225,19 +264,21 @@ _bank_dots_op = torch.library.custom_op("telltale::erss_bank_dots", bank_dots, m
 _bank_dots_op.register_fake(lambda bank, x: bank.new_empty(bank.shape[:2]))
 
 
-def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_all, live, sl, seed, pos, rows,
+def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_j, live, sl, seed, pos, rows,
                col_cos, col_vn, col_bank, K, gamma, low_k, p_inject, cos_min, cooldown, beta):
     """ERSS at patched layer ``j`` (model layer ``layer``; both 0-dim int64 tensors) for M tokens of
     a step: ``h``, ``r`` [M, hidden] (``r`` may be None), ``x`` = h + r and its norm ``n``, ``live``
     (new generated tokens the method may act on), ``sl`` (slot), ``seed``, ``pos`` [M] — at most
     one live token per slot — and ``rows`` [M], their rows in the step (None: rows 0…M−1;
-    ``tau_all`` and the record columns ``col_*`` are [N, L]). Reads and writes the slot tables in place, in the module
-    docstring's order, and writes the records into column ``j`` at ``rows``. Returns (h' [M, hidden],
-    event bits int16 [M]). The engine's per-layer step: one kernel when the model runs compiled."""
+    ``tau_j``, the layer's τ of every token of the step, is [N], the record columns ``col_*``
+    [N, L]). Reads and writes the slot tables in place, in the module docstring's order, and writes
+    the records into column ``j`` at ``rows``. Returns (h' [M, hidden], event bits int16 [M]). The
+    engine's per-layer step: one kernel when the model runs compiled."""
     jv = j.expand_as(sl)
     ar = torch.arange(sl.shape[0], device=sl.device)
     rows = ar if rows is None else rows
-    tau = tau_all[rows, jv]  # index tensors throughout: a 0-dim index would be read on the host
+    tau = tau_j[rows]
+    # index tensors throughout (jv): a 0-dim index would be read on the host
     act = live & torch.isfinite(tau)
     bn = bank_norm[sl, jv, :K]                     # [M, K] copies
     bank_m = bank[sl, jv, :K]                      # [M, K, H]

@@ -85,20 +85,31 @@ class Suppress(Method):
         self.seen = torch.zeros(num_layers, dtype=torch.float32, device=device)
         self.above = torch.zeros(num_layers, dtype=torch.float32, device=device)
 
-    def apply(self, core, j, h, r, x, n, tau, rerun):
-        step = core.step
+    @classmethod
+    def engine_wide(cls, cfg) -> bool:
+        p = SuppressParams(**cfg.params)
+        return p.suppress_mode == "matched" and p.match_rate is None  # online rates: every request's tokens
+
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        state = {"seen": self.seen, "above": self.above}
+        if self.rates is not None:
+            state["rates"] = self.rates
+        return state
+
+    def layer_op(self, j, h, r, x, n, tau, step, columns, state):
         if self.p.suppress_mode == "high":
             mask = step.act & (n > tau)
         else:
             if self.p.suppress_mode == "random":
                 prob = self.p.p
-            elif self.rates is not None:
-                prob = self.rates[j]
+            elif "rates" in state:
+                prob = state["rates"][j]
             else:
-                prob = self.above[j] / self.seen[j].clamp(min=1.0)
+                seen, above = state["seen"], state["above"]
+                prob = above[j] / seen[j].clamp(min=1.0)
                 newf = (step.new & torch.isfinite(tau)).to(torch.float32)
-                self.seen[j] += newf.sum()
-                self.above[j] += (newf * (n > tau).to(torch.float32)).sum()
+                seen[j] += newf.sum()
+                above[j] += (newf * (n > tau).to(torch.float32)).sum()
             # the controls draw from the tokens the high rule could have hit (τ defined, i.e. past
             # warm-up) — matched at the high run's rate per such token: same population, same rate
             mask = step.act & torch.isfinite(tau) & (uniform(step.seed, step.position, self.cfg.layers[j], STREAM) < prob)

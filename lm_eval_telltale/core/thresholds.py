@@ -235,8 +235,12 @@ def request_step(q, n, np_, count, dn, tau, slot, norms, mask, iqr_k, min_iqr, t
 
 def global_sample(slot, norms, mask):
     """Global mode's sample of a step: the mean norm of its new generated tokens (``norms`` [N, L],
-    ``mask`` [N]) per layer, and whether it has any ([L]). Its sum stays out of compiled steps (a
-    compiled reduction may add in another order: :mod:`~lm_eval_telltale.core.fuse`)."""
+    ``mask`` [N]) per layer, and whether it has any ([L]). The core's compiled end of step keeps
+    this sum out of its kernel (a compiled reduction may add in another order:
+    :mod:`~lm_eval_telltale.core.fuse`), so eager and compiled cores agree bit for bit; the in-graph
+    step (:func:`~lm_eval_telltale.core.engine.graph_end`) computes it in the model's compiled
+    graph, where the mean may differ from the eager one in its last bit, as the norms themselves
+    may."""
     m = mask.to(torch.float32)[:, None]
     cnt = m.sum(0)  # [1] broadcast per layer
     mean = (norms.to(torch.float32) * m).sum(0) / cnt.clamp(min=1)
@@ -302,6 +306,7 @@ class Thresholds:
             self.p2 = P2Quartiles((num_layers,), device=device)
         self._tau = None  # τ from the last update (P² modes; request mode's has the dump row); None: compute it
         self.capacity = capacity
+        self._warms = True  # a fused update compiles for each table shape ahead (fuse)
 
     @property
     def _counts_tokens(self) -> bool:
@@ -319,12 +324,12 @@ class Thresholds:
         if self.mode in ("request", "global"):
             self.p2.fuse()
             self._tau = None  # made again from the fused (inference) state
-            if warm:
-                self._warm()
+            self._warms = warm  # again after a resize
+            self._warm()
 
     def _warm(self) -> None:
         p2 = self.p2
-        if not p2.fused:
+        if not (p2.fused and self._warms):
             return
         if self.mode == "request":
             tau = self._tau_table()  # the table the step writes

@@ -1,29 +1,32 @@
-"""The in-graph step of the methods that only observe (``vllm-norms``, ``vllm-lrs`` without online
-stopping): the whole per-step work inside the model's forward, on static buffers.
+"""The in-graph step: the whole per-step work of a method inside the model's forward, on static
+buffers — ``vllm-norms``, ``vllm-lrs`` without online stopping and ``vllm-suppress``
+(:meth:`~lm_eval_telltale.core.engine.Method.in_graph`: a method whose per-layer work is a tensor
+operation with no host decision).
 
-For these methods a step's work is tensor arithmetic once the norms are known
-(:meth:`~lm_eval_telltale.core.engine.Method.in_graph`). :class:`GraphStep` holds every tensor it
-touches as a buffer, allocated before vLLM compiles (or captures) the model: the core's slot table,
-τ and threshold state and the rows' device buffer (:meth:`~lm_eval_telltale.core.engine.CoreEngine.graph_parts`,
-the same tensors the core keeps, never replaced), the runner's own ``query_start_loc`` buffer
-(vLLM pads it with the step's token count past the last row), a ``row_slot`` buffer and a norms
-buffer. Each patched layer's forward hook (:func:`graph_hook`) computes ‖h + r‖ in the traced graph
-and writes it into its column; the last patched layer's hook then runs
-:func:`~lm_eval_telltale.core.engine.observe_step`: the token → slot map from ``query_start_loc``
-and ``row_slot`` on the device, τ, the events, the threshold update, each request's last position
-and the rows of new generated tokens, every write in place. torch.compile traces it into the
-model's graph (no custom op, no graph split, no Python at run time); in eager mode the same code
-runs as plain operations.
+:class:`GraphStep` holds every tensor the step touches as a buffer, allocated before vLLM compiles
+(or captures) the model: the core's slot table, τ and threshold state, the rows' device buffer and
+the method's own state (:meth:`~lm_eval_telltale.core.engine.CoreEngine.graph_parts`: the same
+tensors the core keeps, never replaced), the runner's own ``query_start_loc`` buffer (vLLM pads it
+with the step's token count past the last row), a ``row_slot`` buffer, and the running step's map,
+τ, norms, events and record columns. Each patched layer's forward hook (:func:`graph_hook`) hands
+the layer's (h, r) to :meth:`GraphStep.layer`, in the traced graph: at the first patched layer the
+token → slot map (from ``query_start_loc`` and ``row_slot``, on the device) and each token's τ
+(:func:`~lm_eval_telltale.core.engine.graph_start`); at every layer ‖h + r‖ and the method's
+:meth:`~lm_eval_telltale.core.engine.Method.layer_op`, whose (h', r') become the layer's output;
+after the last one the events, the threshold update, each request's last position and the rows of
+new generated tokens (:func:`~lm_eval_telltale.core.engine.graph_end`), every write in place.
+torch.compile traces it into the model's graph (no custom op, no graph split, no Python at run
+time); in eager mode the same code runs as plain operations.
 
 The model's forward itself runs no Python of telltale's, so a FULL CUDA graph may capture it. The
 host's part of a step runs outside it: when the runner's batch update reaches the row mirror
 (every step, before the forward), the step's row → slot map is copied into ``row_slot`` (on a
 GPU from double-buffered pinned memory, non-blocking) and room is made in the rows' buffer; after
 the worker's ``execute_model``, ``row_slot`` is reset to −1. A forward with no step running (vLLM's
-dummy, profiling and capture runs) thus sees no request: every token has slot −1, nothing decodes
-and nothing is new, and no state changes. Whether every patched layer ran in every step is counted
-on the device (``calls``, one per layer and forward with a request) and checked when the rows are
-drained: a replay that skipped the step, or a hook traced away, fails there.
+dummy, profiling and capture runs) thus sees no request: every token has slot −1, nothing decodes,
+no method acts and nothing is new, and no state changes. Whether every patched layer ran in every
+step is counted on the device (``calls``, one per layer and forward with a request) and checked
+when the rows are drained: a replay that skipped the step, or a hook traced away, fails there.
 """
 
 from __future__ import annotations
@@ -33,8 +36,14 @@ import os
 import numpy as np
 import torch
 
-from ..core.engine import HookWiringError, observe_step, residual_norm
+from ..core.engine import HookWiringError, graph_end, graph_start, residual_norm
 from ..core.methods import method_module
+from ..core.step import StepMap
+
+#: the running step's map, one buffer per :class:`~lm_eval_telltale.core.step.StepMap` field (in
+#: :func:`~lm_eval_telltale.core.step.step_tensors`' order)
+STEP_BUFFERS = (("s_slot", torch.int64), ("s_pos", torch.int64), ("s_decode", torch.bool), ("s_new", torch.bool),
+                ("s_act", torch.bool), ("s_seed", torch.int64))
 
 #: debug switch: the layer hooks as plain Python that reads process state (models.py)
 PLAIN_HOOKS_ENV = "TELLTALE_DEBUG_PLAIN_HOOKS"
@@ -57,47 +66,90 @@ def in_graph(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
 def async_exact(cfg) -> bool:
     """Whether an in-graph engine's statistics stay exact under async scheduling. Its extra forward
     for a request that already stopped writes only that request's own rows and state (the rows
-    past its end are dropped at collection); only ``tau_mode=global``'s engine-wide stream would
-    see it."""
-    return cfg.tau_mode != "global"
+    past its end are dropped at collection); only an engine-wide stream would see it:
+    ``tau_mode=global``'s, or the method's own (:meth:`~lm_eval_telltale.core.engine.Method.engine_wide`)."""
+    return cfg.tau_mode != "global" and not method_module(cfg.method).METHOD.engine_wide(cfg)
 
 
 class GraphStep(torch.nn.Module):
     """The static buffers of the in-graph step, and the step itself (:meth:`layer`)."""
 
-    def __init__(self, core, query_start_loc: torch.Tensor, max_tokens: int):
+    def __init__(self, core, query_start_loc: torch.Tensor, max_tokens: int, hidden: int):
         super().__init__()
         dev = query_start_loc.device
+        rows = int(query_start_loc.shape[0]) - 1
         self._pinned = None
         if dev.type == "cuda":  # the row map's staging: two pinned buffers, each reused once its copy ran
-            n = int(query_start_loc.shape[0]) - 1
-            self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._pinned = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._copied: list = [None, None]
             self._flip = 0
-        rows = int(query_start_loc.shape[0]) - 1
-        tensors, self.consts = core.graph_parts(rows)
+        tensors, self.start_consts, self.end_consts = core.graph_parts(rows, hidden)
+        self.method = core.method
+        self.modifies = bool(core.method.modifies)
         self.n_tau = sum(k.startswith("tau") for k in tensors)
         self.n_thr = sum(k.startswith("thr") for k in tensors)
+        self.state_names = [k[2:] for k in tensors if k.startswith("m_")]
+        self.col_names = list(core.method.columns)
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("qsl", query_start_loc, persistent=False)
         self.register_buffer("row_slot", torch.full((rows,), -1, dtype=torch.int64, device=dev), persistent=False)
-        self.register_buffer("norm", torch.zeros(max_tokens, core.L, dtype=torch.float32, device=dev), persistent=False)
-        self.register_buffer("calls", torch.zeros(core.L, dtype=torch.int64, device=dev), persistent=False)
-        self.last = core.L - 1
+        # the running step: its map (slot, position, decode, new, act, seed) and τ, made at the first
+        # patched layer; the norms, events and record columns each layer fills
+        L, T = core.L, max_tokens
+        for name, dtype in STEP_BUFFERS:
+            self.register_buffer(name, torch.zeros(T, dtype=dtype, device=dev), persistent=False)
+        for name, dtype in (("s_tau", torch.float32), ("norm", torch.float32), ("event", torch.int16)):
+            self.register_buffer(name, torch.zeros(T, L, dtype=dtype, device=dev), persistent=False)
+        if self.modifies:
+            self.register_buffer("norm_out", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
+        for i in range(len(self.col_names)):
+            self.register_buffer(f"col{i}", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
+        self.register_buffer("calls", torch.zeros(L, dtype=torch.int64, device=dev), persistent=False)
+        self.last = L - 1
         self.steps = 0  # host: the forwards with a request (counted by the adapter)
 
-    def layer(self, j: int, positions: torch.Tensor, n: torch.Tensor) -> None:
-        """After patched layer ``j``, inside the traced forward: its norms ``n`` [N] recorded; after
-        the last one, the whole step."""
+    def layer(self, j: int, positions: torch.Tensor, h: torch.Tensor, r: torch.Tensor):
+        """After patched layer ``j``, inside the traced forward: its (h, r) → the method's (h', r')."""
+        x, n = residual_norm(h, r)
+        return self.step(j, positions, n, h, r, x)
+
+    def step(self, j: int, positions: torch.Tensor, n: torch.Tensor, h=None, r=None, x=None):
+        """Patched layer ``j``'s part of the step, from its norms ``n`` [N] (and, for a method that
+        changes them, (h, r) and x = h + r): at the first layer the step's map and τ; the norms
+        recorded; the method's :meth:`~lm_eval_telltale.core.engine.Method.layer_op`; after the
+        last layer the end of the step (events, thresholds, last positions, rows)."""
         num = n.shape[0]
+        if j == 0:
+            parts, tau = graph_start(positions, self.qsl, self.row_slot, self.prompt_len, self.last_pos, self.enabled,
+                                     self.seed, self._tables("tau", self.n_tau), **self.start_consts)
+            for (name, _), v in zip(STEP_BUFFERS, parts):
+                getattr(self, name)[:num] = v
+            self.s_tau[:num] = tau
+            self.event[:num] = 0
+            for i in range(len(self.col_names)):
+                getattr(self, f"col{i}")[:num] = float("nan")
         self.norm[:num, j] = n
         self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
+        if self.modifies:
+            step = StepMap(*(getattr(self, name)[:num] for name, _ in STEP_BUFFERS))
+            cols = {c: getattr(self, f"col{i}")[:num] for i, c in enumerate(self.col_names)}
+            state = {k: getattr(self, f"m_{k}") for k in self.state_names}
+            h, r, ev = self.method.layer_op(j, h, r, x, n, self.s_tau[:num, j], step, cols, state)
+            if ev is not None:
+                self.event[:num, j] = ev
+            self.norm_out[:num, j] = residual_norm(h, r)[1]
         if j == self.last:
-            observe_step(self.norm[:num], positions, self.qsl, self.row_slot, self.prompt_len, self.last_pos,
-                         self.enabled, self.seed, self.serial, self.rows_ints, self.rows_floats, self.cursor,
-                         tuple(getattr(self, f"tau{i}") for i in range(self.n_tau)),
-                         tuple(getattr(self, f"thr{i}") for i in range(self.n_thr)), **self.consts)
+            floats = (self.norm, self.s_tau, *((self.norm_out,) if self.modifies else ()),
+                      *(getattr(self, f"col{i}") for i in range(len(self.col_names))))
+            graph_end(self.event[:num], self.norm[:num], self.s_tau[:num], tuple(f[:num] for f in floats),
+                      self.s_slot[:num], self.s_pos[:num], self.s_new[:num], self.serial, self.last_pos,
+                      self.rows_ints, self.rows_floats, self.cursor, self._tables("thr", self.n_thr),
+                      **self.end_consts)
+        return h, r
+
+    def _tables(self, prefix: str, count: int) -> tuple:
+        return tuple(getattr(self, f"{prefix}{i}") for i in range(count))
 
     # -- host, around the forward ------------------------------------------------------------------
     def begin(self, row_slot) -> torch.Tensor:
@@ -136,9 +188,8 @@ class GraphStep(torch.nn.Module):
 
 
 def graph_hook(module, args, output):
-    """After a patched layer (in-graph step): ‖h + r‖ inside the traced graph, handed with the
-    layer's positions to :meth:`GraphStep.layer`. (h, r) are only read: the residual stream stays
-    stock vLLM's."""
+    """After a patched layer (in-graph step): the layer's (h, r) and positions to
+    :meth:`GraphStep.layer`, inside the traced graph; its (h', r') become the layer's output (for
+    a method that only observes, (h, r) themselves: the residual stream stays stock vLLM's)."""
     h, r = output
-    module._tt_graph.layer(module._tt_index, args[0], residual_norm(h, r)[1])
-    return output
+    return module._tt_graph.layer(module._tt_index, args[0], h, r)

@@ -89,7 +89,8 @@ class VllmRuntime:
         if getattr(par, "use_ubatching", False):  # the ops' path also checks each step's attention metadata
             raise HookWiringError("telltale: micro-batching (enable_dbo / ubatch_size) is not supported")
         if in_graph(cfg, par.tensor_parallel_size, par.pipeline_parallel_size):
-            self.graph = GraphStep(self.core, runner.query_start_loc.gpu, int(runner.max_num_tokens))
+            self.graph = GraphStep(self.core, runner.query_start_loc.gpu, int(runner.max_num_tokens),
+                                   int(vllm_config.model_config.get_hidden_size()))
         elif self.compiled:
             self.core.fuse()
         # tensor parallelism: every rank holds the same (h, r) and runs the same decisions (checked
@@ -411,7 +412,9 @@ class VllmRuntime:
             # the per-step work compiled: in the model's compiled graph, or as the core's own kernels
             "fused": (self.graph is not None and self.compiled) or self.core.fused,
             "in_graph": self.graph is not None,
-            "method_fused": self.core.method_fused,
+            # the method's layer step (None: it has none): in the model's graph, compiled with it
+            "method_fused": (self.compiled if self.core.method_fused is not None else None) if self.graph is not None
+            else self.core.method_fused,
             "method": self.method.summary(),
         }
 

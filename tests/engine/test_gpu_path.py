@@ -32,7 +32,7 @@ def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
         with torch.inference_mode():  # as vLLM's forward
             graph.begin(torch.tensor([slot]))
             for j in range(len(rt.cfg.layers)):
-                graph.layer(j, torch.tensor([position]), torch.full((1,), 50.0))
+                graph.step(j, torch.tensor([position]), torch.full((1,), 50.0))
             graph.end(True)
         return
     step = build_step(rt.table, torch.tensor([0, 1]), torch.tensor([slot]), torch.tensor([position]))
@@ -73,9 +73,14 @@ def test_engine_settings_forced_by_the_model_types():
     cfg = resolve("norms", {"layers": LAYERS}, 8)
     kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
     # async scheduling: vLLM's default where the in-graph step runs with per-request τ (exact under
-    # it); off for the methods that change (h, r), for global τ and for tensor parallelism
+    # it); off for the methods outside it (ERSS, ALRR, online LRS), for global τ, for online matched
+    # suppression (engine-wide rates) and for tensor parallelism
     assert "async_scheduling" not in kw
-    for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8), resolve("suppress", {"layers": LAYERS}, 8),
+    for same in (resolve("suppress", {"layers": LAYERS}, 8),
+                 resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched", "match_rate": 0.1}, 8)):
+        assert "async_scheduling" not in engine_kwargs(same, "Qwen3ForCausalLM")
+    for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8), resolve("erss", {"layers": LAYERS}, 8),
+                  resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched"}, 8),
                   resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8)):
         assert engine_kwargs(other, "Qwen3ForCausalLM")["async_scheduling"] is False
     assert engine_kwargs(cfg, "Qwen3ForCausalLM", parallel=(2, 1))["async_scheduling"] is False
@@ -116,12 +121,13 @@ def test_gpu_compilation_splits_the_graph_at_every_telltale_op(monkeypatch):
     # them through engine_kwargs, which knows the method)
     assert compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"}, full_graphs=True)["cudagraph_mode"] == \
         "FULL_AND_PIECEWISE"
-    norms, suppress = resolve("norms", {"layers": LAYERS}, 8), resolve("suppress", {"layers": LAYERS}, 8)
     full = {"cudagraph_mode": "FULL_AND_PIECEWISE"}
-    assert engine_kwargs(norms, "Qwen3ForCausalLM", compilation=full)["compilation_config"]["cudagraph_mode"] == \
-        "FULL_AND_PIECEWISE"
+    for name in ("norms", "suppress"):
+        cfg = resolve(name, {"layers": LAYERS}, 8)
+        assert engine_kwargs(cfg, "Qwen3ForCausalLM", compilation=full)["compilation_config"]["cudagraph_mode"] == \
+            "FULL_AND_PIECEWISE"
     with pytest.raises(UnsupportedModelError, match="FULL"):
-        engine_kwargs(suppress, "Qwen3ForCausalLM", compilation=full)
+        engine_kwargs(resolve("erss", {"layers": LAYERS}, 8), "Qwen3ForCausalLM", compilation=full)
 
 
 def test_gpu_worker_never_imports_the_cpu_worker():

@@ -11,66 +11,101 @@ import torch
 
 from lm_eval_telltale.config import resolve
 from lm_eval_telltale.core.engine import build_core
+from lm_eval_telltale.core.stats import EV_INJECTED, EV_SUPPRESSED
 from lm_eval_telltale.vllm.graph import GraphStep
 
-L, MAX_ROWS, MAX_TOKENS = 3, 6, 64
+L, MAX_ROWS, MAX_TOKENS, HIDDEN = 3, 6, 64, 8
 MODES = {"request": {"warmup": 5}, "global": {"tau_mode": "global", "warmup": 3},
-         "fixed": {"tau_mode": "fixed", "tau": 30.0, "warmup": 2}, "fixed-no-warmup": {"tau_mode": "fixed", "tau": 30.0}}
+         "fixed": {"tau_mode": "fixed", "tau": 30.0, "warmup": 2}, "fixed-no-warmup": {"tau_mode": "fixed", "tau": 30.0},
+         # a method that changes (h, r): suppress in each mode (matched online: engine-wide state tensors)
+         "suppress-high": ("suppress", {"warmup": 5}),
+         "suppress-random-clamp": ("suppress", {"suppress_mode": "random", "p": 0.3, "action": "clamp", "warmup": 3}),
+         "suppress-matched": ("suppress", {"suppress_mode": "matched", "tau_mode": "global", "warmup": 3}),
+         "suppress-matched-rates": ("suppress", {"suppress_mode": "matched", "match_rate": "[0.2, 0.5, 0.9]",
+                                                 "warmup": 3}),
+         # ERSS's layer_op (not yet used by vLLM's in-graph step: ErssMethod.in_graph): its bank,
+         # streak and cooldown tables; a step longer than the table (its gathered form)
+         "erss": ("erss", {"warmup": 3, "low_k": 1, "cooldown": 1, "bank_k": 3, "p_inject": 0.7, "gamma": 1.3,
+                           "cos_min": -1.0})}
 
 
 def _steps(seed: int = 0):
-    """(per row: (slot's request index, positions)) per step: three requests, prompts 4/6/3 tokens,
-    one chunked, then decode with a request joining late and one leaving."""
+    """(per row: (slot's request index, positions)) per step: three requests, prompts 4/6/10 tokens,
+    one chunked, then decode with a request joining late and one leaving; the third step's 12 tokens
+    are more than the slot table holds (8)."""
     g = torch.Generator().manual_seed(seed)
-    plan = [[(0, range(0, 4)), (1, range(0, 3))], [(1, range(3, 6)), (0, [4])], [(0, [5]), (1, [6]), (2, range(0, 3))]]
-    pos = {0: 6, 1: 7, 2: 3}
+    plan = [[(0, range(0, 4)), (1, range(0, 3))], [(1, range(3, 6)), (0, [4])], [(0, [5]), (1, [6]), (2, range(0, 10))]]
+    pos = {0: 6, 1: 7, 2: 10}
     for t in range(14):
         rows = [(i, [pos[i]]) for i in (2, 0, 1) if not (i == 1 and t > 9)]  # request 1 ends; row order changes
         for i, p in rows:
             pos[i] = p[0] + 1
         plan.append(rows)
-    return [(rows, [torch.rand(sum(len(p) for _, p in rows), generator=g) * 40 + 10 for _ in range(L)]) for rows in plan]
+    out = []
+    for rows in plan:
+        n = sum(len(p) for _, p in rows)
+        # per layer: (h, r) [n, HIDDEN] of whole numbers, so that ‖h + r‖ is exact in any summation
+        # order (eager and compiled agree), spread over ~5…45 (above and below τ)
+        hr = [((torch.randn(n, HIDDEN, generator=g) * (torch.rand(n, 1, generator=g) * 12 + 2)).round(),
+               torch.randint(-3, 4, (n, HIDDEN), generator=g).float()) for _ in range(L)]
+        out.append((rows, hr))
+    return out
+
+
+def _cfg(mode):
+    method, knobs = MODES[mode] if isinstance(MODES[mode], tuple) else ("norms", MODES[mode])
+    return resolve(method, {"layers": "4-6", **knobs}, 8)
 
 
 def _core(mode):
-    cfg = resolve("norms", {"layers": "4-6", **MODES[mode]}, 8)
-    core = build_core(cfg, capacity=8)
-    infos = [core.table.acquire(f"r{i}", prompt_len=n, seed=i) for i, n in enumerate((4, 6, 3))]
+    core = build_core(_cfg(mode), capacity=8)
+    infos = [core.table.acquire(f"r{i}", prompt_len=n, seed=i) for i, n in enumerate((4, 6, 10))]
     return core, infos
 
 
+def _state(core):
+    """Copies of the slot table and the method's state, without ERSS's scratch bank entry (where the
+    tokens that store nothing write)."""
+    out = {**{f"m_{k}": v for k, v in core.method.graph_state().items()}, **core.table.t}
+    out = {k: (v[:, :, :-1] if k in ("erss_bank", "erss_bank_norm", "m_bank", "m_bank_norm") else v).clone()
+           for k, v in out.items()}
+    return out
+
+
 def _reference(mode, steps):
+    """The core's own step (the ops' path); returns the core and every layer's (h', r')."""
     core, infos = _core(mode)
-    for rows, norms in steps:
+    outs = []
+    for rows, hr in steps:
         qsl = torch.tensor([0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0)))
         core.start(qsl, torch.tensor([infos[i].slot for i, _ in rows]),
                    torch.tensor([q for _, p in rows for q in p]))
-        for j in range(L):
-            core.observe(j, norms[j])
+        outs.append([core.layer(j, h, r) for j, (h, r) in enumerate(hr)])
         core.end()
-    return core
+    return core, outs
 
 
-CASES = [(m, False) for m in MODES] + [("request", True), ("global", True)]  # compiling: ~17 s a case
+# compiling: ~17 s a case; a compiled in-graph suppression runs in the engine tests
+CASES = [(m, False) for m in MODES] + [("request", True), ("global", True)]
 
 
 @pytest.mark.parametrize("mode,compiled", CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
 def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     steps = _steps()
-    ref = _reference(mode, steps)
+    ref, ref_out = _reference(mode, steps)
     core, infos = _core(mode)
     qsl_buf = torch.zeros(MAX_ROWS + 1, dtype=torch.int32)  # the runner's: int32, padded with the token count
-    g = GraphStep(core, qsl_buf, MAX_TOKENS)
+    g = GraphStep(core, qsl_buf, MAX_TOKENS, HIDDEN)
 
-    def forward(positions, norms):
-        for j in range(L):
-            g.layer(j, positions, norms[j])
+    def forward(positions, hr):
+        return [g.layer(j, positions, h, r) for j, (h, r) in enumerate(hr)]
 
     if compiled:  # a graph of its own (vLLM compiles each engine's model apart; here one code object serves every case)
         torch._dynamo.reset()
     fwd = torch.compile(forward, fullgraph=True, dynamic=True) if compiled else forward
+    pad = lambda t: torch.cat([t, torch.full((2, HIDDEN), 9.0)])  # noqa: E731
     with torch.inference_mode():  # as vLLM's forward
-        for rows, norms in steps:
+        for (rows, hr), want in zip(steps, ref_out):
             n = sum(len(p) for _, p in rows)
             qsl = [0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0).tolist())
             qsl_buf.copy_(torch.tensor(qsl + [n] * (MAX_ROWS + 1 - len(qsl)), dtype=torch.int32))
@@ -78,33 +113,45 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
             g.begin(torch.tensor([infos[i].slot for i, _ in rows]))
             # a padded forward (CUDA-graph sizes): two tokens past the last row
             pos = torch.tensor([q for _, p in rows for q in p] + [0, 0])
-            fwd(pos, [torch.cat([x, torch.full((2,), 99.0)]) for x in norms])
+            got = fwd(pos, [(pad(h), pad(r)) for h, r in hr])
+            for (h2, r2), (h1, r1), (h0, r0) in zip(got, want, hr):  # the method's (h', r'); padding untouched
+                assert torch.equal(h2[:n], h1) and torch.equal(r2[:n], r1)
+                assert torch.equal(h2[n:], pad(h0)[n:]) and torch.equal(r2[n:], pad(r0)[n:])
             g.end(True)
         # a forward with no step running (vLLM's dummy runs): changes nothing
-        before = {k: v.clone() for k, v in core.table.t.items()}
-        fwd(torch.arange(5), [torch.full((5,), 77.0)] * L)
-        assert all(torch.equal(before[k], core.table.t[k]) for k in before)
+        before = _state(core)
+        hr = [(torch.full((5, HIDDEN), 7.0), torch.ones(5, HIDDEN))] * L
+        got = fwd(torch.arange(5), hr)
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, hr))
+        assert all(torch.equal(v, before[k]) for k, v in _state(core).items())
     g.check()  # every layer ran in every step
     got, want = core.drain(), ref.drain()
     cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
     got, want = cat(got), cat(want)
     for k in want:
-        assert torch.equal(got[k].nan_to_num(-1.0), want[k].nan_to_num(-1.0)), k
+        if compiled and k == "norm_out":  # the norm of a changed stream: the compiler's summation order
+            assert torch.allclose(got[k], want[k], rtol=1e-6, atol=0), k
+        else:
+            assert torch.equal(got[k].nan_to_num(-1.0), want[k].nan_to_num(-1.0)), k
     assert (got["event"] != 0).any()  # the events are set (a step that did nothing would fail here)
-    for name in core.table.t:
-        assert torch.equal(core.table.t[name], ref.table.t[name]), name
-    if mode in ("request", "global"):
+    if core.method.modifies:  # the method acted on some tokens and not on others
+        acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED)) != 0
+        assert acted.any() and not acted.all()
+    got, want = _state(core), _state(ref)
+    for name in want:
+        assert torch.equal(got[name].nan_to_num(-1.0), want[name].nan_to_num(-1.0)), name
+    if ref.thr.update_parts()[2]:
         for a, b in zip(core.thr.update_parts()[2], ref.thr.update_parts()[2]):
             assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
 
 
 def test_a_layer_that_did_not_run_is_caught_when_drained():
     core, infos = _core("request")
-    g = GraphStep(core, torch.tensor([0, 1, 1, 1, 1, 1, 1], dtype=torch.int32), MAX_TOKENS)
+    g = GraphStep(core, torch.tensor([0, 1, 1, 1, 1, 1, 1], dtype=torch.int32), MAX_TOKENS, HIDDEN)
     with torch.inference_mode():
         g.begin(torch.tensor([infos[0].slot]))
         for j in (0, 2):  # layer 1's hook skipped
-            g.layer(j, torch.tensor([4]), torch.tensor([20.0]))
+            g.step(j, torch.tensor([4]), torch.tensor([20.0]))
         g.end(True)
     with pytest.raises(RuntimeError, match=r"ran \[1, 0, 1\] times in 1 steps"):
         g.check()

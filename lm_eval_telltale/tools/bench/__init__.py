@@ -56,8 +56,9 @@ vLLM 0.32's CPU runner, and stock vLLM fails the same way without it.
 at the same batch size (``--engine hf`` cells time one ``generate`` call, prefill included, and
 their ratios are end-to-end). The per-repeat paired ratios are in the JSON. The telltale types also bring their
 own engine settings (``engine_kwargs``: the V1 model runner; async scheduling off and, on GPU,
-piecewise CUDA graphs split at the telltale ops, but for the in-graph types — ``vllm-norms`` and
-``vllm-lrs`` keep vLLM's async scheduling and call no op). Stock ``vllm`` keeps vLLM's defaults,
+piecewise CUDA graphs split at the telltale ops, but for the in-graph types — those whose step
+runs in the model's graph (:func:`lm_eval_telltale.vllm.graph.in_graph`) call no op and keep vLLM's
+async scheduling where their statistics stay exact). Stock ``vllm`` keeps vLLM's defaults,
 so on GPU the ratio includes what those settings cost. To give stock the same settings, pass
 ``--engine-args '{"async_scheduling": false}'`` and set ``VLLM_USE_V2_MODEL_RUNNER=0`` in the
 environment. Each cell's effective settings are recorded in the JSON.
