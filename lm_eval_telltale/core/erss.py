@@ -40,18 +40,21 @@ the writes of tokens that store nothing, so one ``index_put_`` per step writes t
 host sync and no duplicate indices among real writes. A step of N ≤ S tokens works on all of them
 in their order (each token's work is its own); a longer one (a prefill chunk of thousands of
 tokens) on the first S in "new first" order (a stable sort; at most one new token per request per
-step), gathered and scattered back, so it costs no more bank gathers than S.
-:meth:`ErssMethod.layer_op` is the form for a step inside a model's graph: every step gathered, on
-the first min(N, S) tokens — no host decision, the same numbers (tested); vLLM's in-graph step
-does not use it yet (:meth:`ErssMethod.in_graph`). Memory: S·L·(K+1)·hidden·4 bytes, e.g.
-S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 → 0.8 GiB (allocated at the
-first step, after vLLM sized its KV cache; lower ``max_num_seqs`` or ``bank_k`` if the device is tight).
+step), gathered and scattered back, so it costs no more bank gathers than S. In a model's graph
+(:meth:`ErssMethod.layer_op`, vLLM's in-graph step) every step takes this gathered form on the
+first min(N, S) tokens — no host decision, the same numbers (tested). Memory:
+S·L·(K+1)·hidden·4 bytes, e.g. S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 →
+0.8 GiB (the in-graph step allocates it when the engine starts, before vLLM measures its memory for
+the KV cache; the ops' path at the first step, after; lower ``max_num_seqs`` or ``bank_k`` if the
+device is tight).
 
-Compiled: when the model runs compiled (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`),
+Compiled: in the in-graph step, inside the model's compiled graph; on the ops' path (tensor or
+pipeline parallelism), when the model runs compiled (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`),
 each layer's step (:func:`erss_layer`) is one compiled kernel instead of ~60 small operations,
 compiled at a request's first steps (one graph for a single token, one for any count up to S). Its
-dot products with the bank stay an opaque op (:func:`bank_dots`), so it gives the plain
-operations' numbers bit for bit (tested); a step of more than S tokens runs the plain operations.
+dot products with the bank stay an opaque op (:func:`bank_dots`, summed in a fixed order: a
+token's are the same bits in any step) in either, so it gives the plain operations' numbers bit for
+bit (tested); on the ops' path a step of more than S tokens runs the plain operations.
 
 Draws: :func:`~lm_eval_telltale.core.rng.uniform` of (request seed, position, model layer,
 ``STREAM``) — reproducible and independent of the batch.
@@ -175,11 +178,7 @@ class ErssMethod(Method):
 
     @classmethod
     def in_graph(cls, cfg) -> bool:
-        # not yet: layer_op equals the core's step bit for bit, eager and compiled on its own
-        # (tests/vllm/test_graph_step.py), but inside a compiled vLLM model a recorded cosine of a
-        # request differed in its last bit alone and in a batch (its norms and decisions did not);
-        # until that is found, ERSS keeps the ops' path, which is batch-invariant (tested)
-        return False
+        return True  # layer_op: the gathered step, on any token count
 
     def prepare(self, hidden: int) -> None:
         self._ensure_bank(hidden)
@@ -253,8 +252,20 @@ class ErssMethod(Method):
 
 
 def bank_dots(bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[M, K] dot products of each token's bank vectors [M, K, hidden] with its x [M, hidden]."""
-    return torch.einsum("mkh,mh->mk", bank, x)
+    """[M, K] dot products of each token's bank vectors [M, K, hidden] with its x [M, hidden], each
+    summed in one fixed pairwise order (the products padded with zeros to a power of two, then
+    halves added): elementwise operations only, so a token's cosines are the same bits whatever else
+    is in its step. (A batched matrix product sums in an order that depends on the batch: the same
+    request alone and in a batch got cosines a bit apart.)"""
+    p = bank * x[:, None, :]
+    h = int(p.shape[-1])
+    size = 1 << max(h - 1, 0).bit_length()
+    if size != h:
+        p = torch.nn.functional.pad(p, (0, size - h))
+    while size > 1:
+        size //= 2
+        p = p[..., :size] + p[..., size:]
+    return p[..., 0]
 
 
 # the same as an op opaque to the compiler: a compiled ERSS step computes the dot products as the

@@ -1,7 +1,7 @@
 """The in-graph step: the whole per-step work of a method inside the model's forward, on static
-buffers — ``vllm-norms``, ``vllm-lrs`` without online stopping and ``vllm-suppress``
-(:meth:`~lm_eval_telltale.core.engine.Method.in_graph`: a method whose per-layer work is a tensor
-operation with no host decision).
+buffers — ``vllm-norms``, ``vllm-lrs`` without online stopping, ``vllm-suppress`` and
+``vllm-erss`` (:meth:`~lm_eval_telltale.core.engine.Method.in_graph`: a method whose per-layer
+work is a tensor operation with no host decision; ALRR's re-run is not).
 
 :class:`GraphStep` holds every tensor the step touches as a buffer, allocated before vLLM compiles
 (or captures) the model: the core's slot table, τ and threshold state, the rows' device buffer and

@@ -426,3 +426,19 @@ def test_a_failing_compiled_layer_step_falls_back_to_the_same_numbers(caplog, mo
     assert injected(out) == injected(want) == [False, False, True, False]
     for a, b in zip(out, want):
         assert a["ev"] == b["ev"] and torch.equal(a["h_out"], b["h_out"])
+
+
+def test_bank_dots_of_a_token_do_not_depend_on_its_step():
+    """The cosines' dot products of a token are the same bits alone and among 15 others (a batched
+    matrix product's were not, with these shapes: the same request alone and in a batch recorded
+    cosines a bit apart), and equal the exact ones up to rounding; any hidden size (padded to a
+    power of two)."""
+    from lm_eval_telltale.core.erss import bank_dots
+
+    g = torch.Generator().manual_seed(3)
+    for hidden in (128, 100, 1):
+        bank, x = torch.randn(16, 32, hidden, generator=g), torch.randn(16, hidden, generator=g)
+        full = bank_dots(bank, x)
+        for m in (0, 7, 15):
+            assert torch.equal(bank_dots(bank[m:m + 1], x[m:m + 1])[0], full[m])
+        assert torch.allclose(full, torch.einsum("mkh,mh->mk", bank.double(), x.double()).float(), rtol=1e-5, atol=1e-5)

@@ -104,6 +104,7 @@ def test_a_compiled_engine_runs_the_fused_layer_step(erss_engine, batch8, reques
     compiled = request.node.callspec.params["erss_engine"] == "compiled"
     state = rpc(erss_engine, "telltale_state")
     assert state["method_fused"] is compiled and state["fused"] is compiled
+    assert state["in_graph"]  # ERSS's step runs inside the model's forward (vllm/graph.py)
 
 
 def test_concurrent_banks_hold_only_their_own_vectors(erss_engine):

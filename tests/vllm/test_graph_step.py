@@ -23,8 +23,7 @@ MODES = {"request": {"warmup": 5}, "global": {"tau_mode": "global", "warmup": 3}
          "suppress-matched": ("suppress", {"suppress_mode": "matched", "tau_mode": "global", "warmup": 3}),
          "suppress-matched-rates": ("suppress", {"suppress_mode": "matched", "match_rate": "[0.2, 0.5, 0.9]",
                                                  "warmup": 3}),
-         # ERSS's layer_op (not yet used by vLLM's in-graph step: ErssMethod.in_graph): its bank,
-         # streak and cooldown tables; a step longer than the table (its gathered form)
+         # ERSS: its bank, streak and cooldown tables; a step longer than the table (its gathered form)
          "erss": ("erss", {"warmup": 3, "low_k": 1, "cooldown": 1, "bank_k": 3, "p_inject": 0.7, "gamma": 1.3,
                            "cos_min": -1.0})}
 
