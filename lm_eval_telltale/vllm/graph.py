@@ -94,17 +94,18 @@ class GraphStep(torch.nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("qsl", query_start_loc, persistent=False)
         self.register_buffer("row_slot", torch.full((rows,), -1, dtype=torch.int64, device=dev), persistent=False)
-        # the running step: its map (slot, position, decode, new, act, seed) and τ, made at the first
-        # patched layer; the norms, events and record columns each layer fills
         L, T = core.L, max_tokens
-        for name, dtype in STEP_BUFFERS:
-            self.register_buffer(name, torch.zeros(T, dtype=dtype, device=dev), persistent=False)
-        for name, dtype in (("s_tau", torch.float32), ("norm", torch.float32), ("event", torch.int16)):
-            self.register_buffer(name, torch.zeros(T, L, dtype=dtype, device=dev), persistent=False)
+        self.register_buffer("norm", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
         if self.modifies:
-            self.register_buffer("norm_out", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
-        for i in range(len(self.col_names)):
-            self.register_buffer(f"col{i}", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
+            # a method that changes (h, r) acts at every patched layer: the running step's map (slot,
+            # position, decode, new, act, seed) and τ, made at the first; the events, output norms and
+            # record columns each layer fills
+            for name, dtype in STEP_BUFFERS:
+                self.register_buffer(name, torch.zeros(T, dtype=dtype, device=dev), persistent=False)
+            for name, dtype in (("s_tau", torch.float32), ("event", torch.int16), ("norm_out", torch.float32)):
+                self.register_buffer(name, torch.zeros(T, L, dtype=dtype, device=dev), persistent=False)
+            for i in range(len(self.col_names)):
+                self.register_buffer(f"col{i}", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("calls", torch.zeros(L, dtype=torch.int64, device=dev), persistent=False)
         self.last = L - 1
         self.steps = 0  # host: the forwards with a request (counted by the adapter)
@@ -116,37 +117,47 @@ class GraphStep(torch.nn.Module):
 
     def step(self, j: int, positions: torch.Tensor, n: torch.Tensor, h=None, r=None, x=None):
         """Patched layer ``j``'s part of the step, from its norms ``n`` [N] (and, for a method that
-        changes them, (h, r) and x = h + r): at the first layer the step's map and τ; the norms
-        recorded; the method's :meth:`~lm_eval_telltale.core.engine.Method.layer_op`; after the
-        last layer the end of the step (events, thresholds, last positions, rows)."""
+        changes them, (h, r) and x = h + r). A method that changes (h, r) gets the step's map and τ
+        at the first layer and runs its :meth:`~lm_eval_telltale.core.engine.Method.layer_op` at
+        each; one that only observes needs them only after the last, where they are made. After the
+        last layer, the end of the step (events, thresholds, last positions, rows)."""
         num = n.shape[0]
+        self.norm[:num, j] = n
+        self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
+        if not self.modifies:
+            if j == self.last:
+                (slot, pos, _, new, _, _), tau = self._start(positions)
+                cols = [torch.full_like(tau, float("nan")) for _ in self.col_names]
+                self._end(num, torch.zeros(tau.shape, dtype=torch.int16, device=tau.device), tau, cols, slot, pos, new)
+            return h, r
         if j == 0:
-            parts, tau = graph_start(positions, self.qsl, self.row_slot, self.prompt_len, self.last_pos, self.enabled,
-                                     self.seed, self._tables("tau", self.n_tau), **self.start_consts)
+            parts, tau = self._start(positions)
             for (name, _), v in zip(STEP_BUFFERS, parts):
                 getattr(self, name)[:num] = v
             self.s_tau[:num] = tau
             self.event[:num] = 0
             for i in range(len(self.col_names)):
                 getattr(self, f"col{i}")[:num] = float("nan")
-        self.norm[:num, j] = n
-        self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
-        if self.modifies:
-            step = StepMap(*(getattr(self, name)[:num] for name, _ in STEP_BUFFERS))
-            cols = {c: getattr(self, f"col{i}")[:num] for i, c in enumerate(self.col_names)}
-            state = {k: getattr(self, f"m_{k}") for k in self.state_names}
-            h, r, ev = self.method.layer_op(j, h, r, x, n, self.s_tau[:num, j], step, cols, state)
-            if ev is not None:
-                self.event[:num, j] = ev
-            self.norm_out[:num, j] = residual_norm(h, r)[1]
+        step = StepMap(*(getattr(self, name)[:num] for name, _ in STEP_BUFFERS))
+        cols = [getattr(self, f"col{i}")[:num] for i in range(len(self.col_names))]
+        state = {k: getattr(self, f"m_{k}") for k in self.state_names}
+        h, r, ev = self.method.layer_op(j, h, r, x, n, self.s_tau[:num, j], step, dict(zip(self.col_names, cols)), state)
+        if ev is not None:
+            self.event[:num, j] = ev
+        self.norm_out[:num, j] = residual_norm(h, r)[1]
         if j == self.last:
-            floats = (self.norm, self.s_tau, *((self.norm_out,) if self.modifies else ()),
-                      *(getattr(self, f"col{i}") for i in range(len(self.col_names))))
-            graph_end(self.event[:num], self.norm[:num], self.s_tau[:num], tuple(f[:num] for f in floats),
-                      self.s_slot[:num], self.s_pos[:num], self.s_new[:num], self.serial, self.last_pos,
-                      self.rows_ints, self.rows_floats, self.cursor, self._tables("thr", self.n_thr),
-                      **self.end_consts)
+            self._end(num, self.event[:num], self.s_tau[:num], [self.norm_out[:num], *cols], step.slot, step.position,
+                      step.new)
         return h, r
+
+    def _start(self, positions):
+        return graph_start(positions, self.qsl, self.row_slot, self.prompt_len, self.last_pos, self.enabled, self.seed,
+                           self._tables("tau", self.n_tau), **self.start_consts)
+
+    def _end(self, num, event, tau, floats, slot, pos, new) -> None:
+        norm = self.norm[:num]
+        graph_end(event, norm, tau, (norm, tau, *floats), slot, pos, new, self.serial, self.last_pos, self.rows_ints,
+                  self.rows_floats, self.cursor, self._tables("thr", self.n_thr), **self.end_consts)
 
     def _tables(self, prefix: str, count: int) -> tuple:
         return tuple(getattr(self, f"{prefix}{i}") for i in range(count))

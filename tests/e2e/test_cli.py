@@ -92,8 +92,8 @@ _ERSS = "layers=4-6,warmup=4,iqr_k=0,low_k=3,cooldown=0,cos_min=-1"
 #: model type → (model_args, gen_kwargs, --limit, intervention counter, control run, extra check).
 #: control: (model type, model_args, "equal" | "differ"): the control's responses must equal /
 #: differ from the method's (a method that silently did nothing fails "differ"). The method runs
-#: compiled (vLLM's default); a "differ" control may run eagerly (it computes the same thing, faster
-#: to start), the "equal" one is stock compiled vLLM.
+#: compiled (vLLM's default) but for ERSS and ALRR; a "differ" control may run eagerly (it computes
+#: the same thing, faster to start), the "equal" one is stock compiled vLLM.
 CASES = {
     # compiled on both sides (vLLM's default, bfloat16 on this CPU): the residual stream must be
     # computed by stock's own kernels (see the module's docstring)
@@ -104,7 +104,9 @@ CASES = {
     "vllm-alrr": ("layers=4-6,warmup=4,growth_eps=0.0,tensor_parallel_size=2,distributed_executor_backend=mp,"
                   "enforce_eager=True", None, 4,
                   "accepted", None, None),
-    "vllm-erss": (_ERSS + ",p_inject=1", None, 4, "injected",
+    # eager: compiled, its in-graph step adds ~1 minute of compiling to this run (the compiled engine
+    # is tests/engine/test_engine_erss.py's, in-graph and batch-invariant)
+    "vllm-erss": (_ERSS + ",p_inject=1,enforce_eager=True", None, 4, "injected",
                   ("vllm-erss", _ERSS + ",p_inject=0,enforce_eager=True", "differ"), _check_erss),
     "vllm-lrs": ("layers=4-6,n_candidates=4", "temperature=0.8,do_sample=True", 3, None, None, _check_lrs),
 }

@@ -37,9 +37,9 @@ def _cfg(model_dir, method="erss"):
 
 
 def test_assembly_user_settings_win_where_they_may(tiny_model_dir):
-    cfg, arch = _cfg(tiny_model_dir)
+    cfg, arch = _cfg(tiny_model_dir, "alrr")  # a method whose defaults turn both off (ops' path, unsalted)
     base = engine_kwargs(cfg, arch)
-    assert base["async_scheduling"] is False and base["enable_prefix_caching"] is False  # unsalted ERSS
+    assert base["async_scheduling"] is False and base["enable_prefix_caching"] is False
     kw = assemble_engine_args(cfg, arch, {"async_scheduling": True, "enable_prefix_caching": True, "seed": 3,
                                           "hf_overrides": json.dumps({"rope_theta": 5.0})}, salted_requests=False)
     assert kw["async_scheduling"] is True and kw["enable_prefix_caching"] is True and kw["seed"] == 3
@@ -59,7 +59,7 @@ def test_assembly_user_settings_win_where_they_may(tiny_model_dir):
 def test_lm_eval_model_type_assembles_with_the_users_settings(tiny_model_dir, monkeypatch, tmp_path):
     from lm_eval.models.vllm_causallms import VLLM
 
-    from lm_eval_telltale.harness.models import VLLMErss
+    from lm_eval_telltale.harness.models import VLLMAlrr
 
     seen = {}
 
@@ -69,13 +69,13 @@ def test_lm_eval_model_type_assembles_with_the_users_settings(tiny_model_dir, mo
 
     monkeypatch.setattr(VLLM, "__init__", fake_init)
     with pytest.raises(Built):
-        VLLMErss(str(tiny_model_dir), layers="4-6", async_scheduling=True, enable_prefix_caching=False,
+        VLLMAlrr(str(tiny_model_dir), layers="4-6", async_scheduling=True, enable_prefix_caching=False,
                  stats_path=str(tmp_path / "s.jsonl"))
     assert seen["async_scheduling"] is True and seen["enable_prefix_caching"] is False
-    assert seen["hf_overrides"]["telltale"]["method"] == "erss"
+    assert seen["hf_overrides"]["telltale"]["method"] == "alrr"
     seen.clear()
     with pytest.raises(Built):
-        VLLMErss(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "t.jsonl"))
+        VLLMAlrr(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "t.jsonl"))
     assert seen["async_scheduling"] is False  # the method's default (exact statistics)
 
 
