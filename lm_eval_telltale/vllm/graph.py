@@ -7,14 +7,17 @@ work is a tensor operation with no host decision; ALRR's re-run is not).
 (or captures) the model: the core's slot table, τ and threshold state, the rows' device buffer and
 the method's own state (:meth:`~lm_eval_telltale.core.engine.CoreEngine.graph_parts`: the same
 tensors the core keeps, never replaced), the runner's own ``query_start_loc`` buffer (vLLM pads it
-with the step's token count past the last row), a ``row_slot`` buffer, and the running step's map,
-τ, norms, events and record columns. Each patched layer's forward hook (:func:`graph_hook`) hands
-the layer's (h, r) to :meth:`GraphStep.layer`, in the traced graph: at the first patched layer the
-token → slot map (from ``query_start_loc`` and ``row_slot``, on the device) and each token's τ
-(:func:`~lm_eval_telltale.core.engine.graph_start`); at every layer ‖h + r‖ and the method's
-:meth:`~lm_eval_telltale.core.engine.Method.layer_op`, whose (h', r') become the layer's output;
-after the last one the events, the threshold update, each request's last position and the rows of
-new generated tokens (:func:`~lm_eval_telltale.core.engine.graph_end`), every write in place.
+with the step's token count past the last row), a ``row_slot`` buffer, a norms buffer and, for a
+method that changes (h, r), the running step's map, τ, events, output norms and record columns.
+Each patched layer's forward hook (:func:`graph_hook`) hands the layer's (h, r) to
+:meth:`GraphStep.layer`, in the traced graph, which records ‖h + r‖. The token → slot map (from
+``query_start_loc`` and ``row_slot``, on the device) and each token's τ
+(:func:`~lm_eval_telltale.core.engine.graph_start`) are made at the first patched layer for a
+method that changes (h, r) — its :meth:`~lm_eval_telltale.core.engine.Method.layer_op` runs at
+every layer, and its (h', r') become the layer's output — and after the last one for a method that
+only observes. After the last layer come the events, the threshold update, each request's last
+position and the rows of new generated tokens (:func:`~lm_eval_telltale.core.engine.graph_end`),
+every write in place.
 torch.compile traces it into the model's graph (no custom op, no graph split, no Python at run
 time); in eager mode the same code runs as plain operations.
 

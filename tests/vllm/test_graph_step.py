@@ -84,8 +84,9 @@ def _reference(mode, steps):
     return core, outs
 
 
-# compiling: ~17 s a case; a compiled in-graph suppression runs in the engine tests
-CASES = [(m, False) for m in MODES] + [("request", True), ("global", True)]
+# compiling: ~17 s a case (global: its sample is summed in the graph); a compiled in-graph
+# suppression and ERSS run in the engine tests
+CASES = [(m, False) for m in MODES] + [("global", True)]
 
 
 @pytest.mark.parametrize("mode,compiled", CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
