@@ -8,10 +8,11 @@
 #    vLLM's default compilation (torch.compile + CUDA graphs: no enforce_eager); prints the
 #    compilation and CUDA-graph mode vLLM reports in each run's log;
 # 3. checks: no run raised the hook check, every telltale run's sidecar has rows with counts > 0
-#    (the hooks fired), and vllm-norms' responses equal stock vllm's; vllm-norms, vllm-suppress and
-#    vllm-erss run a second time with FULL CUDA graphs (their in-graph step, vllm/graph.py, allows
-#    them; with it they keep vLLM's async scheduling), and each pair's statistics and responses
-#    must be equal;
+#    (the hooks fired), and vllm-norms' responses equal stock vllm's; vllm-norms, vllm-alrr,
+#    vllm-suppress and vllm-erss run a second time with FULL CUDA graphs (their in-graph step,
+#    vllm/graph.py, allows them; with it they keep vLLM's async scheduling; ALRR's re-run then
+#    leaves its KV write out of the captured graph), and each pair's statistics and responses must
+#    be equal;
 # 4. `telltale bench` at batch sizes 1 and 64 (one repeat: a check, not the benchmark).
 #
 # Prepared, not run: no GPU with vLLM was available when it was written. --dry-run prints every
@@ -75,7 +76,7 @@ declare -A EXTRA=(
 )
 # the in-graph types again with FULL CUDA graphs: their model_args as JSON (lm-eval takes model_args
 # with a brace only as one JSON object, whole)
-FULL=(vllm-norms vllm-suppress vllm-erss)
+FULL=(vllm-norms vllm-alrr vllm-suppress vllm-erss)
 for t in "${FULL[@]}"; do
   j="{\"pretrained\": \"$MODEL\", \"dtype\": \"$DTYPE\", \"max_model_len\": 512, \"gpu_memory_utilization\": 0.3, \"seed\": 0"
   for kv in ${EXTRA[$t]//,/ }; do
@@ -88,7 +89,8 @@ done
 LINES=$(mktemp)
 trap 'rm -f "$LINES"' EXIT
 (( DRY )) || mkdir -p "$WORK/logs"
-for t in vllm vllm-norms vllm-norms-full vllm-alrr vllm-erss vllm-erss-full vllm-lrs vllm-suppress vllm-suppress-full; do
+for t in vllm vllm-norms vllm-norms-full vllm-alrr vllm-alrr-full vllm-erss vllm-erss-full vllm-lrs vllm-suppress \
+         vllm-suppress-full; do
   margs="$BASE,${EXTRA[$t]}"
   [[ ${EXTRA[$t]} == \{* ]] && margs=${EXTRA[$t]}
   cmd=("$BIN/lm_eval" --model "${t%-full}" --model_args "$margs" --tasks telltale_local --include_path "$TASKS"
@@ -139,7 +141,7 @@ def stats(t):
     rows = read_sidecar(files[-1]) if files else []
     return sorted(json.dumps([r.get("doc_id"), r.get("layers")], sort_keys=True) for r in rows)
 
-for t in ("vllm-norms", "vllm-suppress", "vllm-erss"):
+for t in ("vllm-norms", "vllm-alrr", "vllm-suppress", "vllm-erss"):
     same = stats(t) == stats(t + "-full") != [] and responses(t) == responses(t + "-full")
     print(f"   {t} with FULL CUDA graphs: statistics and responses {'equal' if same else 'DIFFERENT'} to piecewise")
     if not same:

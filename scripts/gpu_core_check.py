@@ -13,13 +13,13 @@ only planned.
    (``begin``, every patched layer, ``end``) is captured in a ``torch.cuda.CUDAGraph`` over static
    input buffers and replayed for the later steps. Per replay it compares the layers' outputs, the
    step's norms, τ and events, and the thresholds and slot tables; at the end it compares the rows
-   each core drains. A capture that fails is reported with torch's reason. ALRR's default
-   (``skip_sync=true``) takes a host decision in the step, so it cannot be captured; its
-   branch-free variant (``skip_sync=false``) is the case that must pass.
+   each core drains. A capture that fails is reported with torch's reason. ALRR's default is
+   branch-free and must pass; with ``skip_sync=true`` it takes a host decision in the step, so
+   that case cannot be captured.
 2. ``sync``: the hf adapter (:mod:`lm_eval_telltale.hf.runtime`) generates with the shipped model
    under ``torch.cuda.set_sync_debug_mode("warn")``. Every synchronizing call's warning is
    attributed to the innermost frame outside torch: in ``lm_eval_telltale`` (ours, must be 0 but
-   for ALRR's decision) or elsewhere (transformers' loop, the sampler).
+   for ALRR's decision with ``skip_sync=true``) or elsewhere (transformers' loop, the sampler).
 3. ``bench``: ``telltale bench --engine hf`` on the shipped model, batch 1 and 16 (``--plan`` on CPU).
 
 Writes ``<out>/gpu_core_check.json`` and prints one line per check. Exit 1 if a check failed.
@@ -53,8 +53,8 @@ CASES = {
     "norms-global": ("norms", {"tau_mode": "global"}, True),
     "suppress": ("suppress", {}, True),
     "suppress-random": ("suppress", {"suppress_mode": "random", "p": 0.3}, True),
-    "alrr": ("alrr", {"growth_eps": 0.0}, False),
-    "alrr-branch-free": ("alrr", {"growth_eps": 0.0, "skip_sync": False}, True),
+    "alrr": ("alrr", {"growth_eps": 0.0}, True),
+    "alrr-skip": ("alrr", {"growth_eps": 0.0, "skip_sync": True}, False),
     "erss": ("erss", {"low_k": 1, "cooldown": 1, "bank_k": 4, "p_inject": 1.0, "cos_min": -1.0}, True),
     "lrs": ("lrs", {}, True),
     "lrs-online-conf": ("lrs", {"stop_signal": "conf", "stop_window": 2}, True),
@@ -219,10 +219,17 @@ def check_audit(name: str, device: str) -> dict:
                     tw.step()
             else:
                 tw.step()
-    # ALRR's default takes its one host decision per layer (a read of one value); nothing else may sync
+    # ALRR with skip_sync=true takes its one host decision per layer (a read of one value); nothing else may sync
     decisions = {"aten::_local_scalar_dense", "aten::is_nonzero"}
-    ok = audit.total == 0 or (method == "alrr" and knobs.get("skip_sync", True) and set(audit.syncs) <= decisions)
+    ok = audit.total == 0 or (_decides(method, knobs) and set(audit.syncs) <= decisions)
     return {"check": f"audit {name}", "syncs": dict(audit.syncs), "status": "PASS" if ok else "FAIL"}
+
+
+def _decides(method: str, knobs: dict) -> bool:
+    """Whether the case takes ALRR's host decision (``skip_sync``; its default read from the knob)."""
+    from lm_eval_telltale.core.alrr import AlrrParams
+
+    return method == "alrr" and AlrrParams(**knobs).skip_sync
 
 
 def check_hf_syncs(device: str, method: str, knobs: dict, max_tokens: int) -> dict:
@@ -265,7 +272,7 @@ def check_hf_syncs(device: str, method: str, knobs: dict, max_tokens: int) -> di
         with audit:
             rt.generate(reqs)
         theirs, where = audit.total, dict(audit.syncs)
-    allowed = 0 if method != "alrr" else 10 ** 9
+    allowed = 10 ** 9 if _decides(method, knobs) else 0
     return {"check": f"hf syncs {method}", "ours": ours, "elsewhere": theirs, "sites": where,
             "status": "PASS" if ours <= allowed else "FAIL", "note": None if device.startswith("cuda") else
             "CPU: the audit counts every sync of the loop (no attribution); the adapter's own are tested in "
@@ -316,7 +323,8 @@ def main(argv=None) -> int:
         record(check_capture, name, a.device, 3 if a.quick else 20)
     for name in CASES:
         record(check_audit, name, a.device)
-    for method, knobs in (("norms", {}), ("suppress", {}), ("erss", {"low_k": 2, "bank_k": 4}), ("lrs", {})):
+    for method, knobs in (("norms", {}), ("suppress", {}), ("alrr", {"growth_eps": 0.0}), ("erss", {"low_k": 2, "bank_k": 4}),
+                          ("lrs", {})):
         record(check_hf_syncs, a.device, method, knobs, 8 if a.quick else 48)
     if not a.no_bench:
         record(check_bench, a.device, out, a.quick)

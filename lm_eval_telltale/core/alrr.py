@@ -15,9 +15,12 @@ At a patched layer l, for generated tokens:
 ``max_extra_iters`` > 1 repeats 3–4 on the tokens accepted in the previous iteration, each
 iteration judged against the norm before it (for the loop analysis; the paper finds 1 best).
 
-Skipping: the re-run is skipped when no token of the step is a candidate. That test is one
-``any()`` per patched layer — free on CPU, one device→host sync per layer on GPU; set
-``skip_sync=false`` to always run the re-run pass instead (no sync, one extra layer forward).
+Branch-free by default: every step runs the re-run pass for all its tokens and selects per token
+(:meth:`Alrr.layer_op`) — tensor work only, which vLLM's adapter runs inside the model's compiled
+graph. ``skip_sync=true`` skips the pass when no token of the step is a candidate: one ``any()``
+per patched layer (free on CPU, one device→host sync per layer on GPU), and the step runs through
+the custom op, the re-run eagerly (docs/performance.md: slower on the shipped model at batch 1 and
+64).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class AlrrParams:
                         lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
     max_extra_iters: int = knob(1, "re-runs per token and layer (1 = the paper's setting)",
                                 lambda v: 1 <= v <= 64, "must be in 1..64")
-    skip_sync: bool = knob(True, "skip the re-run when no token is a candidate (one host sync per layer on GPU)")
+    skip_sync: bool = knob(False, "skip the re-run when no token is a candidate: one host decision (a sync on "
+                                  "GPU) per patched layer, and the step leaves the model's graph")
 
 
 KEYS = keys_of(AlrrParams)
@@ -53,23 +57,40 @@ class Alrr(Method):
     def __init__(self, cfg, table, num_layers, device=None):
         super().__init__(cfg, table, num_layers, device)
         self.p = AlrrParams(**cfg.params)
-        # re-run work for `telltale bench`'s compute limit: (step, layer) re-run calls and the token
-        # rows they pushed through the layer — host ints from shapes and the existing skip test, no sync
-        self.rerun_calls = 0
-        self.rerun_rows = 0
+        # re-run work for `telltale bench`'s compute limit, counted on the device: the (step, layer)
+        # re-run passes and the request tokens they pushed through the layer
+        self.reruns = torch.zeros(2, dtype=torch.int64, device=device)
+
+    @classmethod
+    def in_graph(cls, cfg) -> bool:
+        """Without the skip decision (``skip_sync=false``) every step re-runs: tensor work only."""
+        return not AlrrParams(**cfg.params).skip_sync
+
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        return {"reruns": self.reruns}
 
     def apply(self, core, j, h, r, x, n, tau, rerun):
-        step, p = core.step, self.p
+        return self._iterate(h, r, n, tau, core.step, self.reruns, rerun, core.any if self.p.skip_sync else None)
+
+    def layer_op(self, j, h, r, x, n, tau, step, columns, state, rerun=None):
+        """Branch-free (the in-graph step): every token of the step goes through the re-run; the
+        accepted ones take its result."""
+        return self._iterate(h, r, n, tau, step, state["reruns"], rerun, None)
+
+    def _iterate(self, h, r, n, tau, step, reruns, rerun, any_):
+        """Candidates, then up to ``max_extra_iters`` re-runs, each judged against the norm before it.
+        ``any_``: the host decision that skips a re-run no token needs (None: always re-run)."""
+        p = self.p
         active = step.act & (n > tau) & (n < p.blowup * tau)
         events = torch.where(active, EV_CANDIDATE, 0).to(torch.int16)
-        if rerun is None or (p.skip_sync and not core.any(active)):
+        if rerun is None or (any_ is not None and not any_(active)):
             return h, r, events
         cur_h, cur_r, cur_n = h, r, n
         accepted_any = torch.zeros_like(active)
+        live = step.slot >= 0
         for _ in range(p.max_extra_iters):
             h2, r2 = rerun(cur_h.clone(), cur_r.clone())
-            self.rerun_calls += 1
-            self.rerun_rows += int(cur_h.shape[0])
+            reruns += torch.stack([live.any(), live.sum()]).to(torch.int64)
             n2 = residual_norm(h2, r2)[1]
             ok = active & (n2 > tau) & (n2 < p.blowup * tau) & ((n2 - cur_n) / (cur_n + 1e-6) >= p.growth_eps)
             if p.alpha != 1.0:
@@ -81,14 +102,15 @@ class Alrr(Method):
             cur_n = torch.where(ok, n2, cur_n)
             accepted_any |= ok
             active = ok
-            if p.max_extra_iters > 1 and p.skip_sync and not core.any(active):
+            if p.max_extra_iters > 1 and any_ is not None and not any_(active):
                 break
         events |= torch.where(accepted_any, EV_ACCEPTED, 0).to(torch.int16)
         return cur_h, cur_r, events
 
     def summary(self) -> dict:
-        """Engine-lifetime totals of the re-run pass (``telltale_state``'s ``method``)."""
-        return {"rerun_calls": self.rerun_calls, "rerun_rows": self.rerun_rows}
+        """Engine-lifetime totals of the re-run pass (``telltale_state``'s ``method``; one host read)."""
+        calls, rows = self.reruns.tolist()
+        return {"rerun_calls": calls, "rerun_rows": rows}
 
 
 METHOD = Alrr

@@ -152,16 +152,18 @@ class Method:
         """Return (h', r', events) for patched layer ``j``; ``events``: int16 [N] bits or None. By
         default the tensor operation :meth:`layer_op` on the core's step; a method that needs more
         (ALRR's re-run, ERSS's long steps) overrides this instead."""
-        return self.layer_op(j, h, r, x, n, tau, core.step, core.columns, self.graph_state())
+        return self.layer_op(j, h, r, x, n, tau, core.step, core.columns, self.graph_state(), rerun)
 
     def layer_op(self, j: int, h: torch.Tensor, r: torch.Tensor, x: torch.Tensor, n: torch.Tensor,
-                 tau: torch.Tensor, step: StepMap, columns: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
+                 tau: torch.Tensor, step: StepMap, columns: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                 rerun: Rerun | None = None):
         """The method at patched layer ``j`` as a function of tensors: (h, r) after the layer, x =
         h + r and its norm ``n`` [N], τ of each token ``tau`` [N] (NaN: not generated), the step map
-        ``step``, the step's record columns (``columns[name]`` [N, L], :attr:`columns`) and the
-        method's state tensors ``state`` (:meth:`graph_state`), written in place. Returns (h', r',
-        events: int16 [N] bits or None). Runs in the core's step (:meth:`apply`) and, where
-        :meth:`in_graph`, inside an adapter's model graph on static buffers: no host decision."""
+        ``step``, the step's record columns (``columns[name]`` [N, L], :attr:`columns`), the
+        method's state tensors ``state`` (:meth:`graph_state`), written in place, and ``rerun``, the
+        layer again on given (h, r) without its KV write (ALRR). Returns (h', r', events: int16 [N]
+        bits or None). Runs in the core's step (:meth:`apply`) and, where :meth:`in_graph`, inside an
+        adapter's model graph on static buffers: no host decision."""
         return h, r, None
 
     def graph_state(self) -> dict[str, torch.Tensor]:

@@ -135,18 +135,9 @@ class ErssMethod(Method):
             raise ValueError(f"erss: hidden size changed from {self.hidden} to {hidden}")
 
     def _prepare(self, step) -> None:
-        """Once per step: the tokens that may carry state. Up to the table's size that is every token
-        in the step's order; a step with more tokens (a long prefill chunk) keeps the first
-        ``capacity`` in "new first" order (at most one new token per slot)."""
+        """Once per step of at most the table's size: every token may carry state, in the step's order."""
         self._step = step
-        live, sl = step.new & step.act, step.slot.clamp(min=0)
-        if step.num_tokens <= self.table.capacity:
-            self._order = None
-            self._sel = (live, sl, step.seed, step.position, None)  # rows: every one, in order
-            return
-        o = torch.argsort((~live).to(torch.int8), stable=True)[: self.table.capacity]
-        self._order = o
-        self._sel = (live[o], sl[o], step.seed[o], step.position[o], o)
+        self._sel = (step.new & step.act, step.slot.clamp(min=0), step.seed, step.position, None)
 
     def fuse(self) -> None:
         self.fused = True
@@ -157,28 +148,21 @@ class ErssMethod(Method):
 
     # -- the step --------------------------------------------------------------------------------
     def apply(self, core, j, h, r, x, n, tau, rerun):
+        """The core's step: a step of at most the table's size in its own order (compiled when
+        fused); a longer one (a long prefill chunk) in the gathered form, :meth:`layer_op`."""
         step = core.step
         self._ensure_bank(int(x.shape[-1]))
-        if step is not self._step:
-            self._prepare(step)
         if step.num_tokens == 0:
             return h, r, None
-        o, p, cols = self._order, self.p, core.columns
-        hs, rs, xs, ns = (h, r, x, n) if o is None else (h[o], None if r is None else r[o], x[o], n[o])
+        if step.num_tokens > self.table.capacity:
+            return self.layer_op(j, h, r, x, n, tau, step, core.columns, self.graph_state())
+        if step is not self._step:
+            self._prepare(step)
+        p, cols = self.p, core.columns
         cols = (cols["erss_cos"], cols["erss_vnorm"], cols["erss_bank"])
-        h_s, ev_s = self._call(erss_layer, self._state(j), (hs, rs, xs, ns, tau, *self._sel), cols,
+        h_s, ev_s = self._call(erss_layer, self._state(j), (h, r, x, n, tau, *self._sel), cols,
                                (p.bank_k, p.gamma, p.low_k, p.p_inject, p.cos_min, p.cooldown, p.beta))
-        if o is None:
-            return h_s, r, ev_s
-        h2 = h.clone()
-        h2[o] = h_s
-        ev = torch.zeros(n.shape[0], dtype=torch.int16, device=n.device)
-        ev[o] = ev_s
-        return h2, r, ev
-
-    @classmethod
-    def in_graph(cls, cfg) -> bool:
-        return True  # layer_op: the gathered step, on any token count
+        return h_s, r, ev_s
 
     def prepare(self, hidden: int) -> None:
         self._ensure_bank(hidden)
@@ -191,10 +175,11 @@ class ErssMethod(Method):
                 "cooldown": t["erss_cooldown"], "index": torch.stack([i for i, _ in self._jt]),
                 "layer": torch.stack([l for _, l in self._jt])}
 
-    def layer_op(self, j, h, r, x, n, tau, step, columns, state):
-        """The step inside a model's graph: always the gathered form (:meth:`_prepare`'s, for any token
-        count): the first min(N, capacity) tokens in "new first" order — every live token — so the
-        bank gathers stay bounded by the table's size without a host decision."""
+    def layer_op(self, j, h, r, x, n, tau, step, columns, state, rerun=None):
+        """The step in the gathered form, for any token count (inside a model's graph; the core's step
+        for a step longer than the table): the first min(N, capacity) tokens in "new first" order —
+        every live token — so the bank gathers stay bounded by the table's size without a host
+        decision."""
         live, sl = step.new & step.act, step.slot.clamp(min=0)
         o = torch.argsort((~live).to(torch.int8), stable=True)[: torch.sym_min(n.shape[0], self.table.capacity)]
         p = self.p
@@ -208,10 +193,10 @@ class ErssMethod(Method):
         return h2, r, ev
 
     def _call(self, fn, state: tuple, tokens: tuple, written: tuple, consts: tuple):
-        """``fn(*state, *tokens, *written, *consts)``: compiled when fused (and the step is not a
-        gathered one). ``state``: the slot tables (and the layer's index tensors), written in place;
-        ``tokens``: per-token inputs, read only; ``written``: the step's record columns."""
-        if not self.fused or self._order is not None:
+        """``fn(*state, *tokens, *written, *consts)``: compiled when fused. ``state``: the slot tables
+        (and the layer's index tensors), written in place; ``tokens``: per-token inputs, read only;
+        ``written``: the step's record columns."""
+        if not self.fused:
             return fn(*state, *tokens, *written, *consts)
         out, self.fused = run(fn, state, tokens, written, consts, tokens=True)
         return out

@@ -96,7 +96,7 @@ class Suppress(Method):
             state["rates"] = self.rates
         return state
 
-    def layer_op(self, j, h, r, x, n, tau, step, columns, state):
+    def layer_op(self, j, h, r, x, n, tau, step, columns, state, rerun=None):
         if self.p.suppress_mode == "high":
             mask = step.act & (n > tau)
         else:

@@ -42,6 +42,7 @@ import torch
 from ..core.engine import HookWiringError, graph_end, graph_start, residual_norm
 from ..core.methods import method_module
 from ..core.step import StepMap
+from .kvguard import rerun_in_graph
 
 #: the running step's map, one buffer per :class:`~lm_eval_telltale.core.step.StepMap` field (in
 #: :func:`~lm_eval_telltale.core.step.step_tensors`' order)
@@ -113,14 +114,15 @@ class GraphStep(torch.nn.Module):
         self.last = L - 1
         self.steps = 0  # host: the forwards with a request (counted by the adapter)
 
-    def layer(self, j: int, positions: torch.Tensor, h: torch.Tensor, r: torch.Tensor):
-        """After patched layer ``j``, inside the traced forward: its (h, r) → the method's (h', r')."""
+    def layer(self, j: int, positions: torch.Tensor, h: torch.Tensor, r: torch.Tensor, rerun=None):
+        """After patched layer ``j``, inside the traced forward: its (h, r) → the method's (h', r')
+        (``rerun``: the layer again without its KV write, for ALRR)."""
         x, n = residual_norm(h, r)
-        return self.step(j, positions, n, h, r, x)
+        return self.step(j, positions, n, h, r, x, rerun)
 
-    def step(self, j: int, positions: torch.Tensor, n: torch.Tensor, h=None, r=None, x=None):
+    def step(self, j: int, positions: torch.Tensor, n: torch.Tensor, h=None, r=None, x=None, rerun=None):
         """Patched layer ``j``'s part of the step, from its norms ``n`` [N] (and, for a method that
-        changes them, (h, r) and x = h + r). A method that changes (h, r) gets the step's map and τ
+        changes them, (h, r), x = h + r and the layer's re-run). A method that changes (h, r) gets the step's map and τ
         at the first layer and runs its :meth:`~lm_eval_telltale.core.engine.Method.layer_op` at
         each; one that only observes needs them only after the last, where they are made. After the
         last layer, the end of the step (events, thresholds, last positions, rows)."""
@@ -144,7 +146,8 @@ class GraphStep(torch.nn.Module):
         step = StepMap(*(getattr(self, name)[:num] for name, _ in STEP_BUFFERS))
         cols = [getattr(self, f"col{i}")[:num] for i in range(len(self.col_names))]
         state = {k: getattr(self, f"m_{k}") for k in self.state_names}
-        h, r, ev = self.method.layer_op(j, h, r, x, n, self.s_tau[:num, j], step, dict(zip(self.col_names, cols)), state)
+        h, r, ev = self.method.layer_op(j, h, r, x, n, self.s_tau[:num, j], step, dict(zip(self.col_names, cols)), state,
+                                        rerun)
         if ev is not None:
             self.event[:num, j] = ev
         self.norm_out[:num, j] = residual_norm(h, r)[1]
@@ -204,6 +207,12 @@ class GraphStep(torch.nn.Module):
 def graph_hook(module, args, output):
     """After a patched layer (in-graph step): the layer's (h, r) and positions to
     :meth:`GraphStep.layer`, inside the traced graph; its (h', r') become the layer's output (for
-    a method that only observes, (h, r) themselves: the residual stream stays stock vLLM's)."""
+    a method that only observes, (h, r) themselves: the residual stream stays stock vLLM's). ALRR's
+    re-run is the layer's own forward, traced here too (:func:`~lm_eval_telltale.vllm.kvguard.rerun_in_graph`)."""
     h, r = output
-    return module._tt_graph.layer(module._tt_index, args[0], h, r)
+    positions = args[0]
+
+    def rerun(h_in, r_in):
+        return rerun_in_graph(module, positions, h_in, r_in)
+
+    return module._tt_graph.layer(module._tt_index, positions, h, r, rerun)

@@ -45,22 +45,68 @@ def check_separable_kv_write(layer: torch.nn.Module, where: str) -> None:
             "--model_args ...,attention_backend=FLASH_ATTN (or TRITON_ATTN, FLASHINFER)")
 
 
-@contextmanager
-def no_kv_write(layer: torch.nn.Module):
-    from vllm.forward_context import get_forward_context
-
+def attention_names(layer: torch.nn.Module) -> list[str]:
+    """The ``layer_name`` of each attention module of ``layer`` (cached on the layer)."""
     names = getattr(layer, "_tt_attn_names", None)
     if names is None:
         names = [m.layer_name for m in attention_modules(layer)]
         if not names:
             raise RuntimeError(f"telltale: no attention layer found inside {type(layer).__name__}")
         layer._tt_attn_names = names
-    fc = get_forward_context()
-    sm = fc.slot_mapping
+    return names
+
+
+#: the slot-mapping entries taken out by :func:`suspend`, by layer name, until :func:`resume`
+_SUSPENDED: dict[str, torch.Tensor] = {}
+
+
+def suspend(names) -> None:
+    """Take the named layers' entries out of the forward context's slot mapping: their KV write
+    is skipped until :func:`resume`."""
+    from vllm.forward_context import get_forward_context
+
+    sm = get_forward_context().slot_mapping
     if not isinstance(sm, dict):
         raise RuntimeError("telltale: forward_context.slot_mapping is not a per-layer dict; cannot suppress KV writes")
-    saved = {n: sm.pop(n) for n in names if n in sm}
+    for n in names:
+        if n in sm:
+            _SUSPENDED[n] = sm.pop(n)
+
+
+def resume(names) -> None:
+    """Put back what :func:`suspend` took out (the dict is the same step's: vLLM builds one per step)."""
+    from vllm.forward_context import get_forward_context
+
+    sm = get_forward_context().slot_mapping
+    for n in names:
+        if n in _SUSPENDED:
+            sm[n] = _SUSPENDED.pop(n)
+
+
+@contextmanager
+def no_kv_write(layer: torch.nn.Module):
+    """``layer`` runs without writing the KV cache inside this block (the ops' path: eager Python)."""
+    names = attention_names(layer)
+    suspend(names)
     try:
         yield
     finally:
-        sm.update(saved)
+        resume(names)
+
+
+def rerun_in_graph(layer: torch.nn.Module, positions: torch.Tensor, h: torch.Tensor, r: torch.Tensor):
+    """The same layer again on (h, r) with its KV write suppressed, as traced code (the in-graph
+    step's ALRR re-run): the layer's own forward, compiled with the model, between two ops
+    (:data:`~lm_eval_telltale.vllm.ops.KV_OFF_NAME`, :data:`~lm_eval_telltale.vllm.ops.KV_ON_NAME`)
+    that take the layer's slot-mapping entries out and put them back. Each op returns copies of
+    its inputs, so the data flow orders them around the re-run's KV-cache update (after the first,
+    before the second) and the re-run works on copies of (h, r) (in-place kernels cannot reach the
+    pass-0 tensors). Under a CUDA graph the ops run when it is captured (FULL: the re-run's write
+    is then not in the graph) or between its pieces (PIECEWISE: they are splitting ops, like vLLM's
+    KV-cache update)."""
+    from . import ops
+
+    names = ",".join(attention_names(layer))
+    h, r = ops.kv_write_off(h, r, names)
+    h2, r2 = layer.forward(positions, h, r)
+    return ops.kv_write_on(h2, r2, names)

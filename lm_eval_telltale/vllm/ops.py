@@ -18,7 +18,13 @@ bfloat16 copies of them that later layers then read, and the numbers would part 
 has no outputs and no mutations and is marked as having a side effect, so the traced graph keeps
 it. On GPU it is a splitting op too.
 
-The ops act only while a real step runs: the runtime of that step is *active* (set by
+``telltale::kv_write_off(h, r, names)`` / ``telltale::kv_write_on(h, r, names)`` bracket ALRR's
+re-run in the in-graph step (:func:`~lm_eval_telltale.vllm.kvguard.rerun_in_graph`): the first takes
+the named attention layers' entries out of the step's slot mapping (their KV write is skipped), the
+second puts them back; each returns copies of (h, r), which orders it in the traced graph. They act
+in every forward, with or without a step.
+
+The first two ops act only while a real step runs: the runtime of that step is *active* (set by
 ``begin_step``, cleared by ``end_step``; one step runs at a time in a worker process). During
 vLLM's dummy, profiling and CUDA-graph capture runs nothing is active and the op does nothing.
 """
@@ -30,8 +36,12 @@ import torch
 OP_NAME = "telltale::post_layer"
 #: the observe-only op (methods that never change (h, r): ``norms``, ``lrs``)
 OBSERVE_OP_NAME = "telltale::observe_norm"
+#: the in-graph ALRR re-run's pair (:func:`~lm_eval_telltale.vllm.kvguard.rerun_in_graph`): the
+#: named layers' KV write off, and back on
+KV_OFF_NAME = "telltale::kv_write_off"
+KV_ON_NAME = "telltale::kv_write_on"
 #: every telltale op (GPU: all of them are graph-splitting points)
-OP_NAMES = (OP_NAME, OBSERVE_OP_NAME)
+OP_NAMES = (OP_NAME, OBSERVE_OP_NAME, KV_OFF_NAME, KV_ON_NAME)
 
 _ACTIVE = None  # the VllmRuntime whose step is running in this process
 
@@ -84,6 +94,34 @@ def _observe_norm_fake(n: torch.Tensor, j: int) -> None:
 # no output and no mutation: without this mark the traced graph would drop the call as dead code
 torch.fx.node.has_side_effect(torch.ops.telltale.observe_norm.default)
 
+@torch.library.custom_op(KV_OFF_NAME, mutates_args=())
+def _kv_write_off(h: torch.Tensor, r: torch.Tensor, names: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kvguard import suspend
+
+    suspend(names.split(","))
+    return h.clone(), r.clone()
+
+
+@torch.library.custom_op(KV_ON_NAME, mutates_args=())
+def _kv_write_on(h: torch.Tensor, r: torch.Tensor, names: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kvguard import resume
+
+    resume(names.split(","))
+    return h.clone(), r.clone()
+
+
+@_kv_write_off.register_fake
+def _kv_write_off_fake(h, r, names):
+    return torch.empty_like(h), torch.empty_like(r)
+
+
+@_kv_write_on.register_fake
+def _kv_write_on_fake(h, r, names):
+    return torch.empty_like(h), torch.empty_like(r)
+
+
 #: the ops as the hooks call them (OpOverloadPackets: one node each in a traced graph)
 post_layer = torch.ops.telltale.post_layer
 observe_norm = torch.ops.telltale.observe_norm
+kv_write_off = torch.ops.telltale.kv_write_off
+kv_write_on = torch.ops.telltale.kv_write_on

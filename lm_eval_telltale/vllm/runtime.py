@@ -397,6 +397,7 @@ class VllmRuntime:
 
     def state(self) -> dict[str, Any]:
         self._drain()
+        fused = self.core.method_fused
         return {
             "live_requests": len(self.table),
             "uncollected": len(self._infos),
@@ -413,8 +414,7 @@ class VllmRuntime:
             "fused": (self.graph is not None and self.compiled) or self.core.fused,
             "in_graph": self.graph is not None,
             # the method's layer step (None: it has none): in the model's graph, compiled with it
-            "method_fused": (self.compiled if self.core.method_fused is not None else None) if self.graph is not None
-            else self.core.method_fused,
+            "method_fused": self.compiled if self.graph is not None and fused is not None else fused,
             "method": self.method.summary(),
         }
 

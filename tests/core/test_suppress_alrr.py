@@ -148,7 +148,7 @@ def test_alrr_rejects_insufficient_growth_and_blowup():
 
 
 def test_alrr_skips_the_rerun_without_candidates():
-    core, tab, infos = make_core("alrr", {}, tau=100.0)
+    core, tab, infos = make_core("alrr", {"skip_sync": True}, tau=100.0)
     begin_step(core, infos, [[2, 3, 4, 5]])
     calls = []
     core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, calls))
@@ -202,22 +202,23 @@ def test_random_control_waits_out_the_warmup_and_honours_clamp():
 
 def test_alrr_counts_its_rerun_work_for_the_compute_limit():
     """``summary()`` (``telltale_state``'s ``method``) counts (step, layer) re-run calls and the token
-    rows pushed through the layer again — every row of the step, not only the candidates."""
+    rows pushed through the layer again — every row of the step, not only the candidates (by
+    default every step; with ``skip_sync=true`` a step with a candidate)."""
     def step(core, tab, infos, rerun=True):
         begin_step(core, infos, [[2, 3, 4, 5]])
         core.layer(0, H.clone(), R.clone(), grow_rerun(1.25, []) if rerun else None)
         core.end()
 
-    core, tab, infos = make_core("alrr", {}, tau=4.0)
+    core, tab, infos = make_core("alrr", {"skip_sync": True}, tau=4.0)
     assert core.method.summary() == {"rerun_calls": 0, "rerun_rows": 0}
     step(core, tab, infos)                      # two candidates: one re-run of all 4 rows
     step(core, tab, infos, rerun=False)         # no re-run function given: nothing run, nothing counted
     assert core.method.summary() == {"rerun_calls": 1, "rerun_rows": 4}
-    core, tab, infos = make_core("alrr", {}, tau=100.0)
-    step(core, tab, infos)                      # no candidate: skipped by the (existing) skip test
+    core, tab, infos = make_core("alrr", {"skip_sync": True}, tau=100.0)
+    step(core, tab, infos)                      # no candidate: skipped by the skip test
     assert core.method.summary() == {"rerun_calls": 0, "rerun_rows": 0}
-    core, tab, infos = make_core("alrr", {"skip_sync": False}, tau=100.0)
-    step(core, tab, infos)                      # skip_sync=false: always re-run, counted without a sync
+    core, tab, infos = make_core("alrr", {}, tau=100.0)
+    step(core, tab, infos)                      # the default, branch-free: always re-run, counted on the device
     assert core.method.summary() == {"rerun_calls": 1, "rerun_rows": 4}
     core, tab, infos = make_core("alrr", {"max_extra_iters": 3, "growth_eps": 0.2, "blowup": 3.0}, tau=4.0)
     step(core, tab, infos)                      # 3 accepted iterations (see test_alrr_alpha_and_iterations)

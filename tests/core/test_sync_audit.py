@@ -22,7 +22,8 @@ CASES = {
     "suppress": ("suppress", {}),
     "suppress-random": ("suppress", {"suppress_mode": "random", "p": 0.3}),
     "suppress-matched": ("suppress", {"suppress_mode": "matched", "match_rate": 0.2}),
-    "alrr": ("alrr", {"growth_eps": 0.0}),
+    "alrr": ("alrr", {"growth_eps": 0.0}),  # branch-free: no decision
+    "alrr-skip": ("alrr", {"growth_eps": 0.0, "skip_sync": True}),
     "erss": ("erss", {"low_k": 1, "cooldown": 1, "bank_k": 4, "p_inject": 1.0, "cos_min": -1.0}),
     "lrs": ("lrs", {}),
     "lrs-online-norm": ("lrs", {"stop_signal": "norm", "stop_window": 2}),
@@ -96,7 +97,7 @@ def test_steady_state_steps_issue_no_sync(case):
                 core.method.observe_logits(torch.tensor([i.slot for i in infos]), torch.randn(3, 50, generator=gen),
                                            torch.ones(3, dtype=torch.bool))
         decode_tokens += 3 if step else 0
-    if method == "alrr":
+    if case == "alrr-skip":
         assert calls > 0 and set(audit.syncs) <= {"aten::_local_scalar_dense", "aten::is_nonzero"}
         assert audit.total == calls, audit.syncs  # one host read per decision
     else:

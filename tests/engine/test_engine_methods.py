@@ -110,26 +110,51 @@ def _kv(attn):
     return kv.clone()
 
 
-@pytest.mark.parametrize("guard,compiled", [(True, False), (False, False), (True, True)])
+# (guard, compiled, in_graph): the ops' path re-runs the layer in no_kv_write; the in-graph step
+# (skip_sync=false) between the ops that call kvguard.suspend / resume, inside the compiled model
+@pytest.mark.parametrize("guard,compiled,graph", [(True, False, False), (False, False, False), (True, True, False),
+                                                  (True, True, True), (False, False, True)])
 def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_dir, reference, monkeypatch, guard,
-                                                         compiled):
+                                                         compiled, graph):
     import contextlib
 
+    import lm_eval_telltale.vllm.kvguard as kvguard
     import lm_eval_telltale.vllm.runtime as runtime
 
-    real = runtime.no_kv_write
     checks = []
+    if graph:
+        attn = {}
+        real_suspend, real_resume = kvguard.suspend, kvguard.resume
 
-    @contextlib.contextmanager
-    def snapshot(layer):
-        attn = layer.self_attn.attn
-        before = _kv(attn)
-        with (real(layer) if guard else contextlib.nullcontext()):
-            yield
-        checks.append(bool((_kv(attn) == before).all()))
+        def suspend(names):
+            from vllm.forward_context import get_forward_context
 
-    monkeypatch.setattr(runtime, "no_kv_write", snapshot)
-    llm = engines.make(tiny_model_dir, "alrr", {"layers": LAYERS, "warmup": 4, "growth_eps": 0.0}, compiled=compiled)
+            attn["m"] = get_forward_context().no_compile_layers[names[0]]
+            attn["before"] = _kv(attn["m"])
+            if guard:
+                real_suspend(names)
+
+        def resume(names):
+            real_resume(names)
+            checks.append(bool((_kv(attn["m"]) == attn["before"]).all()))
+
+        monkeypatch.setattr(kvguard, "suspend", suspend)
+        monkeypatch.setattr(kvguard, "resume", resume)
+    else:
+        real = runtime.no_kv_write
+
+        @contextlib.contextmanager
+        def snapshot(layer):
+            attn = layer.self_attn.attn
+            before = _kv(attn)
+            with (real(layer) if guard else contextlib.nullcontext()):
+                yield
+            checks.append(bool((_kv(attn) == before).all()))
+
+        monkeypatch.setattr(runtime, "no_kv_write", snapshot)
+    llm = engines.make(tiny_model_dir, "alrr", {"layers": LAYERS, "warmup": 4, "growth_eps": 0.0,
+                                                "skip_sync": not graph}, compiled=compiled)
+    assert rpc(llm, "telltale_state")["in_graph"] is graph
     outs, recs = run(llm, _prompts(8), 40, "k")
     engines.close(llm)
     assert checks and count(recs, "accepted") > 0
@@ -140,11 +165,29 @@ def test_alrr_rerun_leaves_the_kv_cache_as_pass0_wrote_it(engines, tiny_model_di
         assert not all(checks)   # control: without the guard the snapshot test does see writes
 
 
+def test_alrr_in_graph_computes_what_the_ops_path_computes(engines, tiny_model_dir):
+    """skip_sync=false runs ALRR inside the model's forward, its re-run traced with it (the ops'
+    path: an eager call between graph pieces, skipped in a step without a candidate). Eager, both
+    give the same tokens and the same per-token norms, output norms and events, bit for bit."""
+    got = {}
+    for graph in (False, True):
+        llm = engines.make(tiny_model_dir, "alrr", {"layers": LAYERS, "warmup": 4, "growth_eps": 0.0,
+                                                    "record_tokens": True, "skip_sync": not graph})
+        assert rpc(llm, "telltale_state")["in_graph"] is graph
+        got[graph] = run(llm, _prompts(8), 40, f"g{graph}")
+        engines.close(llm)
+    (o0, r0), (o1, r1) = got[False], got[True]
+    assert o0 == o1 and count(r1, "accepted") > 0
+    for a, b in zip(r0, r1):
+        for k in ("norm", "norm_out", "event"):
+            assert np.array_equal(np.array(a["tokens"][k]), np.array(b["tokens"][k])), k
+
+
 @pytest.mark.parametrize("method,args,compiled", [
     ("alrr", {"warmup": 4, "growth_eps": 0.0}, False),
     ("suppress", {"warmup": 4}, False),
     ("suppress", {"suppress_mode": "random", "p": 0.1, "warmup": 4}, False),
-    ("alrr", {"warmup": 4, "growth_eps": 0.0}, True),
+    ("alrr", {"warmup": 4, "growth_eps": 0.0, "skip_sync": False}, True),  # the in-graph step, compiled
     # (compiled suppression runs the in-graph step, whose batch independence compiled is ERSS's test)
 ])
 def test_decisions_are_per_request(engines, tiny_model_dir, method, args, compiled):

@@ -73,13 +73,15 @@ def test_engine_settings_forced_by_the_model_types():
     cfg = resolve("norms", {"layers": LAYERS}, 8)
     kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
     # async scheduling: vLLM's default where the in-graph step runs with per-request τ (exact under
-    # it); off for the methods outside it (ALRR, online LRS), for global τ, for online matched
+    # it); off for the methods outside it (ALRR's skip decision, online LRS), for global τ, for online matched
     # suppression (engine-wide rates) and for tensor parallelism
     assert "async_scheduling" not in kw
     for same in (resolve("suppress", {"layers": LAYERS}, 8), resolve("erss", {"layers": LAYERS}, 8),
+                 resolve("alrr", {"layers": LAYERS}, 8),
                  resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched", "match_rate": 0.1}, 8)):
         assert "async_scheduling" not in engine_kwargs(same, "Qwen3ForCausalLM")
-    for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8), resolve("alrr", {"layers": LAYERS}, 8),
+    for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8),
+                  resolve("alrr", {"layers": LAYERS, "skip_sync": True}, 8),
                   resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched"}, 8),
                   resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8)):
         assert engine_kwargs(other, "Qwen3ForCausalLM")["async_scheduling"] is False
@@ -111,10 +113,12 @@ def test_gpu_compilation_splits_the_graph_at_every_telltale_op(monkeypatch):
     assert compilation_config({"x": 1}) == {"x": 1}  # CPU: vLLM's defaults as they are
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     cc = compilation_config(None)
-    assert set(OP_NAMES) == {"telltale::post_layer", "telltale::observe_norm"} <= set(cc["splitting_ops"])
+    assert set(OP_NAMES) == {"telltale::post_layer", "telltale::observe_norm", "telltale::kv_write_off",
+                             "telltale::kv_write_on"} <= set(cc["splitting_ops"])
     assert "vllm::unified_attention_with_output" in cc["splitting_ops"] and cc["cudagraph_mode"] == "PIECEWISE"
     mine = compilation_config({"splitting_ops": ["my::op", "telltale::post_layer"]})["splitting_ops"]
-    assert mine == ["my::op", "telltale::post_layer", "telltale::observe_norm"]
+    assert mine == ["my::op", "telltale::post_layer", "telltale::observe_norm", "telltale::kv_write_off",
+                    "telltale::kv_write_on"]
     with pytest.raises(UnsupportedModelError, match="FULL"):
         compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"})
     # the in-graph step runs no Python in the forward: FULL graphs allowed (the model types ask for
@@ -122,12 +126,12 @@ def test_gpu_compilation_splits_the_graph_at_every_telltale_op(monkeypatch):
     assert compilation_config({"cudagraph_mode": "FULL_AND_PIECEWISE"}, full_graphs=True)["cudagraph_mode"] == \
         "FULL_AND_PIECEWISE"
     full = {"cudagraph_mode": "FULL_AND_PIECEWISE"}
-    for name in ("norms", "suppress", "erss"):
+    for name in ("norms", "suppress", "erss", "alrr"):
         cfg = resolve(name, {"layers": LAYERS}, 8)
         assert engine_kwargs(cfg, "Qwen3ForCausalLM", compilation=full)["compilation_config"]["cudagraph_mode"] == \
             "FULL_AND_PIECEWISE"
     with pytest.raises(UnsupportedModelError, match="FULL"):
-        engine_kwargs(resolve("alrr", {"layers": LAYERS}, 8), "Qwen3ForCausalLM", compilation=full)
+        engine_kwargs(resolve("alrr", {"layers": LAYERS, "skip_sync": True}, 8), "Qwen3ForCausalLM", compilation=full)
 
 
 def test_gpu_worker_never_imports_the_cpu_worker():

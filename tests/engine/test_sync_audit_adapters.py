@@ -1,7 +1,7 @@
 """The sync audit through the adapters: steady-state decode steps of every method under
 ``SyncAudit`` (the hf adapter's whole forward, counting the package's own operations; the vLLM
-runtime's step begin, layer ops, step end and logits hook). Nothing there syncs but
-ALRR's one decision; the rows arrive on the host when the requests are collected."""
+runtime's step begin, layer ops, in-graph step, step end and logits hook). Nothing there syncs
+but ALRR's one decision with ``skip_sync=true``; the rows arrive on the host when the requests are collected."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ CASES = {
     "norms": ("norms", {}),
     "lrs": ("lrs", {}),
     "suppress": ("suppress", {"suppress_mode": "random", "p": 0.3}),
-    "alrr": ("alrr", {"warmup": 2, "growth_eps": 0.0}),
+    "alrr": ("alrr", {"warmup": 2, "growth_eps": 0.0}),  # branch-free: the in-graph step, its re-run included
+    "alrr-skip": ("alrr", {"warmup": 2, "growth_eps": 0.0, "skip_sync": True}),
     "erss": ("erss", {"warmup": 2, "low_k": 1, "cooldown": 1, "bank_k": 4, "p_inject": 1.0}),
     "lrs-online": ("lrs", {"stop_signal": "conf", "stop_window": 4}),
 }
@@ -38,8 +39,8 @@ def _audited(fn, audit, active):
     return run
 
 
-def _check(audit, calls, method):
-    if method == "alrr":  # its one decision per patched layer: one host read each (bool(t) or .item())
+def _check(audit, calls, case):
+    if case == "alrr-skip":  # its one decision per patched layer: one host read each (bool(t) or .item())
         assert calls[0] > 0 and set(audit.syncs) <= {"aten::_local_scalar_dense", "aten::is_nonzero"}
         assert audit.total == calls[0], audit.syncs
     else:
@@ -108,7 +109,7 @@ def test_hf_adapter_steps_issue_no_sync(case, tiny_model_dir):
     reqs = [GenRequest([(5 * i + 3 * j) % 250 + 1 for j in range(4 + 3 * i)], 12, tag=f"r{i}", temperature=0.8,
                        sampling_seed=i, extra_args=extra if i else {}, ignore_eos=method != "lrs") for i in range(3)]
     res = rt.generate(reqs)
-    _check(audit, calls, method)
+    _check(audit, calls, case)
     assert audit.stock > 0  # the audit did watch the forward (transformers' own read)
     assert all(r.stats["n_decode_tokens"] == len(r.token_ids) - 1 for r in res)  # drained at collection
     if case == "lrs-online":
@@ -126,9 +127,10 @@ def test_vllm_adapter_steps_issue_no_sync(case, engines, tiny_model_dir):
     steady = lambda: rt.steps >= 2  # noqa: E731
     for name in ("begin_step", "post_layer", "observe_layer", "end_step", "apply_logits", "_graph_begin", "graph_end"):
         setattr(rt, name, _audited(getattr(rt, name), audit, steady))
-    # all but ALRR and online LRS run their step inside the model's forward (vllm/graph.py); in
-    # this eager engine its operations run one by one and are watched too
-    assert (rt.graph is not None) == (case not in ("alrr", "lrs-online"))
+    # all but ALRR's skip decision and online LRS run their step inside the model's forward
+    # (vllm/graph.py; ALRR's re-run too); in this eager engine its operations run one by one and are
+    # watched too
+    assert (rt.graph is not None) == (case not in ("alrr-skip", "lrs-online"))
     if rt.graph is not None:
         rt.graph.layer = _audited(rt.graph.layer, audit, steady)
     calls = _count_any(rt.core, steady)
@@ -138,7 +140,7 @@ def test_vllm_adapter_steps_issue_no_sync(case, engines, tiny_model_dir):
     prompts = [{"prompt_token_ids": [(5 * i + 3 * j) % 250 + 1 for j in range(4 + 3 * i)]} for i in range(3)]
     outs = llm.generate(prompts, sps, use_tqdm=False)
     assert rt.steps >= 8
-    _check(audit, calls, method)
+    _check(audit, calls, case)
     recs = {r["tag"]: r for r in llm.collective_rpc("telltale_collect", args=([f"a{i}" for i in range(3)],))[0]}
     for i, o in enumerate(outs):  # every fed generated token's row reached the host when collected
         assert recs[f"a{i}"]["n_decode_tokens"] == len(o.outputs[0].token_ids) - 1

@@ -31,13 +31,13 @@ def recorder(monkeypatch):
     return seen
 
 
-def _cfg(model_dir, method="erss"):
+def _cfg(model_dir, method="erss", **knobs):
     arch, n = inspect_model(str(model_dir))
-    return resolve(method, {"layers": "4-6"}, n), arch
+    return resolve(method, {"layers": "4-6", **knobs}, n), arch
 
 
 def test_assembly_user_settings_win_where_they_may(tiny_model_dir):
-    cfg, arch = _cfg(tiny_model_dir, "alrr")  # a method whose defaults turn both off (ops' path, unsalted)
+    cfg, arch = _cfg(tiny_model_dir, "alrr", skip_sync=True)  # settings that turn both off (ops' path, unsalted)
     base = engine_kwargs(cfg, arch)
     assert base["async_scheduling"] is False and base["enable_prefix_caching"] is False
     kw = assemble_engine_args(cfg, arch, {"async_scheduling": True, "enable_prefix_caching": True, "seed": 3,
@@ -75,8 +75,8 @@ def test_lm_eval_model_type_assembles_with_the_users_settings(tiny_model_dir, mo
     assert seen["hf_overrides"]["telltale"]["method"] == "alrr"
     seen.clear()
     with pytest.raises(Built):
-        VLLMAlrr(str(tiny_model_dir), layers="4-6", stats_path=str(tmp_path / "t.jsonl"))
-    assert seen["async_scheduling"] is False  # the method's default (exact statistics)
+        VLLMAlrr(str(tiny_model_dir), layers="4-6", skip_sync=True, stats_path=str(tmp_path / "t.jsonl"))
+    assert seen["async_scheduling"] is False  # the method's setting (ops' path: exact statistics)
 
 
 def test_profile_assembles_with_the_users_settings(tiny_model_dir, recorder):

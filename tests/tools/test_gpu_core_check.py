@@ -18,10 +18,10 @@ def test_gpu_core_check_dry_run_on_cpu(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     res = json.loads((tmp_path / "gpu_core_check.json").read_text())["results"]
     checks = {r["check"]: r for r in res}
-    for m in ("norms", "suppress", "alrr", "alrr-branch-free", "erss", "lrs"):
+    for m in ("norms", "suppress", "alrr", "alrr-skip", "erss", "lrs"):
         assert checks[f"capture {m}"]["status"] == "PASS" and checks[f"capture {m}"]["rows_eager"] > 0
         assert checks[f"audit {m}"]["status"] == "PASS"
-    assert checks["audit alrr-branch-free"]["syncs"] == {}  # skip_sync=false: no host decision at all
-    assert checks["audit alrr"]["syncs"]  # the default's decision, one host read per patched layer
+    assert checks["audit alrr"]["syncs"] == {}  # the default, branch-free: no host decision at all
+    assert checks["audit alrr-skip"]["syncs"]  # skip_sync=true's decision, one host read per patched layer
     assert checks["hf bench (plan)"]["status"] == "PASS" and "--plan" in checks["hf bench (plan)"]["command"]
     assert all(r["status"] == "PASS" for r in res), [r["check"] for r in res if r["status"] != "PASS"]

@@ -11,7 +11,7 @@ import torch
 
 from lm_eval_telltale.config import resolve
 from lm_eval_telltale.core.engine import build_core
-from lm_eval_telltale.core.stats import EV_INJECTED, EV_SUPPRESSED
+from lm_eval_telltale.core.stats import EV_ACCEPTED, EV_INJECTED, EV_SUPPRESSED
 from lm_eval_telltale.vllm.graph import GraphStep
 
 L, MAX_ROWS, MAX_TOKENS, HIDDEN = 3, 6, 64, 8
@@ -25,7 +25,14 @@ MODES = {"request": {"warmup": 5}, "global": {"tau_mode": "global", "warmup": 3}
                                                  "warmup": 3}),
          # ERSS: its bank, streak and cooldown tables; a step longer than the table (its gathered form)
          "erss": ("erss", {"warmup": 3, "low_k": 1, "cooldown": 1, "bank_k": 3, "p_inject": 0.7, "gamma": 1.3,
-                           "cos_min": -1.0})}
+                           "cos_min": -1.0}),
+         # ALRR without its skip decision: every step through the re-run (RERUN), the accepted take it
+         "alrr": ("alrr", {"warmup": 3, "skip_sync": False, "growth_eps": 0.0})}
+
+
+def RERUN(h, r):
+    """A stand-in for ALRR's re-run of the layer: exact on whole numbers (a norm ~25 % higher)."""
+    return h * 1.25 + 1.0, r
 
 
 def _steps(seed: int = 0):
@@ -79,7 +86,7 @@ def _reference(mode, steps):
         qsl = torch.tensor([0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0)))
         core.start(qsl, torch.tensor([infos[i].slot for i, _ in rows]),
                    torch.tensor([q for _, p in rows for q in p]))
-        outs.append([core.layer(j, h, r) for j, (h, r) in enumerate(hr)])
+        outs.append([core.layer(j, h, r, RERUN) for j, (h, r) in enumerate(hr)])
         core.end()
     return core, outs
 
@@ -98,7 +105,7 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     g = GraphStep(core, qsl_buf, MAX_TOKENS, HIDDEN)
 
     def forward(positions, hr):
-        return [g.layer(j, positions, h, r) for j, (h, r) in enumerate(hr)]
+        return [g.layer(j, positions, h, r, RERUN) for j, (h, r) in enumerate(hr)]
 
     if compiled:  # a graph of its own (vLLM compiles each engine's model apart; here one code object serves every case)
         torch._dynamo.reset()
@@ -135,7 +142,7 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
             assert torch.equal(got[k].nan_to_num(-1.0), want[k].nan_to_num(-1.0)), k
     assert (got["event"] != 0).any()  # the events are set (a step that did nothing would fail here)
     if core.method.modifies:  # the method acted on some tokens and not on others
-        acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED)) != 0
+        acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED | EV_ACCEPTED)) != 0
         assert acted.any() and not acted.all()
     got, want = _state(core), _state(ref)
     for name in want:

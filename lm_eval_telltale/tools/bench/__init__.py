@@ -64,8 +64,8 @@ so on GPU the ratio includes what those settings cost. To give stock the same se
 environment. Each cell's effective settings are recorded in the JSON.
 
 **ALRR's compute limit.** The re-run pushes rows through a patched layer a second time.
-``Alrr.summary()`` counts the rows re-run in the timed call: every token row of a step with at
-least one candidate, or of every step with ``skip_sync=false``. The limit is
+``Alrr.summary()`` counts the rows re-run in the timed call: every request token row of every step
+(the default), or of a step with at least one candidate (``skip_sync=true``). The limit is
 stock tokens/s × L / (L + re-run rows per generated token), where L is the model's number of
 layers. This is the throughput ALRR would reach if the extra layer passes were its only cost. It
 counts layer passes over generated tokens only and ignores the prompt's.

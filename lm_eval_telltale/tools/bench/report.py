@@ -227,7 +227,7 @@ def render_markdown(rep: dict) -> str:
             "- syncs / step: the operations in telltale's hooks that would make the host wait for an accelerator "
             "(a value read on the host, a data-dependent output size, a copy to the host), counted by the workers' "
             "sync audit (`core/audit.py`) over one untimed run of the warm-up requests, per engine step. 0 but for "
-            "ALRR's skip-the-re-run decision (one per patched layer and step; `skip_sync=false` takes none); the "
+            "ALRR's skip-the-re-run decision with `skip_sync=true` (one per patched layer and step); the "
             "rows of generated tokens reach the host when the requests are collected."
             if engine == "vllm" else None,
             f"- ALRR compute limit: stock tok/s × L / (L + re-run rows per generated token), L = "
