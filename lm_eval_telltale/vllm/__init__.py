@@ -181,7 +181,8 @@ def engine_kwargs(cfg: TelltaleConfig, architecture: str, hf_overrides: dict[str
     - ``async_scheduling=False``: with it (vLLM's GPU default) the engine plans step N+1 before it
       knows that step N sampled a stop token, so a stopped request takes one more forward. Its
       rows are dropped at collection, but the engine-wide streams (``tau_mode=global``, online
-      matched suppression) would have seen them; a synchronous step keeps every statistic exact.
+      matched suppression) and LRS's confidence (from the sampler's logits) would have seen them;
+      a synchronous step keeps every statistic exact.
       Pass ``async_scheduling=True`` yourself to trade that for speed. Where the in-graph step runs
       (``vllm/graph.py``; ``parallel``: the tensor and pipeline parallel sizes) and its statistics
       stay exact with it (:func:`~lm_eval_telltale.vllm.graph.async_exact`), vLLM's default is

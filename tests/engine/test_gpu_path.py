@@ -74,7 +74,8 @@ def test_engine_settings_forced_by_the_model_types():
     kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
     # async scheduling: vLLM's default where the in-graph step runs with per-request τ (exact under
     # it); off for the methods outside it (ALRR's skip decision, online LRS), for global τ, for online matched
-    # suppression (engine-wide rates) and for tensor parallelism
+    # suppression (engine-wide rates), for LRS (its confidence accumulates the logits of every forward)
+    # and for tensor parallelism
     assert "async_scheduling" not in kw
     for same in (resolve("suppress", {"layers": LAYERS}, 8), resolve("erss", {"layers": LAYERS}, 8),
                  resolve("alrr", {"layers": LAYERS}, 8),
@@ -83,7 +84,8 @@ def test_engine_settings_forced_by_the_model_types():
     for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8),
                   resolve("alrr", {"layers": LAYERS, "skip_sync": True}, 8),
                   resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched"}, 8),
-                  resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8)):
+                  resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8),
+                  resolve("lrs", {"layers": LAYERS}, 8)):  # in the graph, but its confidence reads the logits
         assert engine_kwargs(other, "Qwen3ForCausalLM")["async_scheduling"] is False
     assert engine_kwargs(cfg, "Qwen3ForCausalLM", parallel=(2, 1))["async_scheduling"] is False
     assert kw["worker_cls"] == "lm_eval_telltale.vllm.worker_cpu.TelltaleCPUWorker"
