@@ -124,9 +124,9 @@ class Method:
     def in_graph(cls, cfg) -> bool:
         """Whether a whole step of this method under ``cfg`` is tensor work over static buffers, so
         an adapter may run it inside its model's graph (:func:`graph_start`, :meth:`layer_op` at each
-        patched layer, :func:`graph_end`): a method whose per-layer work is :meth:`layer_op` (no
-        host decision, no state outside the slot table and :meth:`graph_state`) and that has no
-        per-step work of its own (:meth:`end_step`)."""
+        patched layer, :func:`graph_end`): a method whose per-layer work is :meth:`layer_op` and
+        whose per-step work, if any, is :meth:`step_op` (no host decision, no state outside the
+        slot table and :meth:`graph_state`)."""
         return (cls.apply is Method.apply or cls.layer_op is not Method.layer_op) and cls.end_step is Method.end_step
 
     @classmethod
@@ -192,7 +192,18 @@ class Method:
 
     def end_step(self, core: "CoreEngine", step: StepMap) -> None:
         """After every patched layer of a step ran (``core.norm``, ``core.tau`` [N, L] complete),
-        before the thresholds are fed: per-step tensor work of the method (online LRS's norm window)."""
+        before the thresholds are fed: the method's per-step work — by default :meth:`step_op` on
+        the core's step. A method whose per-step work is not a tensor operation overrides this (and
+        is then not :meth:`in_graph`)."""
+        if type(self).step_op is not Method.step_op:
+            self.step_op(step, core.norm, core.tau, self.graph_state())
+
+    def step_op(self, step: StepMap, norm: torch.Tensor, tau: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        """The method's per-step work as a function of tensors (online LRS's windows), after every
+        patched layer: the step map ``step`` (its ``token``: the fed token ids), the step's norms
+        and τ [N, L] and the method's state tensors ``state`` (:meth:`graph_state`), written in
+        place. Runs in the core's end of step and, where :meth:`in_graph`, inside an adapter's model
+        graph on static buffers: no host decision."""
 
     def slot_values(self, extra: dict) -> dict:
         """Per-request settings a request carries in its extra arguments (vLLM's

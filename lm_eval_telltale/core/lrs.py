@@ -107,11 +107,6 @@ class LrsMethod(Method):
         self.conf = ConfidenceTracker(table, self.p.conf_topk, self.p.conf_window, device)
         self.stop = OnlineStop(table, self.p.stop_window) if self.p.stop_signal != "none" else None
 
-    @classmethod
-    def in_graph(cls, cfg) -> bool:
-        # online stopping has per-step work of its own (end_step: its norm window)
-        return cls.observes_only() and LrsParams(**cfg.params).stop_signal == "none"
-
     def slot_values(self, extra: dict) -> dict:
         if self.stop is None:
             return {}
@@ -124,12 +119,17 @@ class LrsMethod(Method):
             out.update({"stop_thr": float(extra[STOP_THRESHOLD_KEY]), "stop_tok": int(extra[STOP_TOKEN_KEY])})
         return out
 
-    def end_step(self, core, step) -> None:
+    def graph_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.stop is None else self.stop.tensors()
+
+    def step_op(self, step, norm, tau, state) -> None:
+        """Online LRS: which candidates closed their thinking, and (``stop_signal=norm``) each
+        candidate's window of the norm signal over its new token."""
         if self.stop is None:
             return
-        self.stop.see_tokens(step)
+        self.stop.see_tokens(step, state)
         if self.p.stop_signal == "norm":
-            self.stop.update_tokens(step, token_signal(self.p.lrs_score, core.norm, core.tau))
+            self.stop.update_tokens(step, token_signal(self.p.lrs_score, norm, tau), state)
 
     def observe_logits(self, slots, logits, keep) -> None:
         c = self.conf.update(slots, logits, keep)
@@ -217,10 +217,12 @@ class SlidingLow:
         table.register(self.k["low"], (), torch.float32, float("inf"))
         table.register(self.k["total"], (), torch.float32, 0.0)
 
-    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               t: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``v`` [R] to the rows' slots where ``mask``; returns (tokens counted, the current
-        window mean — meaningful once tokens counted ≥ window) per row."""
-        t, k, w = self.table.t, self.k, self.window
+        window mean — meaningful once tokens counted ≥ window) per row. ``t``: the tensors by
+        slot-table name (default: the slot table's own)."""
+        t, k, w = self.table.t if t is None else t, self.k, self.window
         s = slots
         n = t[k["n"]][s]
         idx = n % w
@@ -296,6 +298,9 @@ class OnlineStop:
     (:meth:`force`), so the engine ends it as any finished answer. All tensor work, no host
     sync."""
 
+    #: the slot-table tensors of the step's work (:meth:`tensors`)
+    NAMES = ("stop_think_end", "stop_answering", "stop_thr", "stop_at")
+
     def __init__(self, table, window: int):
         self.table, self.window = table, int(window)
         self.win = SlidingLow(table, "stop", self.window)
@@ -306,13 +311,23 @@ class OnlineStop:
         table.register("stop_think_end", (), torch.int64, -1)
         table.register("stop_answering", (), torch.bool, False)
 
-    def see_tokens(self, step) -> None:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the per-step work (:meth:`see_tokens`, :meth:`update_tokens`) reads and writes, by
+        slot-table name, and ``all``, every slot's index: an in-graph adapter holds them as
+        buffers (the table is fixed in size by then)."""
+        t, cap = self.table.t, self.table.capacity
+        if self._all is None or self._all.shape[0] != cap:  # made once per table size
+            self._all = torch.arange(cap, device=t["stop_at"].device)
+        return {**{k: t[k] for k in (*self.NAMES, *self.win.k.values())}, "all": self._all}
+
+    def see_tokens(self, step, t: dict[str, torch.Tensor] | None = None) -> None:
         """A slot whose end-of-thinking token was fed is answering from then on: its later tokens
         are not counted and it is not stopped (an answer's norm and confidence differ from its
-        thinking's; the candidate is about to finish anyway)."""
+        thinking's; the candidate is about to finish anyway). ``t``: :meth:`tensors` (default: the
+        slot table's own)."""
         if step.token is None:
             return
-        t, cap = self.table.t, self.table.capacity
+        t, cap = self.table.t if t is None else t, self.table.capacity
         end = t["stop_think_end"][step.slot.clamp(min=0)]
         hit = step.new & (end >= 0) & (step.token == end)
         cnt = torch.zeros(cap + 1, dtype=torch.int64, device=step.slot.device)
@@ -320,28 +335,28 @@ class OnlineStop:
                        accumulate=True)
         t["stop_answering"] |= cnt[:cap] > 0
 
-    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+    def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               t: dict[str, torch.Tensor] | None = None) -> None:
         """One value per row (one row per slot) where ``mask`` and the slot is still thinking; marks
         the rows whose full window fell below their threshold."""
-        t = self.table.t
+        t = self.table.t if t is None else t
         mask = mask & ~t["stop_answering"][slots]
-        n1, cur = self.win.update(slots, v, mask)
+        n1, cur = self.win.update(slots, v, mask, t)
         at = t["stop_at"][slots]
         now = mask & (n1 >= self.window) & (cur < t["stop_thr"][slots]) & (at < 0)
         t["stop_at"][slots] = torch.where(now, n1, at)
 
-    def update_tokens(self, step, v: torch.Tensor) -> None:
+    def update_tokens(self, step, v: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> None:
         """``v`` [N] per token of a forward step: the new generated tokens' values, gathered per
         slot (at most one new token per request and step; the others go to a spare row)."""
+        t = self.tensors() if t is None else t
         cap = self.table.capacity
         s = torch.where(step.new, step.slot, torch.full_like(step.slot, cap))
         per = torch.zeros(cap + 1, dtype=torch.float32, device=v.device)
         per.index_put_((s,), torch.where(step.new, v, torch.zeros_like(v)), accumulate=True)
         cnt = torch.zeros(cap + 1, dtype=torch.int64, device=v.device)
         cnt.index_put_((s,), torch.ones_like(s), accumulate=True)
-        if self._all is None or self._all.shape[0] != cap:  # every slot, made once per table size
-            self._all = torch.arange(cap, device=v.device)
-        self.update(self._all, per[:cap], cnt[:cap] > 0)
+        self.update(t["all"], per[:cap], cnt[:cap] > 0, t)
 
     def force(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
         """In place: the rows of stopped slots can sample only their stop token."""

@@ -1,14 +1,16 @@
 """The in-graph step: the whole per-step work of a method inside the model's forward, on static
-buffers — ``vllm-norms``, ``vllm-lrs`` without online stopping, ``vllm-suppress`` and
-``vllm-erss`` (:meth:`~lm_eval_telltale.core.engine.Method.in_graph`: a method whose per-layer
-work is a tensor operation with no host decision; ALRR's re-run is not).
+buffers — every method (:meth:`~lm_eval_telltale.core.engine.Method.in_graph`: a method whose
+per-layer and per-step work are tensor operations with no host decision), but ALRR with its skip
+decision (``skip_sync=true``).
 
 :class:`GraphStep` holds every tensor the step touches as a buffer, allocated before vLLM compiles
 (or captures) the model: the core's slot table, τ and threshold state, the rows' device buffer and
 the method's own state (:meth:`~lm_eval_telltale.core.engine.CoreEngine.graph_parts`: the same
 tensors the core keeps, never replaced), the runner's own ``query_start_loc`` buffer (vLLM pads it
-with the step's token count past the last row), a ``row_slot`` buffer, a norms buffer and, for a
-method that changes (h, r), the running step's map, τ, events, output norms and record columns.
+with the step's token count past the last row), a ``row_slot`` buffer, a norms buffer, for a
+method that changes (h, r) the running step's map, τ, events, output norms and record columns, and
+for a method with per-step work (online LRS's windows, :meth:`~lm_eval_telltale.core.engine.Method.step_op`,
+run after the last layer) the runner's own ``input_ids`` buffer (the fed token ids).
 Each patched layer's forward hook (:func:`graph_hook`) hands the layer's (h, r) to
 :meth:`GraphStep.layer`, in the traced graph, which records ‖h + r‖. The token → slot map (from
 ``query_start_loc`` and ``row_slot``, on the device) and each token's τ
@@ -39,7 +41,7 @@ import os
 import numpy as np
 import torch
 
-from ..core.engine import HookWiringError, graph_end, graph_start, residual_norm
+from ..core.engine import HookWiringError, Method, graph_end, graph_start, residual_norm
 from ..core.methods import method_module
 from ..core.step import StepMap
 from .kvguard import rerun_in_graph
@@ -82,7 +84,8 @@ def async_exact(cfg) -> bool:
 class GraphStep(torch.nn.Module):
     """The static buffers of the in-graph step, and the step itself (:meth:`layer`)."""
 
-    def __init__(self, core, query_start_loc: torch.Tensor, max_tokens: int, hidden: int):
+    def __init__(self, core, query_start_loc: torch.Tensor, max_tokens: int, hidden: int,
+                 input_ids: torch.Tensor | None = None):
         super().__init__()
         dev = query_start_loc.device
         rows = int(query_start_loc.shape[0]) - 1
@@ -101,6 +104,12 @@ class GraphStep(torch.nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("qsl", query_start_loc, persistent=False)
+        # a method with per-step work (Method.step_op) reads the fed token ids: the runner's own buffer
+        self.step_work = type(core.method).step_op is not Method.step_op
+        if self.step_work:
+            if input_ids is None:
+                raise ValueError(f"telltale: the in-graph step of {core.method.name} needs the runner's input_ids buffer")
+            self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("row_slot", torch.full((rows,), -1, dtype=torch.int64, device=dev), persistent=False)
         L, T = core.L, max_tokens
         self.register_buffer("norm", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
@@ -135,7 +144,9 @@ class GraphStep(torch.nn.Module):
         self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
         if not self.modifies:
             if j == self.last:
-                (slot, pos, _, new, _, _), tau = self._start(positions)
+                parts, tau = self._start(positions)
+                slot, pos, _, new, _, _ = parts
+                self._step_op(num, StepMap(*parts), tau)
                 cols = [torch.full_like(tau, float("nan")) for _ in self.col_names]
                 self._end(num, torch.zeros(tau.shape, dtype=torch.int16, device=tau.device), tau, cols, slot, pos, new)
             return h, r
@@ -156,9 +167,18 @@ class GraphStep(torch.nn.Module):
             self.event[:num, j] = ev
         self.norm_out[:num, j] = residual_norm(h, r)[1]
         if j == self.last:
+            self._step_op(num, step, self.s_tau[:num])
             self._end(num, self.event[:num], self.s_tau[:num], [self.norm_out[:num], *cols], step.slot, step.position,
                       step.new)
         return h, r
+
+    def _step_op(self, num: int, step: StepMap, tau) -> None:
+        """The method's per-step work (:meth:`~lm_eval_telltale.core.engine.Method.step_op`) with the
+        step's fed token ids, where it has one."""
+        if self.step_work:
+            step = StepMap(step.slot, step.position, step.decode, step.new, step.act, step.seed,
+                           token=self.input_ids[:num].to(torch.int64))
+            self.method.step_op(step, self.norm[:num], tau, {k: getattr(self, f"m_{k}") for k in self.state_names})
 
     def _start(self, positions):
         return graph_start(positions, self.qsl, self.row_slot, self.prompt_len, self.last_pos, self.enabled, self.seed,

@@ -90,7 +90,7 @@ class VllmRuntime:
             raise HookWiringError("telltale: micro-batching (enable_dbo / ubatch_size) is not supported")
         if in_graph(cfg, par.tensor_parallel_size, par.pipeline_parallel_size):
             self.graph = GraphStep(self.core, runner.query_start_loc.gpu, int(runner.max_num_tokens),
-                                   int(vllm_config.model_config.get_hidden_size()))
+                                   int(vllm_config.model_config.get_hidden_size()), runner.input_ids.gpu)
         elif self.compiled:
             self.core.fuse()
         # tensor parallelism: every rank holds the same (h, r) and runs the same decisions (checked

@@ -43,7 +43,7 @@ def _extra_forward(rt, slot: int, position: int, hidden: int) -> None:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("method,knobs", [("norms", {}), ("lrs", {"stop_signal": "conf", "stop_window": 4})],
+@pytest.mark.parametrize("method,knobs", [("norms", {}), ("alrr", {"skip_sync": True, "tau_mode": "fixed", "tau": 1e6})],
                          ids=["in-graph", "ops"])
 def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_model_dir, method, knobs):
     llm = engines.make(tiny_model_dir, method, {"layers": LAYERS, "warmup": 4, **knobs})

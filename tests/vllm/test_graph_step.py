@@ -27,7 +27,19 @@ MODES = {"request": {"warmup": 5}, "global": {"tau_mode": "global", "warmup": 3}
          "erss": ("erss", {"warmup": 3, "low_k": 1, "cooldown": 1, "bank_k": 3, "p_inject": 0.7, "gamma": 1.3,
                            "cos_min": -1.0}),
          # ALRR without its skip decision: every step through the re-run (RERUN), the accepted take it
-         "alrr": ("alrr", {"warmup": 3, "skip_sync": False, "growth_eps": 0.0})}
+         "alrr": ("alrr", {"warmup": 3, "skip_sync": False, "growth_eps": 0.0}),
+         # online LRS: its per-step work (step_op) reads the fed token ids; requests 0 and 1 carry a
+         # stop threshold, request 1 closes its thinking at position 8 (THINK_END), request 2 is a
+         # warm-up candidate
+         "lrs-online-norm": ("lrs", {"stop_signal": "norm", "stop_window": 2, "warmup": 3})}
+THINK_END = 3
+EXTRA = [{"telltale_stop_threshold": 26.0, "telltale_stop_token": 1, "telltale_think_end_token": THINK_END}] * 2 + \
+    [{"telltale_think_end_token": THINK_END}]
+
+
+def _tokens(rows):
+    """The step's fed token ids (request 1 feeds THINK_END at position 8)."""
+    return torch.tensor([THINK_END if (i == 1 and q == 8) else 10 + i for i, p in rows for q in p])
 
 
 def RERUN(h, r):
@@ -65,7 +77,8 @@ def _cfg(mode):
 
 def _core(mode):
     core = build_core(_cfg(mode), capacity=8)
-    infos = [core.table.acquire(f"r{i}", prompt_len=n, seed=i) for i, n in enumerate((4, 6, 10))]
+    infos = [core.table.acquire(f"r{i}", prompt_len=n, seed=i, values=core.method.slot_values(EXTRA[i]))
+             for i, n in enumerate((4, 6, 10))]
     return core, infos
 
 
@@ -85,7 +98,7 @@ def _reference(mode, steps):
     for rows, hr in steps:
         qsl = torch.tensor([0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0)))
         core.start(qsl, torch.tensor([infos[i].slot for i, _ in rows]),
-                   torch.tensor([q for _, p in rows for q in p]))
+                   torch.tensor([q for _, p in rows for q in p]), _tokens(rows))
         outs.append([core.layer(j, h, r, RERUN) for j, (h, r) in enumerate(hr)])
         core.end()
     return core, outs
@@ -102,7 +115,8 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     ref, ref_out = _reference(mode, steps)
     core, infos = _core(mode)
     qsl_buf = torch.zeros(MAX_ROWS + 1, dtype=torch.int32)  # the runner's: int32, padded with the token count
-    g = GraphStep(core, qsl_buf, MAX_TOKENS, HIDDEN)
+    ids_buf = torch.zeros(MAX_TOKENS, dtype=torch.int32)  # the runner's input_ids
+    g = GraphStep(core, qsl_buf, MAX_TOKENS, HIDDEN, ids_buf)
 
     def forward(positions, hr):
         return [g.layer(j, positions, h, r, RERUN) for j, (h, r) in enumerate(hr)]
@@ -118,6 +132,7 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
             qsl_buf.copy_(torch.tensor(qsl + [n] * (MAX_ROWS + 1 - len(qsl)), dtype=torch.int32))
             core.reserve(len(rows))
             g.begin(torch.tensor([infos[i].slot for i, _ in rows]))
+            ids_buf[:n] = _tokens(rows)
             # a padded forward (CUDA-graph sizes): two tokens past the last row
             pos = torch.tensor([q for _, p in rows for q in p] + [0, 0])
             got = fwd(pos, [(pad(h), pad(r)) for h, r in hr])
@@ -130,7 +145,7 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
         hr = [(torch.full((5, HIDDEN), 7.0), torch.ones(5, HIDDEN))] * L
         got = fwd(torch.arange(5), hr)
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, hr))
-        assert all(torch.equal(v, before[k]) for k, v in _state(core).items())
+        assert all(torch.equal(v.nan_to_num(-1.0), before[k].nan_to_num(-1.0)) for k, v in _state(core).items())
     g.check()  # every layer ran in every step
     got, want = core.drain(), ref.drain()
     cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
@@ -141,6 +156,9 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
         else:
             assert torch.equal(got[k].nan_to_num(-1.0), want[k].nan_to_num(-1.0)), k
     assert (got["event"] != 0).any()  # the events are set (a step that did nothing would fail here)
+    if mode == "lrs-online-norm":  # a candidate stopped, one closed its thinking, the warm-up one never stops
+        at = core.table.t["stop_at"][[i.slot for i in infos]]
+        assert (at[:2] >= 0).any() and at[2] < 0 and core.table.t["stop_answering"][infos[1].slot]
     if core.method.modifies:  # the method acted on some tokens and not on others
         acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED | EV_ACCEPTED)) != 0
         assert acted.any() and not acted.all()
