@@ -235,8 +235,8 @@ def render_markdown(rep: dict) -> str:
             "(a re-run pushes every token row of its step through the layer again).",
             "- the telltale types run with their own engine settings (the V1 model runner; async scheduling off and, "
             "on GPU, piecewise CUDA graphs split at the telltale ops, but for the types whose step runs in the "
-            "model's graph (the per-step kernels line above), which call no op and keep vLLM's async scheduling "
-            "where their statistics stay exact); stock vLLM keeps its defaults unless "
+            "model's graph (the per-step kernels line above), which call no op but ALRR's KV-write pair and keep "
+            "vLLM's async scheduling where their statistics stay exact); stock vLLM keeps its defaults unless "
             "--engine-args / the environment say otherwise. Each cell's effective settings are in the JSON."
             if engine == "vllm" else
             "- the hf-* types generate with the hf adapter's own loop (the patched layers' hooks, a DynamicCache, "
