@@ -195,8 +195,13 @@ class Method:
         before the thresholds are fed: the method's per-step work — by default :meth:`step_op` on
         the core's step. A method whose per-step work is not a tensor operation overrides this (and
         is then not :meth:`in_graph`)."""
-        if type(self).step_op is not Method.step_op:
+        if self.has_step_op():
             self.step_op(step, core.norm, core.tau, self.graph_state())
+
+    @classmethod
+    def has_step_op(cls) -> bool:
+        """Whether the method has per-step work (:meth:`step_op`)."""
+        return cls.step_op is not Method.step_op
 
     def step_op(self, step: StepMap, norm: torch.Tensor, tau: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         """The method's per-step work as a function of tensors (online LRS's windows), after every

@@ -41,7 +41,7 @@ import os
 import numpy as np
 import torch
 
-from ..core.engine import HookWiringError, Method, graph_end, graph_start, residual_norm
+from ..core.engine import HookWiringError, graph_end, graph_start, residual_norm
 from ..core.methods import method_module
 from ..core.step import StepMap
 from .kvguard import rerun_in_graph
@@ -105,7 +105,7 @@ class GraphStep(torch.nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("qsl", query_start_loc, persistent=False)
         # a method with per-step work (Method.step_op) reads the fed token ids: the runner's own buffer
-        self.step_work = type(core.method).step_op is not Method.step_op
+        self.step_work = core.method.has_step_op()
         if self.step_work:
             if input_ids is None:
                 raise ValueError(f"telltale: the in-graph step of {core.method.name} needs the runner's input_ids buffer")
