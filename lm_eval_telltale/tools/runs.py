@@ -23,7 +23,9 @@ from typing import Any, Iterable
 
 from ..cmdline import parse_args_string
 
-_SKIP_KNOBS = {"record_tokens", "stats_path", "seed", "num_layers", "method", "tau_file", "tau_values"}
+#: settings a run's label leaves out: bookkeeping, and how a step runs rather than what it computes
+#: (ALRR's ``skip_sync``: the same decisions with or without the skip)
+_SKIP_KNOBS = {"record_tokens", "stats_path", "seed", "num_layers", "method", "tau_file", "tau_values", "skip_sync"}
 
 
 class NoResultsError(RuntimeError):

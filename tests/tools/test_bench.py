@@ -134,8 +134,9 @@ def test_quick_run_writes_the_report(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc = bench.main(["--model", str(tiny_model_dir), "--model-name", "tiny", "--methods", "vllm,alrr", "--quick",
                      "--eager", "--layers", "4-6", "--out", str(out), "--work", str(tmp_path / "w"),
-                     # τ = Q3 after 4 tokens and a wide band: ALRR has candidates within 16 tokens of a random model
-                     "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}, "alrr": {"blowup": 10}}'])
+                     # τ = Q3 after 4 tokens and a wide band: ALRR has candidates within 16 tokens of a random
+                     # model; its skip decision, so that the sync audit has decisions to count
+                     "--knobs", '{"common": {"warmup": 4, "iqr_k": 0}, "alrr": {"blowup": 10, "skip_sync": true}}'])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "tiny.json").read_text())
     cells = {c["method"]: c for c in rep["cells"]}
