@@ -17,10 +17,11 @@ on every forward) and CUDA graphs (the op is a graph-splitting point: it runs ea
 captured pieces); in eager mode the same op runs as a plain call. The worker checks after every
 step that the model forward and every layer hook ran, and fails loudly otherwise.
 
-Where the in-graph step runs (:mod:`lm_eval_telltale.vllm.graph`: the observing methods on one
-rank and stage), :meth:`TelltaleModelMixin.telltale_attach` replaces those hooks by
-:func:`~lm_eval_telltale.vllm.graph.graph_hook`, which calls no op: the step is tensor work the
-traced graph contains, and the top-level ``forward`` runs no telltale Python at all.
+Where the in-graph step runs (:mod:`lm_eval_telltale.vllm.graph`: every method but ALRR with its
+skip decision, on one rank and stage), :meth:`TelltaleModelMixin.telltale_attach` replaces those
+hooks by :func:`~lm_eval_telltale.vllm.graph.graph_hook`: the step is tensor work the traced graph
+contains (no op, but the pair around ALRR's re-run), and the top-level ``forward`` runs no
+telltale Python at all.
 """
 
 from __future__ import annotations
