@@ -153,7 +153,7 @@ def p2_update(q, n, np_, count, dn, x, mask):
     idx = c.clamp(max=4)[..., None, None].expand(*c.shape, 2, 1)
     q_init = q.scatter(-1, idx, xe[..., None])
     full = (init & (c == 4))[..., None, None]
-    q_init = torch.where(full, torch.sort(q_init, dim=-1).values, q_init)
+    q_init = torch.where(full, sort5(q_init), q_init)
     q = torch.where(init[..., None, None], q_init, q)
 
     # main phase
@@ -161,37 +161,54 @@ def p2_update(q, n, np_, count, dn, x, mask):
     return q, n, np_, c + mask.to(torch.int64)
 
 
+#: a sorting network for five values (nine compare-exchanges, each pair in this order)
+SORT5 = ((0, 1), (3, 4), (2, 4), (2, 3), (0, 3), (0, 2), (1, 4), (1, 3), (1, 2))
+
+
+def sort5(q: torch.Tensor) -> torch.Tensor:
+    """``q`` sorted along its last dimension of five, ascending, NaN last — the values of
+    ``torch.sort(q, -1)``, as element-wise operations: a compiled step fuses them with the rest of
+    the P² update (a sort is a kernel of its own, called every step for the one step in five
+    samples that needs it)."""
+    v = list(q.unbind(-1))
+    for i, j in SORT5:
+        a, b = v[i], v[j]
+        swap = (b < a) | torch.isnan(a)
+        v[i], v[j] = torch.where(swap, b, a), torch.where(swap, a, b)
+    return torch.stack(v, -1)
+
+
 def _p2_step(q, n, np_, dn, x, m):
-    # m: [..., 1] broadcast over the two quantiles
+    # m: [..., 1] broadcast over the two quantiles. The markers are kept as lists of columns and
+    # adjusted in order (each reads its neighbours' new values), as element-wise operations only:
+    # a compiled step fuses them, with no buffer per in-place column write
     k = (x[..., None] >= q[..., 1:4]).sum(-1)  # [..., 2] cell index 0..3
-    q0 = torch.minimum(q[..., 0], x)
-    q4 = torch.maximum(q[..., 4], x)
-    q_new = torch.cat([q0[..., None], q[..., 1:4], q4[..., None]], -1)
     ar = torch.arange(5, device=q.device)
     n_new = n + (ar > k[..., None]).to(n.dtype)
-    np_new = np_ + dn
-    # fresh tensors (not the state's), so the markers below are adjusted in place, in order
-    q = torch.where(m[..., None], q_new, q)
-    n = torch.where(m[..., None], n_new, n)
-    np_ = torch.where(m[..., None], np_new, np_)
+    mm = m[..., None]
+    qs = list(q.unbind(-1))
+    qs[0] = torch.where(m, torch.minimum(qs[0], x), qs[0])
+    qs[4] = torch.where(m, torch.maximum(qs[4], x), qs[4])
+    ns = list(torch.where(mm, n_new, n).unbind(-1))
+    np_ = torch.where(mm, np_ + dn, np_)
     for i in (1, 2, 3):
-        d = np_[..., i] - n[..., i]
-        up = n[..., i + 1] - n[..., i]
-        dn_ = n[..., i - 1] - n[..., i]
+        qi, qp1, qm1 = qs[i], qs[i + 1], qs[i - 1]
+        ni, np1, nm1 = ns[i], ns[i + 1], ns[i - 1]
+        d = np_[..., i] - ni
+        up = np1 - ni
+        dn_ = nm1 - ni
         adj = ((d >= 1) & (up > 1)) | ((d <= -1) & (dn_ < -1))
         adj = adj & m
         s = torch.sign(d)
-        qi, qp1, qm1 = q[..., i], q[..., i + 1], q[..., i - 1]
-        ni, np1, nm1 = n[..., i], n[..., i + 1], n[..., i - 1]
         par = qi + s / (np1 - nm1) * ((ni - nm1 + s) * (qp1 - qi) / (np1 - ni) + (np1 - ni - s) * (qi - qm1) / (ni - nm1))
         lin_q = torch.where(s > 0, qp1, qm1)
         lin_n = torch.where(s > 0, np1, nm1)
         lin = qi + s * (lin_q - qi) / (lin_n - ni)
         ok = (qm1 < par) & (par < qp1)
         qi_new = torch.where(ok, par, lin)
-        q[..., i] = torch.where(adj, qi_new, qi)
-        n[..., i] = torch.where(adj, ni + s, ni)
-    return q, n, np_
+        qs[i] = torch.where(adj, qi_new, qi)
+        ns[i] = torch.where(adj, ni + s, ni)
+    return torch.stack(qs, -1), torch.stack(ns, -1), np_
 
 
 def iqr_tau(q1: torch.Tensor, q3: torch.Tensor, iqr_k: float, min_iqr: float, tau_floor: float | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from lm_eval_telltale.core.rng import seed_from, uniform
 from lm_eval_telltale.core.state import SlotTable
 from lm_eval_telltale.core.stats import EV_ABOVE, summarize
 from lm_eval_telltale.core.step import build_step, finish_step
-from lm_eval_telltale.core.thresholds import P2Quartiles, Thresholds, iqr_tau, p2_tau
+from lm_eval_telltale.core.thresholds import P2Quartiles, Thresholds, iqr_tau, p2_tau, sort5
 
 
 def test_p2_tracks_exact_quartiles_per_stream():
@@ -31,6 +31,23 @@ def test_p2_tracks_exact_quartiles_per_stream():
     ex3 = torch.quantile(data, 0.75, dim=0)
     assert torch.allclose(q1, ex1, rtol=0.01), (q1, ex1)
     assert torch.allclose(q3, ex3, rtol=0.01), (q3, ex3)
+
+
+def test_sort5_sorts_as_torch_sort():
+    """The P² start's sorting network gives torch.sort's values: every ordering of five distinct
+    values, ties, infinities and NaN (last)."""
+    import itertools
+
+    perms = torch.tensor(list(itertools.permutations(range(5))), dtype=torch.float32)
+    assert torch.equal(sort5(perms), torch.sort(perms, -1).values)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (4000, 5), generator=g).to(torch.float32)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    pick = torch.rand(4000, 5, generator=g) < 0.15
+    x = torch.where(pick, special[torch.randint(0, 3, (4000, 5), generator=g)], x)
+    got, want = sort5(x.view(40, 100, 5)).view(4000, 5), torch.sort(x, -1).values
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0))
 
 
 def test_p2_mask_and_warmup_nan():
