@@ -224,20 +224,22 @@ class SlidingLow:
         slot-table name (default: the slot table's own)."""
         t, k, w = self.table.t if t is None else t, self.k, self.window
         s = slots
-        n = t[k["n"]][s]
+        ring, win_t, n_t, low_t, total_t = (t[k[x]] for x in ("ring", "win", "n", "low", "total"))
+        n, win0, low0, total0 = n_t[s], win_t[s], low_t[s], total_t[s]  # each gathered once
         idx = n % w
-        old = t[k["ring"]][s, idx]
-        full = n >= w
-        win = t[k["win"]][s] + v - torch.where(full, old, torch.zeros_like(old))
+        old = ring[s, idx]
+        win = win0 + v - torch.where(n >= w, old, 0.0)
         n1 = n + 1
-        low = torch.where(n1 >= w, torch.minimum(t[k["low"]][s], win / w), t[k["low"]][s])
+        mean = win / w
+        low = torch.where(n1 >= w, torch.minimum(low0, mean), low0)
+        counted = torch.where(mask, n1, n)
         # rows outside the mask (a prefill chunk's discarded sample) write their old values back
-        t[k["ring"]][s, idx] = torch.where(mask, v, old)
-        t[k["win"]][s] = torch.where(mask, win, t[k["win"]][s])
-        t[k["total"]][s] = torch.where(mask, t[k["total"]][s] + v, t[k["total"]][s])
-        t[k["low"]][s] = torch.where(mask, low, t[k["low"]][s])
-        t[k["n"]][s] = torch.where(mask, n1, n)
-        return torch.where(mask, n1, n), win / w
+        ring[s, idx] = torch.where(mask, v, old)
+        win_t[s] = torch.where(mask, win, win0)
+        total_t[s] = torch.where(mask, total0 + v, total0)
+        low_t[s] = torch.where(mask, low, low0)
+        n_t[s] = counted
+        return counted, mean
 
     def read(self, slot: int) -> tuple[float | None, float | None, int]:
         """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
