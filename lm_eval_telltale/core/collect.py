@@ -174,7 +174,7 @@ def request_record(info, rows: Rows, layers: list[int], method, record_tokens: b
         "n_decode_tokens": int(r["norm"].shape[0]),
         "layers": summarize(r["norm"], r["tau"], r["event"], layers),
     }
-    rec.update({k: v for k, v in info.meta.items() if k not in ("prompt_len", "_read")})
+    rec.update({k: v for k, v in info.meta.items() if k != "prompt_len" and not k.startswith("_")})
     cols = {c: r[c] for c in method.columns if c in r}
     for l, extra in method.summarize_columns(r["position"], cols, r["event"], layers).items():
         rec["layers"].setdefault(l, {}).update(extra)

@@ -185,10 +185,13 @@ class Method:
     def summary(self) -> dict:
         return {}
 
-    def observe_logits(self, slots: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
+    def observe_logits(self, slots: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor,
+                       pos: torch.Tensor | None = None) -> None:
         """``logits`` [R, vocab] of the step's rows (before any processing); ``slots`` [R] the rows'
-        request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill). A
-        method may change ``logits`` in place (online LRS forces a stopped candidate's last token)."""
+        request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill);
+        ``pos`` [R] each row's last fed position, where the adapter knows it (a forward after the
+        answer ended is recognised by it at collection: :meth:`trim_meta`). A method may change
+        ``logits`` in place (online LRS forces a stopped candidate's last token)."""
 
     def end_step(self, core: "CoreEngine", step: StepMap) -> None:
         """After every patched layer of a step ran (``core.norm``, ``core.tau`` [N, L] complete),
@@ -217,7 +220,14 @@ class Method:
         return {}
 
     def read_slot(self, slot: int) -> dict:
-        """Per-request results the method holds in slot tensors, read before the slot is reused."""
+        """Per-request results the method holds in slot tensors, read before the slot is reused
+        (keys starting with ``_``: kept for :meth:`trim_meta`, not part of the record)."""
+        return {}
+
+    def trim_meta(self, meta: dict, last_fed: int) -> dict:
+        """At collection, where the answer's last fed position ``last_fed`` is known: the values of
+        :meth:`read_slot`'s results ``meta`` over the answer's positions only (what a forward after
+        the answer ended added taken back, as its rows are dropped), to update ``meta`` with."""
         return {}
 
 

@@ -49,6 +49,9 @@ STOP_THRESHOLD_KEY = "telltale_stop_threshold"
 STOP_TOKEN_KEY = "telltale_stop_token"
 #: ``extra_args`` of every online candidate: the end-of-thinking token id (windows count thinking only)
 THINK_END_KEY = "telltale_think_end_token"
+#: a slot's windows as read when its request ended (:meth:`SlidingLow.raw`), kept in the request's
+#: meta until collection settles them (:meth:`LrsMethod.trim_meta`); not part of the record
+WINDOWS_KEY = "_windows"
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ class LrsMethod(Method):
         if self.p.stop_signal == "norm":
             self.stop.update_tokens(step, token_signal(self.p.lrs_score, norm, tau), state)
 
-    def observe_logits(self, slots, logits, keep) -> None:
-        c = self.conf.update(slots, logits, keep)
+    def observe_logits(self, slots, logits, keep, pos=None) -> None:
+        c = self.conf.update(slots, logits, keep, pos)
         if self.stop is not None:
             # a slot stopped so far samples its stop token now: for ``norm`` that includes this
             # step's forward (its window counts the tokens fed so far), for ``conf`` the steps before
@@ -140,12 +143,30 @@ class LrsMethod(Method):
             # both cases a candidate stopped at W tokens has W tokens, then its stop token
             self.stop.force(slots, logits)
             if self.p.stop_signal == "conf":
-                self.stop.update(slots, c, keep)
+                self.stop.update(slots, c, keep, pos=pos)
 
     def read_slot(self, slot: int) -> dict:
         out = self.conf.read(slot)
+        raws = {"conf": self.conf.win.raw(slot)}
         if self.stop is not None:
             out.update(self.stop.read(slot))
+            raws["stop"] = self.stop.win.raw(slot)
+        return {**out, WINDOWS_KEY: raws}
+
+    def trim_meta(self, meta: dict, last_fed: int) -> dict:
+        """The confidence (and online LRS's score) over the answer's own positions only: values
+        counted from a forward after the answer ended are taken back (:meth:`SlidingLow.resolve`);
+        a stop decided from such a value is no stop."""
+        raws = meta.get(WINDOWS_KEY)
+        if not raws:
+            return {}
+        conf, mean, n = SlidingLow.resolve(raws["conf"], last_fed)
+        out = {"conf": conf, "conf_mean": mean, "conf_tokens": n}
+        if "stop" in raws:
+            score, _mean, n_stop = SlidingLow.resolve(raws["stop"], last_fed)
+            out["online_score"] = score
+            if meta.get("stopped_at") is not None and meta["stopped_at"] > n_stop:
+                out["stopped_at"] = None
         return out
 
 
@@ -208,23 +229,35 @@ class SlidingLow:
     ``<prefix>_ring/_win/_n/_low/_total`` in the slot table. Vectorised over the rows of a call;
     one row per slot per call (indices unique, so plain index writes are safe)."""
 
+    #: how many of a slot's last counted values can be taken back when its request is collected
+    #: (:meth:`resolve`): the values of forwards the engine ran after the answer had ended
+    HISTORY = 16
+
     def __init__(self, table, prefix: str, window: int):
         self.table, self.window = table, int(window)
-        self.k = {n: f"{prefix}_{n}" for n in ("ring", "win", "n", "low", "total")}
+        self.k = {n: f"{prefix}_{n}" for n in ("ring", "win", "n", "low", "total", "hlow", "htotal", "hpos")}
         table.register(self.k["ring"], (self.window,), torch.float32, 0.0)
         table.register(self.k["win"], (), torch.float32, 0.0)
         table.register(self.k["n"], (), torch.int64, 0)
         table.register(self.k["low"], (), torch.float32, float("inf"))
         table.register(self.k["total"], (), torch.float32, 0.0)
+        # after the c-th counted value, at c % HISTORY: the lowest window mean, the total and the
+        # value's position (the fed position it belongs to; -1: not known, never taken back)
+        table.register(self.k["hlow"], (self.HISTORY,), torch.float32, float("inf"))
+        table.register(self.k["htotal"], (self.HISTORY,), torch.float32, 0.0)
+        table.register(self.k["hpos"], (self.HISTORY,), torch.int64, -1)
 
     def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-               t: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               t: dict[str, torch.Tensor] | None = None, pos: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``v`` [R] to the rows' slots where ``mask``; returns (tokens counted, the current
         window mean — meaningful once tokens counted ≥ window) per row. ``t``: the tensors by
-        slot-table name (default: the slot table's own)."""
-        t, k, w = self.table.t if t is None else t, self.k, self.window
+        slot-table name (default: the slot table's own); ``pos`` [R]: the position each value
+        belongs to (kept in the history, :meth:`resolve`; None: not known)."""
+        t, k, w, H = self.table.t if t is None else t, self.k, self.window, self.HISTORY
         s = slots
         ring, win_t, n_t, low_t, total_t = (t[k[x]] for x in ("ring", "win", "n", "low", "total"))
+        hlow, htotal, hpos = (t[k[x]] for x in ("hlow", "htotal", "hpos"))
         n, win0, low0, total0 = n_t[s], win_t[s], low_t[s], total_t[s]  # each gathered once
         idx = n % w
         old = ring[s, idx]
@@ -236,20 +269,53 @@ class SlidingLow:
         # rows outside the mask (a prefill chunk's discarded sample) write their old values back
         ring[s, idx] = torch.where(mask, v, old)
         win_t[s] = torch.where(mask, win, win0)
-        total_t[s] = torch.where(mask, total0 + v, total0)
-        low_t[s] = torch.where(mask, low, low0)
+        total = torch.where(mask, total0 + v, total0)
+        total_t[s] = total
+        low = torch.where(mask, low, low0)
+        low_t[s] = low
         n_t[s] = counted
+        h = n1 % H  # the history's entry of this value (rows outside the mask write it back unchanged)
+        hlow[s, h] = torch.where(mask, low, hlow[s, h])
+        htotal[s, h] = torch.where(mask, total, htotal[s, h])
+        at = torch.full_like(n, -1) if pos is None else pos.to(torch.int64)
+        hpos[s, h] = torch.where(mask, at, hpos[s, h])
         return counted, mean
 
     def read(self, slot: int) -> tuple[float | None, float | None, int]:
         """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
         tokens) of one slot."""
+        return self.resolve(self.raw(slot))
+
+    def raw(self, slot: int) -> dict[str, Any]:
+        """One slot's counts and history as host values (read before the slot is reused;
+        :meth:`resolve` makes the figures of them)."""
         t, k = self.table.t, self.k
-        n = int(t[k["n"]][slot])
+        return {"n": int(t[k["n"]][slot]), "low": float(t[k["low"]][slot]), "total": float(t[k["total"]][slot]),
+                "window": self.window, **{x: t[k[x]][slot].tolist() for x in ("hlow", "htotal", "hpos")}}
+
+    @staticmethod
+    def resolve(raw: dict[str, Any], last: int | None = None) -> tuple[float | None, float | None, int]:
+        """:meth:`read`'s figures of :meth:`raw`'s values, counting only the values at positions up
+        to ``last`` (None: all): a request's answer ends at a known position, and a forward the
+        engine ran after it (async scheduling plans a step before the stop is known; a stop string
+        is found by the frontend after the engine went on) is taken back from the history. Raises
+        if more than :attr:`HISTORY` values would have to be."""
+        n, w, H = raw["n"], raw["window"], len(raw["hpos"])
+        low, total = raw["low"], raw["total"]
+        if last is not None:
+            back = 0
+            while back < min(n, H) and raw["hpos"][(n - back) % H] > last:
+                back += 1
+            if back:
+                if back >= H and n > back:
+                    raise ValueError(f"telltale: {back}+ values counted past the answer's end (at most {H - 1} "
+                                     "can be taken back)")
+                n -= back
+                low, total = raw["hlow"][n % H], raw["htotal"][n % H]
         if n == 0:
             return None, None, 0
-        mean = float(t[k["total"]][slot]) / n
-        return (float(t[k["low"]][slot]) if n >= self.window else mean), mean, n
+        mean = total / n
+        return (low if n >= w else mean), mean, n
 
 
 class ConfidenceTracker:
@@ -262,11 +328,13 @@ class ConfidenceTracker:
         self.conf_topk, self.conf_window = int(conf_topk), int(conf_window)
         self.win = SlidingLow(table, "conf", self.conf_window)
 
-    def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept. Returns
+    def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
+               pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept; ``pos``:
+        each row's last fed position (the window's history, :meth:`SlidingLow.resolve`). Returns
         the rows' token confidences c [R]."""
         c = token_confidence(logits, self.conf_topk)
-        self.win.update(slots, c, mask)
+        self.win.update(slots, c, mask, pos=pos)
         return c
 
     def read(self, slot: int) -> dict[str, float | int | None]:
@@ -338,12 +406,12 @@ class OnlineStop:
         t["stop_answering"] |= cnt[:cap] > 0
 
     def update(self, slots: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-               t: dict[str, torch.Tensor] | None = None) -> None:
+               t: dict[str, torch.Tensor] | None = None, pos: torch.Tensor | None = None) -> None:
         """One value per row (one row per slot) where ``mask`` and the slot is still thinking; marks
-        the rows whose full window fell below their threshold."""
+        the rows whose full window fell below their threshold. ``pos``: the values' positions."""
         t = self.table.t if t is None else t
         mask = mask & ~t["stop_answering"][slots]
-        n1, cur = self.win.update(slots, v, mask, t)
+        n1, cur = self.win.update(slots, v, mask, t, pos)
         at = t["stop_at"][slots]
         now = mask & (n1 >= self.window) & (cur < t["stop_thr"][slots]) & (at < 0)
         t["stop_at"][slots] = torch.where(now, n1, at)
@@ -358,7 +426,9 @@ class OnlineStop:
         per.index_put_((s,), torch.where(step.new, v, torch.zeros_like(v)), accumulate=True)
         cnt = torch.zeros(cap + 1, dtype=torch.int64, device=v.device)
         cnt.index_put_((s,), torch.ones_like(s), accumulate=True)
-        self.update(t["all"], per[:cap], cnt[:cap] > 0, t)
+        at = torch.full((cap + 1,), -1, dtype=torch.int64, device=v.device)  # the spare row takes the rest
+        at.index_put_((s,), torch.where(step.new, step.position, torch.full_like(step.position, -1)))
+        self.update(t["all"], per[:cap], cnt[:cap] > 0, t, at[:cap])
 
     def force(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
         """In place: the rows of stopped slots can sample only their stop token."""

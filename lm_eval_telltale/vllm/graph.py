@@ -71,14 +71,13 @@ def in_graph(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
 
 def async_exact(cfg) -> bool:
     """Whether an in-graph engine's statistics stay exact under async scheduling. Its extra forward
-    for a request that already stopped writes only that request's own rows and state (the rows
-    past its end are dropped at collection); an engine-wide stream would see it —
-    ``tau_mode=global``'s, or the method's own (:meth:`~lm_eval_telltale.core.engine.Method.engine_wide`)
-    — and so would a method that accumulates the sampler's logits per request (LRS's confidence,
-    :attr:`~lm_eval_telltale.core.engine.Method.wants_logits`): the extra forward's logits reach
-    it too, and a slot's running window keeps no position to trim it by."""
+    for a request that already stopped writes only that request's own rows and state: the rows
+    past its end are dropped at collection, and what it added to the method's per-request results
+    (LRS's confidence from its logits, online LRS's window) is taken back there by position
+    (:meth:`~lm_eval_telltale.core.engine.Method.trim_meta`). An engine-wide stream would see it —
+    ``tau_mode=global``'s, or the method's own (:meth:`~lm_eval_telltale.core.engine.Method.engine_wide`)."""
     method = method_module(cfg.method).METHOD
-    return cfg.tau_mode != "global" and not method.engine_wide(cfg) and not method.wants_logits
+    return cfg.tau_mode != "global" and not method.engine_wide(cfg)
 
 
 class GraphStep(torch.nn.Module):

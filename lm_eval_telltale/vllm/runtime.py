@@ -223,7 +223,7 @@ class VllmRuntime:
         """The step's sampling rows for :meth:`apply_logits`: a row's sampled token is kept iff its
         last fed position reaches the prompt's end."""
         last = positions[qsl[1:].to(positions.device, torch.int64) - 1]
-        self._sampling_rows = (slots, last >= self.table.t["prompt_len"][slots] - 1)
+        self._sampling_rows = (slots, last >= self.table.t["prompt_len"][slots] - 1, last)
 
     # -- model forward (the ops' path) -------------------------------------------------------------
     @_host_timed
@@ -249,11 +249,11 @@ class VllmRuntime:
         """Row mirror's ``apply``: the step's raw logits for methods that use them (LRS)."""
         if self._sampling_rows is None:
             return
-        slots, keep = self._sampling_rows
+        slots, keep, last = self._sampling_rows
         self._sampling_rows = None
         if logits.shape[0] != slots.shape[0]:
             raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
-        self.method.observe_logits(slots, logits, keep)
+        self.method.observe_logits(slots, logits, keep, last)
 
     @_host_timed
     def post_layer(self, j: int, h: torch.Tensor, r: torch.Tensor) -> None:
@@ -351,7 +351,8 @@ class VllmRuntime:
         fed back only while the answer goes on, so the last fed position is prompt_len + length − 2;
         rows past it come from a forward the engine ran after the request had stopped (async
         scheduling plans a step before the previous step's stop token is known; a stop string is
-        found by the frontend after the engine went on) and are dropped."""
+        found by the frontend after the engine went on) and are dropped, and what such a forward
+        added to the method's own per-request results is taken back (:meth:`Method.trim_meta`)."""
         if tags is None:
             chosen = [i for s, i in self._infos.items() if s in self._finished]
         else:
@@ -377,6 +378,8 @@ class VllmRuntime:
                 r = empty_rows(len(layers), self.method.columns)
             if info.key in self.table.by_key:
                 self._snapshot(info)
+            if info.serial in last_fed:  # the method's own results over the answer's positions only
+                info.meta.update(self.method.trim_meta(info.meta, last_fed[info.serial]))
             out.append(request_record(info, r, layers, self.method, self.cfg.record_tokens))
             self._infos.pop(info.serial, None)
             self._finished.discard(info.serial)

@@ -54,8 +54,7 @@ class TelltaleWorkerMixin:
         if getattr(self.vllm_config.scheduler_config, "async_scheduling", False) and not (
                 self._tt.graph is not None and async_exact(self._tt.cfg)):
             logger.warning("telltale: async scheduling is on: a request that stopped runs one more forward; its rows "
-                           "are dropped at collection, but tau_mode=global, online matched suppression and LRS's "
-                           "confidence see them")
+                           "are dropped at collection, but tau_mode=global and online matched suppression see them")
         model.telltale_attach(self._tt)
         mirrors[0].attach(self._tt)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_eval_telltale.core.lrs import ConfidenceTracker, argmax_pick, majority_pick, pick_all, random_pick, score
+from lm_eval_telltale.core.lrs import ConfidenceTracker, SlidingLow, argmax_pick, majority_pick, pick_all, random_pick, score
 from lm_eval_telltale.core.state import SlotTable
 
 
@@ -217,3 +217,30 @@ def test_online_windows_count_thinking_tokens_only():
     assert bool(t["stop_answering"][a.slot]) and int(t["stop_n"][a.slot]) == 1  # only the first token counted
     assert int(t["stop_at"][a.slot]) == -1                                        # low norms after </think>: no stop
     assert core.method.read_slot(a.slot)["online_score"] == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 3, 15])
+def test_a_window_takes_back_the_values_past_a_position(extra):
+    """Values counted after the answer's end (by position) are taken back at collection: the
+    figures equal, bit for bit, those of a window that never saw them; at most HISTORY − 1."""
+    g = torch.Generator().manual_seed(extra)
+    for n_kept in (0, 2, 5, 23):
+        full, kept = SlotTable(4), SlotTable(4)
+        wf, wk = SlidingLow(full, "x", 5), SlidingLow(kept, "x", 5)
+        vals = torch.rand(n_kept + extra, generator=g) * 3
+        for i, v in enumerate(vals.tolist()):
+            args = (torch.tensor([1]), torch.tensor([v]), torch.tensor([True]))
+            wf.update(*args, pos=torch.tensor([100 + i]))
+            if i < n_kept:
+                wk.update(*args, pos=torch.tensor([100 + i]))
+            # a masked row (a prefill chunk's sample) changes no history
+            wf.update(torch.tensor([1]), torch.tensor([99.0]), torch.tensor([False]), pos=torch.tensor([0]))
+        last = 100 + n_kept - 1
+        assert SlidingLow.resolve(wf.raw(1), last) == wk.read(1)
+        assert SlidingLow.resolve(wf.raw(1)) == wf.read(1)
+    with pytest.raises(ValueError, match="taken back"):
+        over = SlotTable(2)
+        w = SlidingLow(over, "x", 3)
+        for i in range(40):
+            w.update(torch.tensor([0]), torch.tensor([1.0]), torch.tensor([True]), pos=torch.tensor([i]))
+        SlidingLow.resolve(w.raw(0), 10)

@@ -69,23 +69,58 @@ def test_a_forward_after_the_answer_ended_changes_no_statistic(engines, tiny_mod
     engines.close(llm)
 
 
+@pytest.mark.engine
+def test_a_forward_after_the_answer_ended_leaves_lrs_confidence_as_it_was(engines, tiny_model_dir):
+    """LRS under async scheduling (or a stop string found late): the extra forward's logits reach
+    the candidate's confidence window; collection with the answer's length takes them back by
+    position, to the very figures of a run without that forward."""
+    llm = engines.make(tiny_model_dir, "lrs", {"layers": LAYERS, "warmup": 4, "conf_window": 4})
+    rt = worker(llm)._tt
+    assert rt.graph is not None
+    prompt = {"prompt_token_ids": list(range(5, 25))}
+    llm.generate([prompt], _sp(12, "ref"), use_tqdm=False)
+    ref = rpc(llm, "telltale_collect", ["ref"], [12])[0]
+    assert ref["conf_tokens"] == 12 and ref["conf"] is not None
+
+    def generate_with_extra_forward(tag):
+        out = llm.generate([prompt], _sp(12, tag), use_tqdm=False)[0]
+        n_out = len(out.outputs[0].token_ids)
+        info = next(i for i in rt._infos.values() if i.tag == tag)
+        assert info.key in rt.table.by_key  # not reported finished yet (in-process lag)
+        pos = 20 + n_out - 1
+        _extra_forward(rt, info.slot, pos, 128)
+        with torch.inference_mode():  # its logits, as the sampler hands them to the row mirror
+            rt._sampling(torch.tensor([pos]), torch.tensor([0, 1]), torch.tensor([info.slot]))
+            rt.apply_logits(torch.randn(1, 448) * 5)
+        return n_out
+
+    n_out = generate_with_extra_forward("a")
+    got = rpc(llm, "telltale_collect", ["a"], [n_out])[0]
+    assert (got["conf"], got["conf_mean"], got["conf_tokens"]) == (ref["conf"], ref["conf_mean"], 12)
+    assert "_windows" not in got
+    # control: without the answer's length the extra forward's confidence counts
+    generate_with_extra_forward("b")
+    bad = rpc(llm, "telltale_collect", ["b"])[0]
+    assert bad["conf_tokens"] == 13 and bad["conf_mean"] != ref["conf_mean"]
+    engines.close(llm)
+
+
 def test_engine_settings_forced_by_the_model_types():
     cfg = resolve("norms", {"layers": LAYERS}, 8)
     kw = engine_kwargs(cfg, "Qwen3ForCausalLM")
     # async scheduling: vLLM's default where the in-graph step runs with per-request τ (exact under
-    # it); off for the methods outside it (ALRR's skip decision, online LRS), for global τ, for online matched
-    # suppression (engine-wide rates), for LRS (its confidence accumulates the logits of every forward)
-    # and for tensor parallelism
+    # it: LRS's windows take the extra forward back at collection); off for ALRR's skip decision
+    # (outside the graph), for global τ, for online matched suppression (engine-wide rates) and for
+    # tensor parallelism
     assert "async_scheduling" not in kw
     for same in (resolve("suppress", {"layers": LAYERS}, 8), resolve("erss", {"layers": LAYERS}, 8),
                  resolve("alrr", {"layers": LAYERS}, 8),
-                 resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched", "match_rate": 0.1}, 8)):
+                 resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched", "match_rate": 0.1}, 8),
+                 resolve("lrs", {"layers": LAYERS}, 8), resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8)):
         assert "async_scheduling" not in engine_kwargs(same, "Qwen3ForCausalLM")
     for other in (resolve("norms", {"layers": LAYERS, "tau_mode": "global"}, 8),
                   resolve("alrr", {"layers": LAYERS, "skip_sync": True}, 8),
-                  resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched"}, 8),
-                  resolve("lrs", {"layers": LAYERS, "stop_signal": "conf"}, 8),
-                  resolve("lrs", {"layers": LAYERS}, 8)):  # in the graph, but its confidence reads the logits
+                  resolve("suppress", {"layers": LAYERS, "suppress_mode": "matched"}, 8)):
         assert engine_kwargs(other, "Qwen3ForCausalLM")["async_scheduling"] is False
     assert engine_kwargs(cfg, "Qwen3ForCausalLM", parallel=(2, 1))["async_scheduling"] is False
     assert kw["worker_cls"] == "lm_eval_telltale.vllm.worker_cpu.TelltaleCPUWorker"
