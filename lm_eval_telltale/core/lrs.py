@@ -146,11 +146,11 @@ class LrsMethod(Method):
                 self.stop.update(slots, c, keep, pos=pos)
 
     def read_slot(self, slot: int) -> dict:
-        out = self.conf.read(slot)
         raws = {"conf": self.conf.win.raw(slot)}
+        out = ConfidenceTracker.figures(raws["conf"])
         if self.stop is not None:
-            out.update(self.stop.read(slot))
             raws["stop"] = self.stop.win.raw(slot)
+            out.update(OnlineStop.figures(raws["stop"], self.stop.stopped_at(slot)))
         return {**out, WINDOWS_KEY: raws}
 
     def trim_meta(self, meta: dict, last_fed: int) -> dict:
@@ -160,13 +160,9 @@ class LrsMethod(Method):
         raws = meta.get(WINDOWS_KEY)
         if not raws:
             return {}
-        conf, mean, n = SlidingLow.resolve(raws["conf"], last_fed)
-        out = {"conf": conf, "conf_mean": mean, "conf_tokens": n}
+        out = ConfidenceTracker.figures(raws["conf"], last_fed)
         if "stop" in raws:
-            score, _mean, n_stop = SlidingLow.resolve(raws["stop"], last_fed)
-            out["online_score"] = score
-            if meta.get("stopped_at") is not None and meta["stopped_at"] > n_stop:
-                out["stopped_at"] = None
+            out.update(OnlineStop.figures(raws["stop"], meta.get("stopped_at"), last_fed))
         return out
 
 
@@ -226,8 +222,11 @@ def online_threshold(scores: Sequence[float | None], percentile: float) -> float
 class SlidingLow:
     """Per request slot: a per-token value's mean over a sliding window of ``window`` tokens, the
     lowest of those window means (once a window is full), and the mean over all tokens. Tensors
-    ``<prefix>_ring/_win/_n/_low/_total`` in the slot table. Vectorised over the rows of a call;
-    one row per slot per call (indices unique, so plain index writes are safe)."""
+    ``<prefix>_ring/_win/_n/_low/_total`` in the slot table, and the history of the last
+    :attr:`HISTORY` counted values (``_hlow/_htotal/_hpos``: the low and total after each, and its
+    position), which lets collection take back values from past an answer's end (:meth:`resolve`).
+    Vectorised over the rows of a call; one row per slot per call (indices unique, so plain index
+    writes are safe)."""
 
     #: how many of a slot's last counted values can be taken back when its request is collected
     #: (:meth:`resolve`): the values of forwards the engine ran after the answer had ended
@@ -338,7 +337,13 @@ class ConfidenceTracker:
         return c
 
     def read(self, slot: int) -> dict[str, float | int | None]:
-        score, mean, n = self.win.read(slot)
+        return self.figures(self.win.raw(slot))
+
+    @staticmethod
+    def figures(raw: dict[str, Any], last: int | None = None) -> dict[str, float | int | None]:
+        """The record's confidence of a slot's window (:meth:`SlidingLow.raw`), over the values at
+        positions up to ``last`` (None: all)."""
+        score, mean, n = SlidingLow.resolve(raw, last)
         return {"conf": score, "conf_mean": mean, "conf_tokens": n}
 
 
@@ -438,10 +443,20 @@ class OnlineStop:
         cols = torch.arange(logits.shape[-1], device=logits.device)
         logits.masked_fill_(stopped[:, None] & (cols[None, :] != tok[:, None]), float("-inf"))
 
-    def read(self, slot: int) -> dict[str, Any]:
-        score, _mean, _n = self.win.read(slot)
+    def stopped_at(self, slot: int) -> int | None:
         at = int(self.table.t["stop_at"][slot])
-        return {"online_score": score, "stopped_at": at if at >= 0 else None}
+        return at if at >= 0 else None
+
+    def read(self, slot: int) -> dict[str, Any]:
+        return self.figures(self.win.raw(slot), self.stopped_at(slot))
+
+    @staticmethod
+    def figures(raw: dict[str, Any], stopped_at: int | None, last: int | None = None) -> dict[str, Any]:
+        """The record's online score of a slot's window (:meth:`SlidingLow.raw`) over the values at
+        positions up to ``last`` (None: all), and its stop — none if it was decided from a value
+        past ``last``."""
+        score, _mean, n = SlidingLow.resolve(raw, last)
+        return {"online_score": score, "stopped_at": stopped_at if stopped_at is not None and stopped_at <= n else None}
 
 
 METHOD = LrsMethod

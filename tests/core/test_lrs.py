@@ -244,3 +244,17 @@ def test_a_window_takes_back_the_values_past_a_position(extra):
         for i in range(40):
             w.update(torch.tensor([0]), torch.tensor([1.0]), torch.tensor([True]), pos=torch.tensor([i]))
         SlidingLow.resolve(w.raw(0), 10)
+
+
+def test_an_online_stop_decided_past_the_answers_end_is_no_stop():
+    from lm_eval_telltale.core.lrs import OnlineStop
+
+    table = SlotTable(2)
+    stop = OnlineStop(table, window=2)
+    a = table.acquire("a", prompt_len=1, seed=0, values={"stop_thr": 2.0, "stop_tok": 7})
+    for i, v in enumerate((5.0, 5.0, 1.0, 0.0)):  # windows of 2: 5, 3, 0.5 — below 2 at the 4th value
+        stop.update(torch.tensor([a.slot]), torch.tensor([v]), torch.tensor([True]), pos=torch.tensor([10 + i]))
+    raw, at = stop.win.raw(a.slot), stop.stopped_at(a.slot)
+    assert at == 4 and stop.read(a.slot) == OnlineStop.figures(raw, at, 13) == {"online_score": 0.5, "stopped_at": 4}
+    # the answer ended at position 12: the 4th value came from a forward after it
+    assert OnlineStop.figures(raw, at, 12) == {"online_score": 3.0, "stopped_at": None}
