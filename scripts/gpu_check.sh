@@ -12,7 +12,9 @@
 #    vllm-suppress and vllm-erss run a second time with FULL CUDA graphs (their in-graph step,
 #    vllm/graph.py, allows them; with it they keep vLLM's async scheduling; ALRR's re-run then
 #    leaves its KV write out of the captured graph), and each pair's statistics and responses must
-#    be equal;
+#    be equal; vllm-lrs runs a second time with async scheduling off (it keeps vLLM's default: a
+#    stopped candidate's extra forward is taken back at collection), and its candidates, their
+#    confidence and statistics must be equal;
 # 4. `telltale bench` at batch sizes 1 and 64 (one repeat: a check, not the benchmark).
 #
 # Prepared, not run: no GPU with vLLM was available when it was written. --dry-run prints every
@@ -72,6 +74,7 @@ declare -A EXTRA=(
   [vllm-alrr]="$KNOBS,growth_eps=0"
   [vllm-erss]="$KNOBS,low_k=4,cooldown=8,bank_k=8"
   [vllm-lrs]="$KNOBS"
+  [vllm-lrs-sync]="$KNOBS,async_scheduling=False"
   [vllm-suppress]="$KNOBS"
 )
 # the in-graph types again with FULL CUDA graphs: their model_args as JSON (lm-eval takes model_args
@@ -89,13 +92,14 @@ done
 LINES=$(mktemp)
 trap 'rm -f "$LINES"' EXIT
 (( DRY )) || mkdir -p "$WORK/logs"
-for t in vllm vllm-norms vllm-norms-full vllm-alrr vllm-alrr-full vllm-erss vllm-erss-full vllm-lrs vllm-suppress \
-         vllm-suppress-full; do
+for t in vllm vllm-norms vllm-norms-full vllm-alrr vllm-alrr-full vllm-erss vllm-erss-full vllm-lrs vllm-lrs-sync \
+         vllm-suppress vllm-suppress-full; do
   margs="$BASE,${EXTRA[$t]}"
   [[ ${EXTRA[$t]} == \{* ]] && margs=${EXTRA[$t]}
-  cmd=("$BIN/lm_eval" --model "${t%-full}" --model_args "$margs" --tasks telltale_local --include_path "$TASKS"
+  model=${t%-full}
+  cmd=("$BIN/lm_eval" --model "${model%-sync}" --model_args "$margs" --tasks telltale_local --include_path "$TASKS"
        --batch_size auto --limit "$LIMIT" --output_path "$WORK/runs/$t" --log_samples)
-  [[ $t == vllm-lrs ]] && cmd+=(--gen_kwargs "temperature=0.7,top_p=0.8,top_k=20,do_sample=True")
+  [[ $t == vllm-lrs* ]] && cmd+=(--gen_kwargs "temperature=0.7,top_p=0.8,top_k=20,do_sample=True")
   show "${cmd[@]}"
   if (( DRY )); then show "${cmd[@]:1}" | cut -c3- >> "$LINES"; continue; fi
   rm -rf "$WORK/runs/$t"
@@ -146,6 +150,18 @@ for t in ("vllm-norms", "vllm-alrr", "vllm-suppress", "vllm-erss"):
     print(f"   {t} with FULL CUDA graphs: statistics and responses {'equal' if same else 'DIFFERENT'} to piecewise")
     if not same:
         bad.append(f"{t} with FULL CUDA graphs does not equal {t}")
+def lrs_rows(t):
+    files = sorted((runs / t).rglob("telltale_*.jsonl"))
+    rows = read_sidecar(files[-1]) if files else []
+    keys = ("text", "conf", "conf_mean", "conf_tokens", "layers")
+    return sorted(json.dumps([r.get("doc_id"), [[c.get(k) for k in keys] for c in r.get("candidates") or []]],
+                             sort_keys=True) for r in rows)
+
+same = lrs_rows("vllm-lrs") == lrs_rows("vllm-lrs-sync") != []
+print(f"   vllm-lrs with async scheduling: candidates, confidence and statistics {'equal' if same else 'DIFFERENT'} "
+      "to async scheduling off")
+if not same:
+    bad.append("vllm-lrs under async scheduling does not equal vllm-lrs without it")
 if bad:
     sys.exit("gpu_check: FAILED\n  " + "\n  ".join(bad))
 print("gpu_check: the hooks fired in every telltale run; vllm-norms equals stock vllm")

@@ -28,6 +28,7 @@ whose thinking closed rank before truncated ones for every score-based selector.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -39,6 +40,8 @@ from ..spec import LRS_SCORES, LRS_SELECTORS, majority_index
 from .engine import Method
 from .params import checks_of, keys_of, knob
 from .rng import seed_from
+
+logger = logging.getLogger("lm_eval_telltale")
 
 SCORES = LRS_SCORES
 SELECTORS = LRS_SELECTORS
@@ -163,6 +166,10 @@ class LrsMethod(Method):
         out = ConfidenceTracker.figures(raws["conf"], last_fed)
         if "stop" in raws:
             out.update(OnlineStop.figures(raws["stop"], meta.get("stopped_at"), last_fed))
+        if "conf_exact" in out or "online_exact" in out:
+            logger.warning("telltale: the engine ran %d+ steps past a request's answer end (a stop string found "
+                           "late); its confidence counts them (conf_exact/online_exact false in its record)",
+                           SlidingLow.HISTORY)
         return out
 
 
@@ -283,7 +290,7 @@ class SlidingLow:
     def read(self, slot: int) -> tuple[float | None, float | None, int]:
         """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
         tokens) of one slot."""
-        return self.resolve(self.raw(slot))
+        return self.resolve(self.raw(slot))[:3]
 
     def raw(self, slot: int) -> dict[str, Any]:
         """One slot's counts and history as host values (read before the slot is reused;
@@ -293,28 +300,29 @@ class SlidingLow:
                 "window": self.window, **{x: t[k[x]][slot].tolist() for x in ("hlow", "htotal", "hpos")}}
 
     @staticmethod
-    def resolve(raw: dict[str, Any], last: int | None = None) -> tuple[float | None, float | None, int]:
+    def resolve(raw: dict[str, Any], last: int | None = None) -> tuple[float | None, float | None, int, bool]:
         """:meth:`read`'s figures of :meth:`raw`'s values, counting only the values at positions up
         to ``last`` (None: all): a request's answer ends at a known position, and a forward the
         engine ran after it (async scheduling plans a step before the stop is known; a stop string
-        is found by the frontend after the engine went on) is taken back from the history. Raises
-        if more than :attr:`HISTORY` values would have to be."""
+        is found by the frontend after the engine went on) is taken back from the history. The
+        last item says whether that was possible: with :attr:`HISTORY` or more values past
+        ``last``, nothing is taken back (False; the caller says so in the record)."""
         n, w, H = raw["n"], raw["window"], len(raw["hpos"])
         low, total = raw["low"], raw["total"]
+        exact = True
         if last is not None:
             back = 0
             while back < min(n, H) and raw["hpos"][(n - back) % H] > last:
                 back += 1
-            if back:
-                if back >= H and n > back:
-                    raise ValueError(f"telltale: {back}+ values counted past the answer's end (at most {H - 1} "
-                                     "can be taken back)")
+            if back >= H and n > back:
+                exact = False
+            elif back:
                 n -= back
                 low, total = raw["hlow"][n % H], raw["htotal"][n % H]
         if n == 0:
-            return None, None, 0
+            return None, None, 0, exact
         mean = total / n
-        return (low if n >= w else mean), mean, n
+        return (low if n >= w else mean), mean, n, exact
 
 
 class ConfidenceTracker:
@@ -343,8 +351,8 @@ class ConfidenceTracker:
     def figures(raw: dict[str, Any], last: int | None = None) -> dict[str, float | int | None]:
         """The record's confidence of a slot's window (:meth:`SlidingLow.raw`), over the values at
         positions up to ``last`` (None: all)."""
-        score, mean, n = SlidingLow.resolve(raw, last)
-        return {"conf": score, "conf_mean": mean, "conf_tokens": n}
+        score, mean, n, exact = SlidingLow.resolve(raw, last)
+        return {"conf": score, "conf_mean": mean, "conf_tokens": n, **({} if exact else {"conf_exact": False})}
 
 
 def token_confidence(logits: torch.Tensor, topk: int) -> torch.Tensor:
@@ -455,8 +463,9 @@ class OnlineStop:
         """The record's online score of a slot's window (:meth:`SlidingLow.raw`) over the values at
         positions up to ``last`` (None: all), and its stop — none if it was decided from a value
         past ``last``."""
-        score, _mean, n = SlidingLow.resolve(raw, last)
-        return {"online_score": score, "stopped_at": stopped_at if stopped_at is not None and stopped_at <= n else None}
+        score, _mean, n, exact = SlidingLow.resolve(raw, last)
+        return {"online_score": score, "stopped_at": stopped_at if stopped_at is not None and stopped_at <= n else None,
+                **({} if exact else {"online_exact": False})}
 
 
 METHOD = LrsMethod

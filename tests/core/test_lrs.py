@@ -236,14 +236,17 @@ def test_a_window_takes_back_the_values_past_a_position(extra):
             # a masked row (a prefill chunk's sample) changes no history
             wf.update(torch.tensor([1]), torch.tensor([99.0]), torch.tensor([False]), pos=torch.tensor([0]))
         last = 100 + n_kept - 1
-        assert SlidingLow.resolve(wf.raw(1), last) == wk.read(1)
-        assert SlidingLow.resolve(wf.raw(1)) == wf.read(1)
-    with pytest.raises(ValueError, match="taken back"):
-        over = SlotTable(2)
-        w = SlidingLow(over, "x", 3)
-        for i in range(40):
-            w.update(torch.tensor([0]), torch.tensor([1.0]), torch.tensor([True]), pos=torch.tensor([i]))
-        SlidingLow.resolve(w.raw(0), 10)
+        assert SlidingLow.resolve(wf.raw(1), last) == (*wk.read(1), True)
+        assert SlidingLow.resolve(wf.raw(1))[:3] == wf.read(1)
+    # more than the history can take back: nothing is taken back, and the record says so
+    over = SlotTable(2)
+    w = SlidingLow(over, "x", 3)
+    for i in range(40):
+        w.update(torch.tensor([0]), torch.tensor([1.0 + i]), torch.tensor([True]), pos=torch.tensor([i]))
+    assert SlidingLow.resolve(w.raw(0), 10) == (*w.read(0), False)
+    assert SlidingLow.resolve(w.raw(0), 40 - SlidingLow.HISTORY)[3] is True
+    assert ConfidenceTracker.figures(w.raw(0), 10)["conf_exact"] is False
+    assert "conf_exact" not in ConfidenceTracker.figures(w.raw(0), 30)
 
 
 def test_an_online_stop_decided_past_the_answers_end_is_no_stop():

@@ -11,9 +11,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-# the in-graph types twice: the second run with FULL CUDA graphs (their in-graph step allows them)
+# the in-graph types twice: the second run with FULL CUDA graphs (their in-graph step allows them);
+# LRS twice: the second with async scheduling off
 TYPES = ["vllm", "vllm-norms", "vllm-norms", "vllm-alrr", "vllm-alrr", "vllm-erss", "vllm-erss", "vllm-lrs",
-         "vllm-suppress", "vllm-suppress"]
+         "vllm-lrs", "vllm-suppress", "vllm-suppress"]
 
 
 def dry_run(tmp_path, **env):
@@ -32,11 +33,13 @@ def test_dry_run_prints_and_checks_every_command(tmp_path):
     for c in evals:  # compiled, CUDA graphs on: nothing turns vLLM's default compilation off
         assert "enforce_eager" not in c and "--tasks telltale_local" in c and "--log_samples" in c
     assert "async_scheduling=False" in evals[0]  # stock with the telltale types' scheduling
-    for i, t in ((2, "norms"), (4, "alrr"), (6, "erss"), (9, "suppress")):  # the same knobs as the piecewise run, as JSON
+    for i, t in ((2, "norms"), (4, "alrr"), (6, "erss"), (10, "suppress")):  # the same knobs as the piecewise run, as JSON
         assert '"cudagraph_mode": "FULL_AND_PIECEWISE"' in evals[i] and f"runs/vllm-{t}-full" in evals[i]
         assert '"warmup": 8' in evals[i] and "cudagraph_mode" not in evals[i - 1]
     assert '"low_k": 4, "cooldown": 8, "bank_k": 8' in evals[6] and '"growth_eps": 0' in evals[4]
-    assert "--gen_kwargs temperature=0.7,top_p=0.8,top_k=20,do_sample=True" in evals[TYPES.index("vllm-lrs")]
+    for i in (7, 8):  # LRS with vLLM's async scheduling, then with it off
+        assert "--gen_kwargs temperature=0.7,top_p=0.8,top_k=20,do_sample=True" in evals[i]
+    assert "async_scheduling" not in evals[7] and "async_scheduling=False" in evals[8] and "runs/vllm-lrs-sync" in evals[8]
     assert "assert torch.cuda.is_available()" in p.stdout  # the CUDA build of vLLM is checked first
     assert cmds[-1].startswith(".venv/bin/telltale bench --model ") and "--batch-sizes 1,64" in cmds[-1]
     parsed = [l.split("--model ")[1].split()[0] for l in p.stdout.splitlines() if "parsed: lm_eval" in l]
