@@ -287,11 +287,6 @@ class SlidingLow:
         hpos[s, h] = torch.where(mask, at, hpos[s, h])
         return counted, mean
 
-    def read(self, slot: int) -> tuple[float | None, float | None, int]:
-        """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
-        tokens) of one slot."""
-        return self.resolve(self.raw(slot))[:3]
-
     def raw(self, slot: int) -> dict[str, Any]:
         """One slot's counts and history as host values (read before the slot is reused;
         :meth:`resolve` makes the figures of them)."""
@@ -301,7 +296,8 @@ class SlidingLow:
 
     @staticmethod
     def resolve(raw: dict[str, Any], last: int | None = None) -> tuple[float | None, float | None, int, bool]:
-        """:meth:`read`'s figures of :meth:`raw`'s values, counting only the values at positions up
+        """(the lowest window mean, or the mean over all tokens when fewer than a window; the mean;
+        tokens) of :meth:`raw`'s values, counting only the values at positions up
         to ``last`` (None: all): a request's answer ends at a known position, and a forward the
         engine ran after it (async scheduling plans a step before the stop is known; a stop string
         is found by the frontend after the engine went on) is taken back from the history. The
@@ -343,9 +339,6 @@ class ConfidenceTracker:
         c = token_confidence(logits, self.conf_topk)
         self.win.update(slots, c, mask, pos=pos)
         return c
-
-    def read(self, slot: int) -> dict[str, float | int | None]:
-        return self.figures(self.win.raw(slot))
 
     @staticmethod
     def figures(raw: dict[str, Any], last: int | None = None) -> dict[str, float | int | None]:
@@ -454,9 +447,6 @@ class OnlineStop:
     def stopped_at(self, slot: int) -> int | None:
         at = int(self.table.t["stop_at"][slot])
         return at if at >= 0 else None
-
-    def read(self, slot: int) -> dict[str, Any]:
-        return self.figures(self.win.raw(slot), self.stopped_at(slot))
 
     @staticmethod
     def figures(raw: dict[str, Any], stopped_at: int | None, last: int | None = None) -> dict[str, Any]:

@@ -79,13 +79,13 @@ def test_confidence_tracker_lowest_group_mean():
     for c in seq:
         lg = torch.stack([logits_with_conf(c), logits_with_conf(2.0)])
         tr.update(torch.tensor([a.slot, b.slot]), lg, torch.tensor([True, False]))
-    ra, rb = tr.read(a.slot), tr.read(b.slot)
+    ra, rb = (ConfidenceTracker.figures(tr.win.raw(x.slot)) for x in (a, b))
     assert ra["conf_tokens"] == 6 and ra["conf"] == pytest.approx(1.3, abs=1e-5)
     assert ra["conf_mean"] == pytest.approx(sum(seq) / 6, abs=1e-5)
     assert rb == {"conf": None, "conf_mean": None, "conf_tokens": 0}  # masked rows change nothing
     c = tab.acquire("c", prompt_len=1, seed=0)  # short trace: the mean over all its tokens
     tr.update(torch.tensor([c.slot]), logits_with_conf(1.4)[None], torch.tensor([True]))
-    assert tr.read(c.slot)["conf"] == pytest.approx(1.4, abs=1e-5)
+    assert ConfidenceTracker.figures(tr.win.raw(c.slot))["conf"] == pytest.approx(1.4, abs=1e-5)
 
 
 def test_greedy_with_several_candidates_is_a_clear_error_unless_a_preset_samples():
@@ -136,9 +136,12 @@ def test_online_stop_marks_a_slot_once_its_full_window_falls_below_its_threshold
     assert int(table.t["stop_at"][warm.slot]) == -1
     assert int(table.t["stop_at"][late.slot]) == 4  # the first window below: after the 4th value, kept
     # the warm-up's score: its lowest full window ([1, 1, 0] = 2/3); a masked row changes nothing
-    assert stop.read(warm.slot) == {"online_score": pytest.approx(2 / 3), "stopped_at": None}
+    def read(slot):
+        return OnlineStop.figures(stop.win.raw(slot), stop.stopped_at(slot))
+
+    assert read(warm.slot) == {"online_score": pytest.approx(2 / 3), "stopped_at": None}
     stop.update(slots, torch.tensor([-9.0, -9.0]), torch.tensor([False, False]))
-    assert stop.read(warm.slot)["online_score"] == pytest.approx(2 / 3)
+    assert read(warm.slot)["online_score"] == pytest.approx(2 / 3)
     # forcing: the stopped row can sample only its stop token, the other row is untouched
     logits = torch.randn(2, 10)
     before = logits.clone()
@@ -236,14 +239,13 @@ def test_a_window_takes_back_the_values_past_a_position(extra):
             # a masked row (a prefill chunk's sample) changes no history
             wf.update(torch.tensor([1]), torch.tensor([99.0]), torch.tensor([False]), pos=torch.tensor([0]))
         last = 100 + n_kept - 1
-        assert SlidingLow.resolve(wf.raw(1), last) == (*wk.read(1), True)
-        assert SlidingLow.resolve(wf.raw(1))[:3] == wf.read(1)
+        assert SlidingLow.resolve(wf.raw(1), last) == (*SlidingLow.resolve(wk.raw(1))[:3], True)
     # more than the history can take back: nothing is taken back, and the record says so
     over = SlotTable(2)
     w = SlidingLow(over, "x", 3)
     for i in range(40):
         w.update(torch.tensor([0]), torch.tensor([1.0 + i]), torch.tensor([True]), pos=torch.tensor([i]))
-    assert SlidingLow.resolve(w.raw(0), 10) == (*w.read(0), False)
+    assert SlidingLow.resolve(w.raw(0), 10) == (*SlidingLow.resolve(w.raw(0))[:3], False)
     assert SlidingLow.resolve(w.raw(0), 40 - SlidingLow.HISTORY)[3] is True
     assert ConfidenceTracker.figures(w.raw(0), 10)["conf_exact"] is False
     assert "conf_exact" not in ConfidenceTracker.figures(w.raw(0), 30)
@@ -258,6 +260,6 @@ def test_an_online_stop_decided_past_the_answers_end_is_no_stop():
     for i, v in enumerate((5.0, 5.0, 1.0, 0.0)):  # windows of 2: 5, 3, 0.5 — below 2 at the 4th value
         stop.update(torch.tensor([a.slot]), torch.tensor([v]), torch.tensor([True]), pos=torch.tensor([10 + i]))
     raw, at = stop.win.raw(a.slot), stop.stopped_at(a.slot)
-    assert at == 4 and stop.read(a.slot) == OnlineStop.figures(raw, at, 13) == {"online_score": 0.5, "stopped_at": 4}
+    assert at == 4 and OnlineStop.figures(raw, at) == OnlineStop.figures(raw, at, 13) == {"online_score": 0.5, "stopped_at": 4}
     # the answer ended at position 12: the 4th value came from a forward after it
     assert OnlineStop.figures(raw, at, 12) == {"online_score": 3.0, "stopped_at": None}
