@@ -39,8 +39,8 @@ model's graph), ``erss_bank_norm`` [S, L, K+1] (−inf = empty),
 the writes of tokens that store nothing, so one ``index_put_`` per step writes the bank with no
 host sync and no duplicate indices among real writes. A step of N ≤ S tokens works on all of them
 in their order (each token's work is its own); a longer one (a prefill chunk of thousands of
-tokens) on the first S in "new first" order (a stable sort; at most one new token per request per
-step), gathered and scattered back, so it costs no more bank gathers than S. In a model's graph
+tokens) on the first S in "new first" order (:func:`new_first`; at most one new token per request
+per step), gathered and scattered back, so it costs no more bank gathers than S. In a model's graph
 (:meth:`ErssMethod.layer_op`, vLLM's in-graph step) every step takes this gathered form on the
 first min(N, S) tokens — no host decision, the same numbers (tested). Memory:
 S·L·(K+1)·hidden·4 bytes, e.g. S = 512 slots (2 × max_num_seqs), 6 layers, K = 32, hidden 2048 →
@@ -52,9 +52,12 @@ Compiled: in the in-graph step, inside the model's compiled graph; on the ops' p
 pipeline parallelism), when the model runs compiled (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`),
 each layer's step (:func:`erss_layer`) is one compiled kernel instead of ~60 small operations,
 compiled at a request's first steps (one graph for a single token, one for any count up to S). Its
-dot products with the bank stay an opaque op (:func:`bank_dots`, summed in a fixed order: a
-token's are the same bits in any step) in either, so it gives the plain operations' numbers bit for
-bit (tested); on the ops' path a step of more than S tokens runs the plain operations.
+dot products with the bank (:func:`bank_dots`) are element-wise products and additions in one
+fixed pairwise order, so a token's are the same bits in any step, and the compiled kernel keeps
+that order: on a CPU (inductor compiles C++ without contracting a product and a sum) it gives the
+plain operations' numbers bit for bit (tested); a GPU kernel may fuse a product and an addition
+into one rounding, so its cosines may part from eager ones in the last bit. On the ops' path a step
+of more than S tokens runs the plain operations.
 
 Draws: :func:`~lm_eval_telltale.core.rng.uniform` of (request seed, position, model layer,
 ``STREAM``) — reproducible and independent of the batch.
@@ -181,7 +184,7 @@ class ErssMethod(Method):
         every live token — so the bank gathers stay bounded by the table's size without a host
         decision."""
         live, sl = step.new & step.act, step.slot.clamp(min=0)
-        o = torch.argsort((~live).to(torch.int8), stable=True)[: torch.sym_min(n.shape[0], self.table.capacity)]
+        o = new_first(live)[: torch.sym_min(n.shape[0], self.table.capacity)]
         p = self.p
         h_s, ev_s = erss_layer(state["bank"], state["bank_norm"], state["streak"], state["cooldown"],
                                state["index"][j], state["layer"][j], h[o], None if r is None else r[o], x[o], n[o],
@@ -241,7 +244,8 @@ def bank_dots(bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     summed in one fixed pairwise order (the products padded with zeros to a power of two, then
     halves added): elementwise operations only, so a token's cosines are the same bits whatever else
     is in its step. (A batched matrix product sums in an order that depends on the batch: the same
-    request alone and in a batch got cosines a bit apart.)"""
+    request alone and in a batch got cosines a bit apart.) A compiled step fuses them with the rest
+    of the layer's work, in the same order (module docstring)."""
     p = bank * x[:, None, :]
     h = int(p.shape[-1])
     size = 1 << max(h - 1, 0).bit_length()
@@ -253,11 +257,15 @@ def bank_dots(bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p[..., 0]
 
 
-# the same as an op opaque to the compiler: a compiled ERSS step computes the dot products as the
-# plain operations do (a compiled reduction sums in another order; eager and compiled engines
-# agree bit for bit)
-_bank_dots_op = torch.library.custom_op("telltale::erss_bank_dots", bank_dots, mutates_args=())
-_bank_dots_op.register_fake(lambda bank, x: bank.new_empty(bank.shape[:2]))
+def new_first(live: torch.Tensor) -> torch.Tensor:
+    """The step's token indices [N], those where ``live`` first, each group in token order — the
+    stable sort of ``~live``, made from one cumulative sum and a scatter (a compiled step fuses the
+    rest; a sort is a kernel of its own)."""
+    n = live.shape[0]
+    t = torch.arange(n, device=live.device)
+    cl = torch.cumsum(live.to(torch.int64), 0)  # live tokens up to and with each
+    rank = torch.where(live, cl - 1, cl[-1:] + t - cl)  # a live token's place, or the live count + its place among the rest
+    return torch.zeros_like(t).scatter(0, rank, t)
 
 
 def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_j, live, sl, seed, pos, rows,
@@ -295,7 +303,7 @@ def erss_layer(bank, bank_norm, streak_t, cd_t, j, layer, h, r, x, n, tau_j, liv
     u = uniform(seed, pos, layer, STREAM)
     attempt = act & (streak1 >= low_k) & ~blocked & (u < p_inject)
     vn = torch.where(filled, bn, torch.zeros_like(bn))
-    dots = _bank_dots_op(bank_m, x) if torch.compiler.is_compiling() else bank_dots(bank_m, x)
+    dots = bank_dots(bank_m, x)
     cos = dots / ((vn + 1e-6) * (n + 1e-6)[:, None])
     cos = torch.where(filled, cos, torch.full_like(cos, float("-inf")))
     best_cos, best = cos.max(dim=1)

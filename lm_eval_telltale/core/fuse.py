@@ -7,8 +7,9 @@ Adapters decide when (:meth:`~lm_eval_telltale.core.engine.CoreEngine.fuse`): th
 does whenever vLLM compiles the model, and not under ``enforce_eager=True``, so eager mode
 compiles nothing. The compiled functions compute the same arithmetic in the same order; tests
 hold them to bit-identical results. A sum over many elements would not be (a compiled reduction
-adds in another order), so a function keeps such sums as opaque ops (ERSS's dot products with its
-bank: :func:`~lm_eval_telltale.core.erss.bank_dots`) or leaves them to its caller (the norms).
+adds in another order), so a function writes such a sum as additions in a fixed order (ERSS's dot
+products with its bank: :func:`~lm_eval_telltale.core.erss.bank_dots`) or leaves it to its caller
+(the norms).
 
 Compiled now: the threshold update of request and global τ (once per step) and ERSS's layer step
 (once per patched layer).

@@ -442,3 +442,16 @@ def test_bank_dots_of_a_token_do_not_depend_on_its_step():
         for m in (0, 7, 15):
             assert torch.equal(bank_dots(bank[m:m + 1], x[m:m + 1])[0], full[m])
         assert torch.allclose(full, torch.einsum("mkh,mh->mk", bank.double(), x.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_new_first_is_the_stable_order_live_tokens_first():
+    """The gathered form's token order (the in-graph step takes its first min(N, S)): every live
+    token first, then the rest, each group in token order — a stable sort of ``~live``."""
+    from lm_eval_telltale.core.erss import new_first
+
+    g = torch.Generator().manual_seed(5)
+    masks = [torch.zeros(0, dtype=torch.bool), torch.ones(7, dtype=torch.bool), torch.zeros(7, dtype=torch.bool),
+             *(torch.rand(n, generator=g) < p for n in (1, 2, 33, 600) for p in (0.1, 0.5, 0.9))]
+    for live in masks:
+        want = torch.argsort((~live).to(torch.int8), stable=True)
+        assert torch.equal(new_first(live), want), live
