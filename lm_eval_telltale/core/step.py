@@ -67,6 +67,17 @@ def step_tensors(prompt_len, last_pos, enabled, seed, query_start_loc, row_slot,
     return slot, pos, decode, new, act, seed[s]
 
 
+def sampling_rows(positions, query_start_loc, row_slot, prompt_len):
+    """Each of the step's R rows' last fed position, and whether the token sampled from its logits
+    is kept: iff that position reaches its prompt's end (a prefill chunk before the last samples a
+    token that is discarded). ``query_start_loc`` [R+1], ``row_slot`` [R] (rows past the step's, or
+    without a request, give values no one reads), ``positions`` [N]; device arithmetic only (the
+    in-graph step computes it in the model's graph). Returns (keep [R] bool, last [R] int64)."""
+    last_token = (query_start_loc[1:].to(positions.device, torch.int64) - 1).clamp(min=0, max=positions.shape[0] - 1)
+    last = positions[last_token].to(torch.int64)
+    return last >= prompt_len[row_slot.clamp(min=0)] - 1, last
+
+
 def build_step(table: SlotTable, query_start_loc: torch.Tensor, row_slot: torch.Tensor,
                positions: torch.Tensor, tokens: torch.Tensor | None = None) -> StepMap:
     """``query_start_loc``: [R+1] token offsets of the R rows; ``row_slot``: [R] slot of each row

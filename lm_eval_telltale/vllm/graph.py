@@ -10,7 +10,10 @@ tensors the core keeps, never replaced), the runner's own ``query_start_loc`` bu
 with the step's token count past the last row), a ``row_slot`` buffer, a norms buffer, for a
 method that changes (h, r) the running step's map, τ, events, output norms and record columns, and
 for a method with per-step work (online LRS's windows, :meth:`~lm_eval_telltale.core.engine.Method.step_op`,
-run after the last layer) the runner's own ``input_ids`` buffer (the fed token ids).
+run after the last layer) the runner's own ``input_ids`` buffer (the fed token ids), and for a
+method that reads the sampling logits (LRS) each row's last fed position and whether its sampled
+token is kept (:func:`~lm_eval_telltale.core.step.sampling_rows`, made after the last layer and
+read by the logits processor: :meth:`GraphStep.sampling`).
 Each patched layer's forward hook (:func:`graph_hook`) hands the layer's (h, r) to
 :meth:`GraphStep.layer`, in the traced graph, which records ‖h + r‖. The token → slot map (from
 ``query_start_loc`` and ``row_slot``, on the device) and each token's τ
@@ -43,7 +46,7 @@ import torch
 
 from ..core.engine import HookWiringError, graph_end, graph_start, residual_norm
 from ..core.methods import method_module
-from ..core.step import StepMap
+from ..core.step import StepMap, sampling_rows
 from .kvguard import rerun_in_graph
 
 #: the running step's map, one buffer per :class:`~lm_eval_telltale.core.step.StepMap` field (in
@@ -123,6 +126,12 @@ class GraphStep(torch.nn.Module):
             for i in range(len(self.col_names)):
                 self.register_buffer(f"col{i}", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("calls", torch.zeros(L, dtype=torch.int64, device=dev), persistent=False)
+        # a method that reads the sampling logits (LRS): each row's last fed position and whether its
+        # sampled token is kept, made after the last layer (core.step.sampling_rows)
+        self.wants_logits = bool(core.method.wants_logits)
+        if self.wants_logits:
+            self.register_buffer("r_keep", torch.zeros(rows, dtype=torch.bool, device=dev), persistent=False)
+            self.register_buffer("r_last", torch.zeros(rows, dtype=torch.int64, device=dev), persistent=False)
         self.last = L - 1
         self.steps = 0  # host: the forwards with a request (counted by the adapter)
 
@@ -141,6 +150,10 @@ class GraphStep(torch.nn.Module):
         num = n.shape[0]
         self.norm[:num, j] = n
         self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
+        if j == self.last and self.wants_logits:
+            keep, last = sampling_rows(positions, self.qsl, self.row_slot, self.prompt_len)
+            self.r_keep.copy_(keep)
+            self.r_last.copy_(last)
         if not self.modifies:
             if j == self.last:
                 parts, tau = self._start(positions)
@@ -211,6 +224,11 @@ class GraphStep(torch.nn.Module):
             self._copied[i] = ev
         self.row_slot[:rows].copy_(dev)
         return dev
+
+    def sampling(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's first ``rows`` sampling rows, as the forward made them: (keep, last position),
+        read by the logits processor before the next forward writes them again."""
+        return self.r_keep[:rows], self.r_last[:rows]
 
     def end(self, ran: bool) -> None:
         """After the step: ``row_slot`` reset (a forward outside a step sees no request); ``ran``:

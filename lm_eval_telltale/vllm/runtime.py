@@ -30,6 +30,7 @@ from ..core.collect import empty_rows, request_record, take_rows, trim_rows
 from ..core.engine import HookWiringError, build_core
 from ..core.rng import prompt_identity, request_seed
 from ..core.state import SlotInfo
+from ..core.step import sampling_rows
 from . import ops
 from .graph import GraphStep, in_graph
 from .kvguard import no_kv_write
@@ -214,16 +215,9 @@ class VllmRuntime:
         if ran:
             self.steps += 1
             self._audit_steps += self._audit is not None
-            if self.method.wants_logits:
-                runner = self.runner
-                self._sampling(runner.positions, runner.query_start_loc.gpu[: rows + 1], slots)
+            if self.method.wants_logits:  # the step's sampling rows, made in the graph (GraphStep.sampling)
+                self._sampling_rows = (slots, *self.graph.sampling(rows))
         self.graph.end(ran)
-
-    def _sampling(self, positions: torch.Tensor, qsl: torch.Tensor, slots: torch.Tensor) -> None:
-        """The step's sampling rows for :meth:`apply_logits`: a row's sampled token is kept iff its
-        last fed position reaches the prompt's end."""
-        last = positions[qsl[1:].to(positions.device, torch.int64) - 1]
-        self._sampling_rows = (slots, last >= self.table.t["prompt_len"][slots] - 1, last)
 
     # -- model forward (the ops' path) -------------------------------------------------------------
     @_host_timed
@@ -241,8 +235,8 @@ class VllmRuntime:
         self._positions = positions
         ops.activate(self)
         self.begin_calls += 1
-        if self.method.wants_logits and rows:
-            self._sampling(positions, qsl, row_slot)
+        if self.method.wants_logits and rows:  # the step's sampling rows for apply_logits
+            self._sampling_rows = (row_slot, *sampling_rows(positions, qsl, row_slot, self.table.t["prompt_len"]))
 
     @_host_timed
     def apply_logits(self, logits: torch.Tensor) -> None:

@@ -256,6 +256,20 @@ def test_step_map_decides_decode_per_token():
     assert st2.decode.tolist() == [True, True, True] and st2.new.tolist() == [False, False, True]
 
 
+def test_sampling_rows_keep_a_rows_token_once_its_prompt_ended():
+    """Each row's last fed position, and whether its sampled token is kept: a decoding row and the
+    prompt's last chunk yes, an earlier chunk no; rows past the step's (as the in-graph step sees
+    its fixed-size buffers: query_start_loc padded with the token count, slot -1) give values and
+    no error."""
+    from lm_eval_telltale.core.step import sampling_rows
+
+    prompt_len = torch.tensor([33, 4, 40, 7])
+    positions = torch.tensor([6, 32, 8, 9, 10, 11, 0, 0])  # rows: slot 1 decoding, slot 0's last chunk, slot 2's chunk
+    keep, last = sampling_rows(positions, torch.tensor([0, 1, 2, 6, 8, 8]), torch.tensor([1, 0, 2, -1, -1]), prompt_len)
+    assert last[:3].tolist() == [6, 32, 11] and keep[:3].tolist() == [True, True, False]
+    assert keep.shape == last.shape == (5,) and last.dtype == torch.int64
+
+
 @pytest.mark.parametrize("path", ["layer", "observe"])
 def test_core_engine_observe_records_norms_and_events(path):
     """The observe-only path (the adapter computes ‖h + r‖ in its graph and hands over the norm)

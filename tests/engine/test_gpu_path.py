@@ -89,8 +89,10 @@ def test_a_forward_after_the_answer_ended_leaves_lrs_confidence_as_it_was(engine
         assert info.key in rt.table.by_key  # not reported finished yet (in-process lag)
         pos = 20 + n_out - 1
         _extra_forward(rt, info.slot, pos, 128)
+        keep, last = rt.graph.sampling(1)  # the extra forward's sampling row, made in the graph
+        assert keep.tolist() == [True] and last.tolist() == [pos]
+        rt._sampling_rows = (torch.tensor([info.slot]), keep, last)
         with torch.inference_mode():  # its logits, as the sampler hands them to the row mirror
-            rt._sampling(torch.tensor([pos]), torch.tensor([0, 1]), torch.tensor([info.slot]))
             rt.apply_logits(torch.randn(1, 448) * 5)
         return n_out
 
