@@ -190,8 +190,24 @@ class Method:
         """``logits`` [R, vocab] of the step's rows (before any processing); ``slots`` [R] the rows'
         request slots; ``keep`` [R] rows whose sampled token is kept (not a partial prefill);
         ``pos`` [R] each row's last fed position, where the adapter knows it (a forward after the
-        answer ended is recognised by it at collection: :meth:`trim_meta`). A method may change
-        ``logits`` in place (online LRS forces a stopped candidate's last token)."""
+        answer ended is recognised by it at collection: :meth:`trim_meta`): the rows' values
+        (:meth:`logits_values`) folded into the method's per-slot state (:meth:`fold_logits`) at
+        once. An in-graph adapter folds them in its next forward instead."""
+        self.fold_logits(slots, self.logits_values(slots, logits), keep, pos, None)
+
+    def logits_values(self, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """At sampling (a method that :attr:`wants_logits`): what the method keeps of each row's
+        ``logits`` [R, vocab] (before any processing), [R] float32 (LRS: the token's confidence).
+        It may change ``logits`` in place (online LRS forces a stopped candidate's last token)."""
+        raise NotImplementedError(f"{self.name} reads no logits")
+
+    def fold_logits(self, slots: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                    pos: torch.Tensor | None, state: dict[str, torch.Tensor] | None) -> None:
+        """:meth:`logits_values`' ``values`` [R] into the method's per-slot state, for the rows whose
+        sampled token is kept (``keep`` [R]); ``slots`` [R] one row per slot; ``pos`` [R] each row's
+        last fed position (or None); ``state``: the method's :meth:`graph_state` (None: the slot
+        table's own tensors). Tensor work, no host decision: an in-graph adapter runs it inside its
+        next forward, over every slot (``vllm/graph.py``)."""
 
     def end_step(self, core: "CoreEngine", step: StepMap) -> None:
         """After every patched layer of a step ran (``core.norm``, ``core.tau`` [N, L] complete),

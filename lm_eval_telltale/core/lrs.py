@@ -126,7 +126,9 @@ class LrsMethod(Method):
         return out
 
     def graph_state(self) -> dict[str, torch.Tensor]:
-        return {} if self.stop is None else self.stop.tensors()
+        """The confidence window's tensors (:meth:`fold_logits`) and online LRS's (:meth:`step_op`)."""
+        t = self.table.t
+        return {**{k: t[k] for k in self.conf.win.k.values()}, **({} if self.stop is None else self.stop.tensors())}
 
     def step_op(self, step, norm, tau, state) -> None:
         """Online LRS: which candidates closed their thinking, and (``stop_signal=norm``) each
@@ -137,16 +139,22 @@ class LrsMethod(Method):
         if self.p.stop_signal == "norm":
             self.stop.update_tokens(step, token_signal(self.p.lrs_score, norm, tau), state)
 
-    def observe_logits(self, slots, logits, keep, pos=None) -> None:
-        c = self.conf.update(slots, logits, keep, pos)
+    def logits_values(self, slots, logits) -> torch.Tensor:
+        """Each row's token confidence (taken before a stop is forced)."""
+        c = token_confidence(logits, self.conf.conf_topk)
         if self.stop is not None:
             # a slot stopped so far samples its stop token now: for ``norm`` that includes this
             # step's forward (its window counts the tokens fed so far), for ``conf`` the steps before
             # (the window counts the distributions sampled so far; this one's token is kept) — in
             # both cases a candidate stopped at W tokens has W tokens, then its stop token
             self.stop.force(slots, logits)
-            if self.p.stop_signal == "conf":
-                self.stop.update(slots, c, keep, pos=pos)
+        return c
+
+    def fold_logits(self, slots, values, keep, pos, state) -> None:
+        """The confidences into their windows (and, ``stop_signal=conf``, online LRS's)."""
+        self.conf.win.update(slots, values, keep, state, pos)
+        if self.stop is not None and self.p.stop_signal == "conf":
+            self.stop.update(slots, values, keep, state, pos)
 
     def read_slot(self, slot: int) -> dict:
         raws = {"conf": self.conf.win.raw(slot)}

@@ -12,8 +12,12 @@ method that changes (h, r) the running step's map, τ, events, output norms and 
 for a method with per-step work (online LRS's windows, :meth:`~lm_eval_telltale.core.engine.Method.step_op`,
 run after the last layer) the runner's own ``input_ids`` buffer (the fed token ids), and for a
 method that reads the sampling logits (LRS) each row's last fed position and whether its sampled
-token is kept (:func:`~lm_eval_telltale.core.step.sampling_rows`, made after the last layer and
-read by the logits processor: :meth:`GraphStep.sampling`).
+token is kept (:func:`~lm_eval_telltale.core.step.sampling_rows`, made after the last layer:
+:meth:`GraphStep.sampling`) and what the method kept of the sampling logits with each row's slot
+(:meth:`GraphStep.defer`, on the host), folded into the method's state by the next forward before
+those rows are made anew (:meth:`~lm_eval_telltale.core.engine.Method.fold_logits`, over every
+slot; :meth:`GraphStep.flush` folds them on the host when a finished request's state is read
+first).
 Each patched layer's forward hook (:func:`graph_hook`) hands the layer's (h, r) to
 :meth:`GraphStep.layer`, in the traced graph, which records ‖h + r‖. The token → slot map (from
 ``query_start_loc`` and ``row_slot``, on the device) and each token's τ
@@ -29,10 +33,12 @@ time); in eager mode the same code runs as plain operations.
 The model's forward itself runs no Python of telltale's, so a FULL CUDA graph may capture it. The
 host's part of a step runs outside it: when the runner's batch update reaches the row mirror
 (every step, before the forward), the step's row → slot map is copied into ``row_slot`` (on a
-GPU from double-buffered pinned memory, non-blocking) and room is made in the rows' buffer; after
-the worker's ``execute_model``, ``row_slot`` is reset to −1. A forward with no step running (vLLM's
-dummy, profiling and capture runs) thus sees no request: every token has slot −1, nothing decodes,
-no method acts and nothing is new, and no state changes. Whether every patched layer ran in every
+GPU from double-buffered pinned memory, non-blocking; on the CPU through the numpy array that
+shares its memory, no torch call) and room is made in the rows' buffer; after the worker's
+``execute_model``, ``row_slot`` is reset to −1. A forward with no step running (vLLM's dummy,
+profiling and capture runs) thus sees no request: every token has slot −1, nothing decodes, no
+method acts and nothing is new, and no state changes (but the fold of values deferred before it,
+which any forward does once). Whether every patched layer ran in every
 step is counted on the device (``calls``, one per layer and forward with a request) and checked
 when the rows are drained: a replay that skipped the step, or a hook traced away, fails there.
 """
@@ -92,6 +98,7 @@ class GraphStep(torch.nn.Module):
         dev = query_start_loc.device
         rows = int(query_start_loc.shape[0]) - 1
         self._pinned = None
+        self._host = None  # on the CPU: the row map's buffer itself, written as a numpy array (no torch call)
         if dev.type == "cuda":  # the row map's staging: two pinned buffers, each reused once its copy ran
             self._pinned = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._copied: list = [None, None]
@@ -113,6 +120,8 @@ class GraphStep(torch.nn.Module):
                 raise ValueError(f"telltale: the in-graph step of {core.method.name} needs the runner's input_ids buffer")
             self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("row_slot", torch.full((rows,), -1, dtype=torch.int64, device=dev), persistent=False)
+        if dev.type == "cpu":
+            self._host = self.row_slot.numpy()
         L, T = core.L, max_tokens
         self.register_buffer("norm", torch.zeros(T, L, dtype=torch.float32, device=dev), persistent=False)
         if self.modifies:
@@ -129,9 +138,17 @@ class GraphStep(torch.nn.Module):
         # a method that reads the sampling logits (LRS): each row's last fed position and whether its
         # sampled token is kept, made after the last layer (core.step.sampling_rows)
         self.wants_logits = bool(core.method.wants_logits)
+        self._p_host = None
+        self.pending = False  # host: values deferred (:meth:`defer`) and not yet folded by a forward or :meth:`flush`
         if self.wants_logits:
             self.register_buffer("r_keep", torch.zeros(rows, dtype=torch.bool, device=dev), persistent=False)
             self.register_buffer("r_last", torch.zeros(rows, dtype=torch.int64, device=dev), persistent=False)
+            # what the method kept of the last sampling's logits (Method.logits_values) and each
+            # row's slot (−1: none), folded into its state in the next forward (:meth:`_fold`)
+            self.register_buffer("p_val", torch.zeros(rows, dtype=torch.float32, device=dev), persistent=False)
+            self.register_buffer("p_slot", torch.full((rows,), -1, dtype=torch.int64, device=dev), persistent=False)
+            if dev.type == "cpu":
+                self._p_host = (self.p_slot.numpy(), self.p_val.numpy())
         self.last = L - 1
         self.steps = 0  # host: the forwards with a request (counted by the adapter)
 
@@ -151,6 +168,7 @@ class GraphStep(torch.nn.Module):
         self.norm[:num, j] = n
         self.calls[j] += (self.row_slot[0] >= 0).to(torch.int64)
         if j == self.last and self.wants_logits:
+            self._fold()  # the last sampling's values, with its rows' (keep, last), before they are made anew
             keep, last = sampling_rows(positions, self.qsl, self.row_slot, self.prompt_len)
             self.r_keep.copy_(keep)
             self.r_last.copy_(last)
@@ -201,13 +219,38 @@ class GraphStep(torch.nn.Module):
         graph_end(event, norm, tau, (norm, tau, *floats), slot, pos, new, self.serial, self.last_pos, self.rows_ints,
                   self.rows_floats, self.cursor, self._tables("thr", self.n_thr), **self.end_consts)
 
+    def _fold(self) -> None:
+        """The deferred values of the last sampling (:meth:`defer`) into the method's state
+        (:meth:`~lm_eval_telltale.core.engine.Method.fold_logits`), over every slot: each row's value,
+        keep and last position go to its slot (a spare slot takes the rows of none; a slot with no
+        row is left as it was). Then nothing is pending."""
+        cap = self.prompt_len.shape[0]
+        valid = self.p_slot >= 0
+        at = torch.where(valid, self.p_slot, cap)
+        dev = at.device
+        values = torch.zeros(cap + 1, dtype=torch.float32, device=dev).index_put_((at,), self.p_val)
+        keep = torch.zeros(cap + 1, dtype=torch.bool, device=dev).index_put_((at,), valid & self.r_keep)
+        last = torch.full((cap + 1,), -1, dtype=torch.int64, device=dev).index_put_((at,), self.r_last)
+        self.method.fold_logits(torch.arange(cap, device=dev), values[:cap], keep[:cap], last[:cap],
+                                {k: getattr(self, f"m_{k}") for k in self.state_names})
+        self.p_slot.fill_(-1)
+
     def _tables(self, prefix: str, count: int) -> tuple:
         return tuple(getattr(self, f"{prefix}{i}") for i in range(count))
 
     # -- host, around the forward ------------------------------------------------------------------
-    def begin(self, row_slot) -> torch.Tensor:
+    def begin(self, row_slot, slots: bool = False) -> torch.Tensor | None:
         """The step's row → slot map (``row_slot``: [R], a numpy array or a tensor) into the buffer
-        the forward reads; returns it on the device (the sampling rows' slots)."""
+        the forward reads; with ``slots``, returns it as a tensor of its own on the device (the
+        sampling rows' slots, read after :meth:`end` reset the buffer). On the CPU the buffer is
+        written as the numpy array it shares memory with: a step's host part calls no torch
+        operation there (each costs its dispatch, and the first after a forward several more µs)."""
+        if self._host is not None:
+            rows = int(row_slot.shape[0])
+            self._host[:rows] = row_slot
+            if not slots:
+                return None
+            return torch.from_numpy(np.array(row_slot, dtype=np.int64))
         src = torch.from_numpy(row_slot.copy()) if isinstance(row_slot, np.ndarray) else row_slot
         rows = int(src.shape[0])
         if self._pinned is None:
@@ -230,11 +273,39 @@ class GraphStep(torch.nn.Module):
         read by the logits processor before the next forward writes them again."""
         return self.r_keep[:rows], self.r_last[:rows]
 
+    def defer(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """At sampling (a method that reads the logits): the rows' values
+        (:meth:`~lm_eval_telltale.core.engine.Method.logits_values`, [R]) and slots, folded into the
+        method's state by the next forward, inside its graph, with the rows' (keep, last position)
+        that this step's forward made — or by :meth:`flush` when the host reads the state first."""
+        if self.pending:  # no forward ran since the last values: fold those first
+            self.flush()
+        n = int(values.shape[0])
+        if self._p_host is not None:  # on the CPU: as numpy arrays (begin)
+            self._p_host[0][:n] = slots.numpy()
+            self._p_host[1][:n] = values.numpy()
+        else:
+            self.p_slot[:n].copy_(slots)
+            self.p_val[:n].copy_(values)
+        self.pending = True
+
+    def flush(self) -> None:
+        """The deferred values folded now, on the host, before the method's state is read (a
+        finished request's last token is folded by no forward)."""
+        if self.pending:
+            self._fold()
+            self.pending = False
+
     def end(self, ran: bool) -> None:
         """After the step: ``row_slot`` reset (a forward outside a step sees no request); ``ran``:
         a forward with a request ran, counted for :meth:`check`."""
         self.steps += bool(ran)
-        self.row_slot.fill_(-1)
+        if ran:  # the forward folded the deferred values
+            self.pending = False
+        if self._host is not None:
+            self._host.fill(-1)
+        else:
+            self.row_slot.fill_(-1)
 
     def check(self) -> None:
         """Every patched layer ran in every step (read when the rows are drained: one host read)."""

@@ -138,6 +138,8 @@ class VllmRuntime:
     def _snapshot(self, info: SlotInfo) -> None:
         """Copy slot-held per-request results into the request's info before its slot is reused."""
         if not info.meta.get("_read"):
+            if self.graph is not None:  # values the next forward would fold (GraphStep.defer)
+                self.graph.flush()
             info.meta.update(self.method.read_slot(info.slot))
             info.meta["_read"] = True
 
@@ -200,7 +202,7 @@ class VllmRuntime:
         graph's buffer and room in the rows' buffer (host arithmetic; it drains when it could fill)."""
         rows = self._rows_in_step()
         self.core.reserve(rows)
-        self._graph_slots = self.graph.begin(self.row_slot[:rows])
+        self._graph_slots = self.graph.begin(self.row_slot[:rows], slots=self.method.wants_logits)
         self._graph_rows = rows
         self.begin_calls += 1
 
@@ -215,8 +217,8 @@ class VllmRuntime:
         if ran:
             self.steps += 1
             self._audit_steps += self._audit is not None
-            if self.method.wants_logits:  # the step's sampling rows, made in the graph (GraphStep.sampling)
-                self._sampling_rows = (slots, *self.graph.sampling(rows))
+            if self.method.wants_logits:  # the step's sampling rows' slots (their keep and last position: in the graph)
+                self._sampling_rows = (slots, None, None)
         self.graph.end(ran)
 
     # -- model forward (the ops' path) -------------------------------------------------------------
@@ -247,7 +249,10 @@ class VllmRuntime:
         self._sampling_rows = None
         if logits.shape[0] != slots.shape[0]:
             raise HookWiringError(f"telltale: {logits.shape[0]} logits rows for {slots.shape[0]} batch rows")
-        self.method.observe_logits(slots, logits, keep, last)
+        if self.graph is not None:  # folded by the next forward, in its graph (GraphStep.defer)
+            self.graph.defer(slots, self.method.logits_values(slots, logits))
+        else:
+            self.method.observe_logits(slots, logits, keep, last)
 
     @_host_timed
     def post_layer(self, j: int, h: torch.Tensor, r: torch.Tensor) -> None:

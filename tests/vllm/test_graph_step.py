@@ -12,6 +12,7 @@ import torch
 from lm_eval_telltale.config import resolve
 from lm_eval_telltale.core.engine import build_core
 from lm_eval_telltale.core.stats import EV_ACCEPTED, EV_INJECTED, EV_SUPPRESSED
+from lm_eval_telltale.core.step import sampling_rows
 from lm_eval_telltale.vllm.graph import GraphStep
 
 L, MAX_ROWS, MAX_TOKENS, HIDDEN = 3, 6, 64, 8
@@ -31,7 +32,12 @@ MODES = {"request": {"warmup": 5}, "global": {"tau_mode": "global", "warmup": 3}
          # online LRS: its per-step work (step_op) reads the fed token ids; requests 0 and 1 carry a
          # stop threshold, request 1 closes its thinking at position 8 (THINK_END), request 2 is a
          # warm-up candidate
-         "lrs-online-norm": ("lrs", {"stop_signal": "norm", "stop_window": 2, "warmup": 3})}
+         "lrs-online-norm": ("lrs", {"stop_signal": "norm", "stop_window": 2, "warmup": 3}),
+         # LRS's confidence (and online LRS's conf signal) from each step's sampling logits: folded
+         # into the windows by the next forward, in the graph (GraphStep.defer), the last by flush
+         "lrs": ("lrs", {"conf_window": 3, "warmup": 3}),
+         "lrs-online-conf": ("lrs", {"stop_signal": "conf", "stop_window": 2, "conf_window": 2, "warmup": 3})}
+VOCAB = 16
 THINK_END = 3
 EXTRA = [{"telltale_stop_threshold": 26.0, "telltale_stop_token": 1, "telltale_think_end_token": THINK_END}] * 2 + \
     [{"telltale_think_end_token": THINK_END}]
@@ -91,22 +97,32 @@ def _state(core):
     return out
 
 
+def _logits(steps):
+    """Each step's sampling logits [rows, VOCAB] (a method that reads them: LRS)."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(len(rows), VOCAB, generator=g) * 3 for rows, _ in steps]
+
+
 def _reference(mode, steps):
-    """The core's own step (the ops' path); returns the core and every layer's (h', r')."""
+    """The core's own step (the ops' path), each step's logits observed at once after it; returns
+    the core and every layer's (h', r')."""
     core, infos = _core(mode)
     outs = []
-    for rows, hr in steps:
+    for (rows, hr), logits in zip(steps, _logits(steps)):
         qsl = torch.tensor([0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0)))
-        core.start(qsl, torch.tensor([infos[i].slot for i, _ in rows]),
-                   torch.tensor([q for _, p in rows for q in p]), _tokens(rows))
+        slots, positions = torch.tensor([infos[i].slot for i, _ in rows]), torch.tensor([q for _, p in rows for q in p])
+        core.start(qsl, slots, positions, _tokens(rows))
         outs.append([core.layer(j, h, r, RERUN) for j, (h, r) in enumerate(hr)])
         core.end()
+        if core.method.wants_logits:
+            keep, last = sampling_rows(positions, qsl, slots, core.table.t["prompt_len"])
+            core.method.observe_logits(slots, logits.clone(), keep, last)
     return core, outs
 
 
 # compiling: ~17 s a case (global: its sample is summed in the graph); a compiled in-graph
 # suppression and ERSS run in the engine tests
-CASES = [(m, False) for m in MODES] + [("global", True)]
+CASES = [(m, False) for m in MODES] + [("global", True), ("lrs-online-conf", True)]
 
 
 @pytest.mark.parametrize("mode,compiled", CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
@@ -126,12 +142,13 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     fwd = torch.compile(forward, fullgraph=True, dynamic=True) if compiled else forward
     pad = lambda t: torch.cat([t, torch.full((2, HIDDEN), 9.0)])  # noqa: E731
     with torch.inference_mode():  # as vLLM's forward
-        for (rows, hr), want in zip(steps, ref_out):
+        for (rows, hr), want, logits in zip(steps, ref_out, _logits(steps)):
             n = sum(len(p) for _, p in rows)
             qsl = [0] + list(torch.tensor([len(p) for _, p in rows]).cumsum(0).tolist())
             qsl_buf.copy_(torch.tensor(qsl + [n] * (MAX_ROWS + 1 - len(qsl)), dtype=torch.int32))
             core.reserve(len(rows))
-            g.begin(torch.tensor([infos[i].slot for i, _ in rows]))
+            slots = torch.tensor([infos[i].slot for i, _ in rows])
+            g.begin(slots)
             ids_buf[:n] = _tokens(rows)
             # a padded forward (CUDA-graph sizes): two tokens past the last row
             pos = torch.tensor([q for _, p in rows for q in p] + [0, 0])
@@ -140,6 +157,11 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
                 assert torch.equal(h2[:n], h1) and torch.equal(r2[:n], r1)
                 assert torch.equal(h2[n:], pad(h0)[n:]) and torch.equal(r2[n:], pad(r0)[n:])
             g.end(True)
+            if core.method.wants_logits:  # the sampler's logits: deferred to the next forward
+                before = _state(core)
+                g.defer(slots, core.method.logits_values(slots, logits.clone()))
+                assert all(torch.equal(v.nan_to_num(-1.0), before[k].nan_to_num(-1.0)) for k, v in _state(core).items())
+        g.flush()  # the last step's values: folded on the host (no forward comes)
         # a forward with no step running (vLLM's dummy runs): changes nothing
         before = _state(core)
         hr = [(torch.full((5, HIDDEN), 7.0), torch.ones(5, HIDDEN))] * L
@@ -159,6 +181,8 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
     if mode == "lrs-online-norm":  # a candidate stopped, one closed its thinking, the warm-up one never stops
         at = core.table.t["stop_at"][[i.slot for i in infos]]
         assert (at[:2] >= 0).any() and at[2] < 0 and core.table.t["stop_answering"][infos[1].slot]
+    if core.method.wants_logits:  # every request's sampled tokens counted (a fold that did nothing fails here)
+        assert (core.table.t["conf_n"][[i.slot for i in infos]] > 0).all()
     if core.method.modifies:  # the method acted on some tokens and not on others
         acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED | EV_ACCEPTED)) != 0
         assert acted.any() and not acted.all()
