@@ -270,7 +270,7 @@ class GraphStep(torch.nn.Module):
 
     def sampling(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's first ``rows`` sampling rows, as the forward made them: (keep, last position),
-        read by the logits processor before the next forward writes them again."""
+        which the next forward's fold reads (:meth:`_fold`) before it writes them again."""
         return self.r_keep[:rows], self.r_last[:rows]
 
     def defer(self, slots: torch.Tensor, values: torch.Tensor) -> None:
