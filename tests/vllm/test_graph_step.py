@@ -183,6 +183,9 @@ def test_the_in_graph_step_equals_the_cores_step(mode, compiled):
         assert (at[:2] >= 0).any() and at[2] < 0 and core.table.t["stop_answering"][infos[1].slot]
     if core.method.wants_logits:  # every request's sampled tokens counted (a fold that did nothing fails here)
         assert (core.table.t["conf_n"][[i.slot for i in infos]] > 0).all()
+    if mode == "lrs-online-conf":  # the confidence windows stopped a candidate with a threshold, never the warm-up one
+        at = core.table.t["stop_at"][[i.slot for i in infos]]
+        assert (at[:2] >= 0).any() and at[2] < 0
     if core.method.modifies:  # the method acted on some tokens and not on others
         acted = (got["event"] & (EV_SUPPRESSED | EV_INJECTED | EV_ACCEPTED)) != 0
         assert acted.any() and not acted.all()
