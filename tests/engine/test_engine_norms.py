@@ -115,7 +115,7 @@ def test_attribution_test_detects_a_wrong_row_order(mixed_engine, monkeypatch):
     real, real_g = CoreEngine.start, GraphStep.begin
     monkeypatch.setattr(CoreEngine, "start",
                         lambda self, qsl, row_slot, pos, *tok: real(self, qsl, row_slot.flip(0), pos, *tok))
-    monkeypatch.setattr(GraphStep, "begin", lambda self, row_slot: real_g(self, row_slot[::-1]))  # (numpy)
+    monkeypatch.setattr(GraphStep, "begin", lambda self, row_slot, **kw: real_g(self, row_slot[::-1], **kw))  # (numpy)
     conc = _traces(mixed_engine, _prompts(LENGTHS), BUDGETS, [f"w{i}" for i in range(len(LENGTHS))])
     differs = [not (len(solo[f"s{i}"][1]) == len(conc[f"w{i}"][1]) and np.array_equal(solo[f"s{i}"][1], conc[f"w{i}"][1]))
                for i in range(len(LENGTHS))]
