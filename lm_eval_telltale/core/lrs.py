@@ -333,20 +333,12 @@ class ConfidenceTracker:
     """Per request slot: token confidence c_t = −mean(top-k log-probs) of the distribution each
     generated token was sampled from; group confidence = mean of c over a sliding window of
     ``window`` tokens; the trace's confidence is its lowest group confidence (the mean over all
-    tokens when shorter than a window). Vectorised over the rows of a step."""
+    tokens when shorter than a window). The token confidence is :func:`token_confidence`, taken at
+    sampling (:meth:`LrsMethod.logits_values`); :attr:`win` takes it in (:meth:`LrsMethod.fold_logits`)."""
 
     def __init__(self, table, conf_topk: int, conf_window: int, device=None):
         self.conf_topk, self.conf_window = int(conf_topk), int(conf_window)
         self.win = SlidingLow(table, "conf", self.conf_window)
-
-    def update(self, slots: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
-               pos: torch.Tensor | None = None) -> torch.Tensor:
-        """``slots``: [R] slot per logits row; ``mask``: rows whose sampled token is kept; ``pos``:
-        each row's last fed position (the window's history, :meth:`SlidingLow.resolve`). Returns
-        the rows' token confidences c [R]."""
-        c = token_confidence(logits, self.conf_topk)
-        self.win.update(slots, c, mask, pos=pos)
-        return c
 
     @staticmethod
     def figures(raw: dict[str, Any], last: int | None = None) -> dict[str, float | int | None]:

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from lm_eval_telltale.core.lrs import ConfidenceTracker, SlidingLow, argmax_pick, majority_pick, pick_all, random_pick, score
+from lm_eval_telltale.core.lrs import (
+    ConfidenceTracker,
+    SlidingLow,
+    argmax_pick,
+    majority_pick,
+    pick_all,
+    random_pick,
+    score,
+    token_confidence,
+)
 from lm_eval_telltale.core.state import SlotTable
 
 
@@ -78,13 +87,14 @@ def test_confidence_tracker_lowest_group_mean():
     seq = [1.5, 1.6, 1.7, 1.3, 1.3, 1.3]  # windows: 1.6, 1.533, 1.433, 1.3 → lowest 1.3
     for c in seq:
         lg = torch.stack([logits_with_conf(c), logits_with_conf(2.0)])
-        tr.update(torch.tensor([a.slot, b.slot]), lg, torch.tensor([True, False]))
+        tr.win.update(torch.tensor([a.slot, b.slot]), token_confidence(lg, tr.conf_topk), torch.tensor([True, False]))
     ra, rb = (ConfidenceTracker.figures(tr.win.raw(x.slot)) for x in (a, b))
     assert ra["conf_tokens"] == 6 and ra["conf"] == pytest.approx(1.3, abs=1e-5)
     assert ra["conf_mean"] == pytest.approx(sum(seq) / 6, abs=1e-5)
     assert rb == {"conf": None, "conf_mean": None, "conf_tokens": 0}  # masked rows change nothing
     c = tab.acquire("c", prompt_len=1, seed=0)  # short trace: the mean over all its tokens
-    tr.update(torch.tensor([c.slot]), logits_with_conf(1.4)[None], torch.tensor([True]))
+    tr.win.update(torch.tensor([c.slot]), token_confidence(logits_with_conf(1.4)[None], tr.conf_topk),
+                  torch.tensor([True]))
     assert ConfidenceTracker.figures(tr.win.raw(c.slot))["conf"] == pytest.approx(1.4, abs=1e-5)
 
 
